@@ -1,0 +1,364 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/broker/upstream"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+// Token sources, as reported with each issued token.
+const (
+	// SourceMemory: the broker's in-process cache.
+	SourceMemory = "memory"
+	// SourceUpstream: fetched from the authorization server for this request.
+	SourceUpstream = "upstream"
+)
+
+// Fetcher fetches tokens from an authorization server; *upstream.Client is one.
+type Fetcher interface {
+	Fetch(ctx context.Context, scopes []string) (*upstream.Token, error)
+}
+
+// Credential is a credential the Broker vends tokens for.
+type Credential struct {
+	// Name is what callers ask for.
+	Name string
+	// Scopes are the default scopes and the most a caller may ask for.
+	Scopes []string
+	// MinTTL is the min_ttl applied when a request sets none.
+	MinTTL time.Duration
+	// Callers admits the callers that may use the credential; nil admits none.
+	Callers *policy.Matcher
+	// Fetcher gets new tokens.
+	Fetcher Fetcher
+	// TokenURL, ClientID and EndpointParams identify the upstream registration;
+	// they are part of the cache key.
+	TokenURL       string
+	ClientID       string
+	EndpointParams map[string]string
+}
+
+// Options configures a Broker.
+type Options struct {
+	// Credentials are the credentials to vend; names must be unique.
+	Credentials []Credential
+	// Store is the shared token store (the second cache level).
+	Store store.Store
+	// Logger receives operational logs; nil means none.
+	Logger *zap.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Request asks for a token.
+type Request struct {
+	// Credential is the credential name.
+	Credential string
+	// Scopes are the scopes wanted; empty means the credential's.
+	Scopes []string
+	// MinTTL is the lifetime the token must have left; used when MinTTLSet.
+	MinTTL time.Duration
+	// MinTTLSet says whether the caller sent a min_ttl.
+	MinTTLSet bool
+}
+
+// Issued is a token handed to a caller, with where it came from.
+type Issued struct {
+	*store.Entry
+	// Source is SourceMemory, the store's name, or SourceUpstream.
+	Source string
+}
+
+// Broker vends tokens. It is safe for concurrent use.
+type Broker struct {
+	store store.Store
+	log   *zap.Logger
+	now   func() time.Time
+
+	creds   atomic.Pointer[map[string]*credential]
+	l1      sync.Map // cache key → *store.Entry; an entry is never modified once stored
+	flights singleflight.Group
+}
+
+type credential struct {
+	Credential
+	scopeSet   map[string]bool
+	upstreamID string
+	defaultKey string
+}
+
+// New returns a Broker for opts.
+func New(opts Options) (*Broker, error) {
+	if opts.Store == nil {
+		return nil, errors.New("broker: Store is required")
+	}
+	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now}
+	if b.log == nil {
+		b.log = zap.NewNop()
+	}
+	if b.now == nil {
+		b.now = time.Now
+	}
+	if err := b.SetCredentials(opts.Credentials); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// SetCredentials replaces the credentials atomically. Cached tokens stay
+// valid for credentials whose upstream registration and scopes are unchanged.
+func (b *Broker) SetCredentials(cs []Credential) error {
+	m := make(map[string]*credential, len(cs))
+	for _, c := range cs {
+		if c.Name == "" || c.Fetcher == nil {
+			return fmt.Errorf("broker: credential %q needs a name and a Fetcher", c.Name)
+		}
+		if _, dup := m[c.Name]; dup {
+			return fmt.Errorf("broker: credential %q is defined twice", c.Name)
+		}
+		cr := &credential{Credential: c, scopeSet: map[string]bool{}}
+		cr.Scopes = slices.Clone(c.Scopes)
+		slices.Sort(cr.Scopes)
+		cr.Scopes = slices.Compact(cr.Scopes)
+		for _, s := range cr.Scopes {
+			cr.scopeSet[s] = true
+		}
+		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
+		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
+		m[c.Name] = cr
+	}
+	b.creds.Store(&m)
+	return nil
+}
+
+// GetToken returns a token for caller that has at least the requested min_ttl left.
+func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Request) (Issued, error) {
+	c, err := b.authorize(caller, req.Credential)
+	if err != nil {
+		return Issued{}, err
+	}
+	scopes, key, err := c.resolve(req.Scopes)
+	if err != nil {
+		return Issued{}, err
+	}
+	minTTL := c.MinTTL
+	if req.MinTTLSet {
+		if req.MinTTL < 0 || req.MinTTL > config.MaxMinTTL {
+			return Issued{}, fmt.Errorf("%w: min_ttl must be between 0s and 24h, got %s", ErrInvalidArgument, req.MinTTL)
+		}
+		minTTL = req.MinTTL
+	}
+	if v, ok := b.l1.Load(key); ok {
+		e := v.(*store.Entry)
+		if b.usable(e, minTTL) {
+			return Issued{Entry: e, Source: SourceMemory}, nil
+		}
+		// The last token shows what the server grants; asking it again for a
+		// lifetime it does not give would only add load on the bank.
+		if lt := e.Lifetime(); lt < minTTL {
+			return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
+		}
+	}
+	return b.obtain(ctx, c, key, scopes, minTTL)
+}
+
+// authorize checks the request's credential name and the caller's right to it.
+// An unknown credential and a forbidden one give the same error, so callers
+// cannot probe which credentials exist.
+func (b *Broker) authorize(caller policy.Identity, name string) (*credential, error) {
+	if name == "" {
+		return nil, fmt.Errorf("%w: credential is required", ErrInvalidArgument)
+	}
+	if len(name) > config.MaxNameLen || !config.NamePattern.MatchString(name) {
+		return nil, fmt.Errorf("%w: credential must be 1 to %d characters of A-Z a-z 0-9 . _ -", ErrInvalidArgument, config.MaxNameLen)
+	}
+	c := (*b.creds.Load())[name]
+	if c == nil || !c.Callers.Allows(caller) {
+		return nil, fmt.Errorf("%w: caller %s may not use credential %q", ErrPermissionDenied, caller, name)
+	}
+	return c, nil
+}
+
+// resolve returns the sorted scope set of a request and its cache key.
+func (c *credential) resolve(req []string) ([]string, string, error) {
+	if len(req) == 0 {
+		return c.Scopes, c.defaultKey, nil
+	}
+	if len(req) > config.MaxScopes {
+		return nil, "", fmt.Errorf("%w: at most %d scopes", ErrInvalidArgument, config.MaxScopes)
+	}
+	for _, s := range req {
+		if len(s) > config.MaxScopeLen {
+			return nil, "", fmt.Errorf("%w: a scope is longer than %d characters", ErrInvalidArgument, config.MaxScopeLen)
+		}
+		if !c.scopeSet[s] {
+			return nil, "", fmt.Errorf("%w: scope %q is not allowed for credential %q", ErrInvalidArgument, s, c.Name)
+		}
+	}
+	scopes := slices.Clone(req)
+	slices.Sort(scopes)
+	scopes = slices.Compact(scopes)
+	if slices.Equal(scopes, c.Scopes) {
+		return c.Scopes, c.defaultKey, nil
+	}
+	return scopes, cacheKey(c.Name, c.upstreamID, scopes), nil
+}
+
+// usable reports whether e has at least minTTL left. A token is never served
+// at or past its expiry, even with a zero min_ttl.
+func (b *Broker) usable(e *store.Entry, minTTL time.Duration) bool {
+	left := e.Expiry.Sub(b.now())
+	return left > 0 && left >= minTTL
+}
+
+type flight struct {
+	entry  *store.Entry
+	source string
+}
+
+// obtain gets a token from the store or the authorization server, sharing one
+// fetch among all concurrent callers of the same key. The fetch is not bound
+// to the first caller's context, so one caller giving up does not fail the
+// others; each caller waits only as long as its own context allows.
+func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (Issued, error) {
+	// A joiner may get a result that satisfied the min_ttl of the caller that
+	// started the flight but not its own; it then tries once more.
+	for range 2 {
+		ch := b.flights.DoChan(key, func() (any, error) {
+			return b.refresh(context.WithoutCancel(ctx), c, key, scopes, minTTL)
+		})
+		var r singleflight.Result
+		select {
+		case <-ctx.Done():
+			return Issued{}, ctx.Err()
+		case r = <-ch:
+		}
+		if r.Err != nil {
+			return Issued{}, r.Err
+		}
+		f := r.Val.(flight)
+		if b.usable(f.entry, minTTL) {
+			return Issued{Entry: f.entry, Source: f.source}, nil
+		}
+		if f.source == SourceUpstream {
+			if lt := f.entry.Lifetime(); lt < minTTL {
+				return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
+			}
+		}
+	}
+	return Issued{}, fmt.Errorf("%w: no token for credential %q with min_ttl %s left could be had; retry", ErrUnavailable, c.Name, minTTL)
+}
+
+func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
+	return fmt.Errorf("%w: min_ttl %s is longer than the %s lifetime the authorization server grants for credential %q",
+		ErrFailedPrecondition, minTTL, lifetime, name)
+}
+
+// refresh runs once per flight: the shared store first, then the authorization server.
+func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
+	e, err := b.store.Get(ctx, key)
+	switch {
+	case err == nil && b.usable(e, minTTL):
+		b.keep(key, e)
+		return flight{entry: e, source: b.store.Name()}, nil
+	case err != nil && !errors.Is(err, store.ErrNotFound):
+		b.log.Warn("store get failed", zap.String("credential", c.Name), zap.Error(err))
+	}
+
+	start := b.now()
+	t, err := c.Fetcher.Fetch(ctx, scopes)
+	if err != nil {
+		return flight{}, b.upstreamFailed(c, minTTL, err)
+	}
+	e = &store.Entry{
+		AccessToken: t.AccessToken,
+		TokenType:   t.TokenType,
+		Scopes:      t.Scopes,
+		IssuedAt:    t.IssuedAt,
+		Expiry:      t.Expiry,
+		Fingerprint: Fingerprint(t.AccessToken),
+	}
+	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil {
+		b.log.Warn("store put failed", zap.String("credential", c.Name), zap.Error(err))
+	}
+	b.keep(key, e)
+	b.log.Info("token fetched",
+		zap.String("credential", c.Name),
+		zap.Strings("scopes", e.Scopes),
+		zap.String("fingerprint", e.Fingerprint),
+		zap.Time("expire_time", e.Expiry),
+		zap.Duration("took", b.now().Sub(start)))
+	return flight{entry: e, source: SourceUpstream}, nil
+}
+
+// upstreamFailed logs a failed fetch and turns it into a Broker error. The
+// message names the failure class only: never the response body.
+func (b *Broker) upstreamFailed(c *credential, minTTL time.Duration, err error) error {
+	var ue *upstream.Error
+	if !errors.As(err, &ue) {
+		b.log.Error("token fetch failed", zap.String("credential", c.Name), zap.Error(err))
+		return fmt.Errorf("%w: token endpoint for credential %q failed; retry", ErrUnavailable, c.Name)
+	}
+	b.log.Warn("token fetch failed",
+		zap.String("credential", c.Name),
+		zap.String("reason", string(ue.Reason)),
+		zap.String("oauth_error", ue.Code),
+		zap.Int("http_status", ue.StatusCode),
+		zap.Error(ue))
+	what := string(ue.Reason)
+	if ue.Code != "" {
+		what = ue.Code
+	}
+	if ue.Temporary {
+		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has min_ttl %s left; retry",
+			ErrUnavailable, c.Name, what, minTTL)
+	}
+	return fmt.Errorf("%w: token endpoint refused credential %q (%s); the broker's registration needs attention",
+		ErrFailedPrecondition, c.Name, what)
+}
+
+// keep puts e in the in-process cache unless a later-expiring token is there.
+func (b *Broker) keep(key string, e *store.Entry) {
+	for {
+		cur, loaded := b.l1.LoadOrStore(key, e)
+		if !loaded || !e.Expiry.After(cur.(*store.Entry).Expiry) {
+			return
+		}
+		if b.l1.CompareAndSwap(key, cur, e) {
+			return
+		}
+	}
+}
+
+// CredentialInfo describes a credential a caller may use.
+type CredentialInfo struct {
+	// Name is the credential name.
+	Name string
+	// Scopes are the scopes the caller may ask for.
+	Scopes []string
+}
+
+// ListCredentials returns the credentials caller may use, sorted by name.
+func (b *Broker) ListCredentials(caller policy.Identity) []CredentialInfo {
+	var out []CredentialInfo
+	for _, c := range *b.creds.Load() {
+		if c.Callers.Allows(caller) {
+			out = append(out, CredentialInfo{Name: c.Name, Scopes: slices.Clone(c.Scopes)})
+		}
+	}
+	slices.SortFunc(out, func(a, b CredentialInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}

@@ -1,0 +1,388 @@
+// Package config reads and validates tokenbroker's YAML configuration.
+//
+// Parse rejects unknown keys and returns errors that name the key at fault,
+// e.g. "credentials[0].token_url: must be https (or http to a loopback
+// address)". Secrets never appear in the file, only the paths of files that
+// hold them. A Config returned without error has every default filled in.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+)
+
+// Limits on names and scopes, shared with request validation.
+const (
+	MaxNameLen   = 128
+	MaxScopes    = 32
+	MaxScopeLen  = 256
+	MaxMinTTL    = 24 * time.Hour
+	maxFileBytes = 1 << 20
+)
+
+// NamePattern is what a credential name may consist of.
+var NamePattern = regexp.MustCompile(`^[A-Za-z0-9._-]+$`)
+
+// Config is the whole configuration file.
+type Config struct {
+	// ListenAddr is the gRPC (mTLS) listen address.
+	ListenAddr string `yaml:"listen_addr"`
+	// AdminAddr is the admin HTTP listen address (/healthz, /readyz).
+	AdminAddr string `yaml:"admin_addr"`
+	// Reflection turns on gRPC server reflection.
+	Reflection bool `yaml:"reflection"`
+	// TLS is the server's TLS material.
+	TLS TLS `yaml:"tls"`
+	// Log configures the process log.
+	Log Log `yaml:"log"`
+	// Store selects the shared token store.
+	Store Store `yaml:"store"`
+	// Credentials are the client registrations the broker holds.
+	Credentials []Credential `yaml:"credentials"`
+}
+
+// TLS names the server certificate and the CA that client certificates must chain to.
+type TLS struct {
+	// CertFile is the server certificate chain (PEM).
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the server private key (PEM).
+	KeyFile string `yaml:"key_file"`
+	// ClientCAFile holds the CA certificates that caller certificates must chain to (PEM).
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// Log configures the process log (JSON lines on stderr).
+type Log struct {
+	// Level is debug, info, warn or error.
+	Level string `yaml:"level"`
+}
+
+// Store selects the shared token store.
+type Store struct {
+	// Backend is "memory" (the default; one process).
+	Backend string `yaml:"backend"`
+}
+
+// Credential is one OAuth 2.0 client registration at an authorization server.
+type Credential struct {
+	// Name is what callers ask for (e.g. "identity").
+	Name string `yaml:"name"`
+	// TokenURL is the token endpoint: https, or http to a loopback address.
+	TokenURL string `yaml:"token_url"`
+	// ClientID is the client identifier.
+	ClientID string `yaml:"client_id"`
+	// ClientSecretFile is the path of the file holding the client secret.
+	ClientSecretFile string `yaml:"client_secret_file"`
+	// AuthMethod is client_secret_basic (default) or client_secret_post.
+	AuthMethod string `yaml:"auth_method"`
+	// Scopes are the scopes requested by default and the most a caller may ask for.
+	Scopes []string `yaml:"scopes"`
+	// EndpointParams are extra form fields for the token request (audience, resource).
+	EndpointParams map[string]string `yaml:"endpoint_params"`
+	// DefaultTTL is the lifetime assumed when the response has no expires_in.
+	DefaultTTL Duration `yaml:"default_ttl"`
+	// MaxTTL caps the lifetime a response declares.
+	MaxTTL Duration `yaml:"max_ttl"`
+	// MinTTL is the min_ttl applied when a caller sends none.
+	MinTTL Duration `yaml:"min_ttl"`
+	// Timeout bounds one request to the token endpoint.
+	Timeout Duration `yaml:"timeout"`
+	// AllowedCallers are the caller patterns admitted; none means nobody.
+	AllowedCallers []string `yaml:"allowed_callers"`
+}
+
+// Duration is a time.Duration written with a unit ("30s", "5m"). A bare
+// number is rejected: it is too easy to mean seconds and get nanoseconds.
+type Duration time.Duration
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// UnmarshalYAML parses a duration string.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode || n.Tag == "!!int" || n.Tag == "!!float" {
+		return fmt.Errorf("want a duration with a unit, like 30s or 5m")
+	}
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("want a duration with a unit, like 30s or 5m")
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration as a string.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// Defaults for keys that are left out.
+const (
+	DefaultListenAddr = "0.0.0.0:8443"
+	DefaultAdminAddr  = "127.0.0.1:9090"
+	DefaultTTL        = 5 * time.Minute
+	DefaultMaxTTL     = 24 * time.Hour
+	DefaultMinTTL     = 30 * time.Second
+	DefaultTimeout    = 10 * time.Second
+)
+
+// Load reads and parses the file at path.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(b)
+}
+
+// Parse parses and validates a configuration document.
+func Parse(b []byte) (*Config, error) {
+	if len(b) > maxFileBytes {
+		return nil, errors.New("config: larger than 1 MiB")
+	}
+	var root yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(&root); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("config: empty document")
+		}
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if err := checkKeys(&root, typeOfConfig, ""); err != nil {
+		return nil, err
+	}
+	var c Config
+	if err := root.Decode(&c); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.ListenAddr == "" {
+		c.ListenAddr = DefaultListenAddr
+	}
+	if c.AdminAddr == "" {
+		c.AdminAddr = DefaultAdminAddr
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	if c.Store.Backend == "" {
+		c.Store.Backend = "memory"
+	}
+	for i := range c.Credentials {
+		cr := &c.Credentials[i]
+		if cr.AuthMethod == "" {
+			cr.AuthMethod = "client_secret_basic"
+		}
+		setDefault(&cr.DefaultTTL, DefaultTTL)
+		setDefault(&cr.MaxTTL, DefaultMaxTTL)
+		setDefault(&cr.MinTTL, DefaultMinTTL)
+		setDefault(&cr.Timeout, DefaultTimeout)
+	}
+}
+
+func setDefault(d *Duration, v time.Duration) {
+	if *d == 0 {
+		*d = Duration(v)
+	}
+}
+
+// FieldError is a validation error for one key.
+type FieldError struct {
+	// Key is the key's path, e.g. "credentials[0].token_url".
+	Key string
+	// Msg says what is wrong and what is allowed.
+	Msg string
+}
+
+func (e *FieldError) Error() string { return e.Key + ": " + e.Msg }
+
+func fieldErr(key, format string, args ...any) error {
+	return &FieldError{Key: key, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Validate checks every key and returns the first error, naming its key.
+func (c *Config) Validate() error {
+	if err := checkHostPort("listen_addr", c.ListenAddr); err != nil {
+		return err
+	}
+	if err := checkHostPort("admin_addr", c.AdminAddr); err != nil {
+		return err
+	}
+	for key, v := range map[string]string{"tls.cert_file": c.TLS.CertFile, "tls.key_file": c.TLS.KeyFile, "tls.client_ca_file": c.TLS.ClientCAFile} {
+		if v == "" {
+			return fieldErr(key, "required")
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return fieldErr("log.level", "must be one of debug, info, warn, error; got %q", c.Log.Level)
+	}
+	if c.Store.Backend != "memory" {
+		return fieldErr("store.backend", "must be memory; got %q", c.Store.Backend)
+	}
+	if len(c.Credentials) == 0 {
+		return fieldErr("credentials", "at least one credential is required")
+	}
+	seen := map[string]bool{}
+	for i := range c.Credentials {
+		if err := c.Credentials[i].validate(fmt.Sprintf("credentials[%d]", i)); err != nil {
+			return err
+		}
+		if n := c.Credentials[i].Name; seen[n] {
+			return fieldErr(fmt.Sprintf("credentials[%d].name", i), "%q is used by an earlier credential", n)
+		}
+		seen[c.Credentials[i].Name] = true
+	}
+	return nil
+}
+
+// reservedParams are form fields the broker sets itself.
+var reservedParams = map[string]bool{
+	"grant_type": true, "scope": true, "client_id": true, "client_secret": true,
+	"client_assertion": true, "client_assertion_type": true,
+}
+
+func (cr *Credential) validate(p string) error {
+	switch {
+	case cr.Name == "":
+		return fieldErr(p+".name", "required")
+	case len(cr.Name) > MaxNameLen || !NamePattern.MatchString(cr.Name):
+		return fieldErr(p+".name", "must be 1 to %d characters of A-Z a-z 0-9 . _ -", MaxNameLen)
+	}
+	if err := checkTokenURL(p+".token_url", cr.TokenURL); err != nil {
+		return err
+	}
+	if cr.ClientID == "" {
+		return fieldErr(p+".client_id", "required")
+	}
+	if cr.ClientSecretFile == "" {
+		return fieldErr(p+".client_secret_file", "required (the path of a file holding the secret)")
+	}
+	switch cr.AuthMethod {
+	case "client_secret_basic", "client_secret_post":
+	default:
+		return fieldErr(p+".auth_method", "must be client_secret_basic or client_secret_post; got %q", cr.AuthMethod)
+	}
+	if len(cr.Scopes) > MaxScopes {
+		return fieldErr(p+".scopes", "at most %d scopes", MaxScopes)
+	}
+	seen := map[string]bool{}
+	for j, s := range cr.Scopes {
+		if s == "" || len(s) > MaxScopeLen || strings.ContainsAny(s, " \t\r\n\"\\") {
+			return fieldErr(fmt.Sprintf("%s.scopes[%d]", p, j), "must be 1 to %d characters without spaces, quotes or backslashes", MaxScopeLen)
+		}
+		if seen[s] {
+			return fieldErr(fmt.Sprintf("%s.scopes[%d]", p, j), "%q is listed twice", s)
+		}
+		seen[s] = true
+	}
+	for k := range cr.EndpointParams {
+		if reservedParams[k] || k == "" {
+			return fieldErr(p+".endpoint_params", "%q is set by the broker and cannot be overridden", k)
+		}
+	}
+	if cr.DefaultTTL <= 0 {
+		return fieldErr(p+".default_ttl", "must be positive")
+	}
+	if cr.MaxTTL < cr.DefaultTTL {
+		return fieldErr(p+".max_ttl", "must be at least default_ttl (%s)", cr.DefaultTTL.D())
+	}
+	if cr.MinTTL < 0 || cr.MinTTL.D() > MaxMinTTL || cr.MinTTL >= cr.MaxTTL {
+		return fieldErr(p+".min_ttl", "must be between 0s and max_ttl (%s), at most 24h", cr.MaxTTL.D())
+	}
+	if cr.Timeout <= 0 || cr.Timeout.D() > 5*time.Minute {
+		return fieldErr(p+".timeout", "must be between 1ms and 5m")
+	}
+	for j, a := range cr.AllowedCallers {
+		if err := policy.CheckPattern(a); err != nil {
+			return fieldErr(fmt.Sprintf("%s.allowed_callers[%d]", p, j), "%v", err)
+		}
+	}
+	return nil
+}
+
+func checkHostPort(key, v string) error {
+	if _, _, err := net.SplitHostPort(v); err != nil {
+		return fieldErr(key, "must be host:port; got %q", v)
+	}
+	return nil
+}
+
+func checkTokenURL(key, v string) error {
+	const want = "must be https (or http to a loopback address)"
+	if v == "" {
+		return fieldErr(key, "required")
+	}
+	u, err := url.Parse(v)
+	if err != nil || u.Host == "" {
+		return fieldErr(key, "%s: not an absolute URL", want)
+	}
+	if u.User != nil {
+		return fieldErr(key, "must not contain user information (credentials belong in files)")
+	}
+	if u.Fragment != "" {
+		return fieldErr(key, "must not contain a fragment")
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopback(u.Hostname()) {
+			return nil
+		}
+	}
+	return fieldErr(key, want)
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// CheckFiles verifies that every file the configuration names can be read,
+// without keeping or printing what they hold.
+func (c *Config) CheckFiles() error {
+	check := func(key, path string) error {
+		f, err := os.Open(path)
+		if err != nil {
+			return fieldErr(key, "%v", err)
+		}
+		return f.Close()
+	}
+	if err := check("tls.cert_file", c.TLS.CertFile); err != nil {
+		return err
+	}
+	if err := check("tls.key_file", c.TLS.KeyFile); err != nil {
+		return err
+	}
+	if err := check("tls.client_ca_file", c.TLS.ClientCAFile); err != nil {
+		return err
+	}
+	for i, cr := range c.Credentials {
+		if err := check(fmt.Sprintf("credentials[%d].client_secret_file", i), cr.ClientSecretFile); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,134 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const valid = `
+listen_addr: 127.0.0.1:8443
+tls:
+  cert_file: /tls/tls.crt
+  key_file: /tls/tls.key
+  client_ca_file: /tls/ca.crt
+credentials:
+  - name: identity
+    token_url: https://auth.bank.example/oauth2/token
+    client_id: my-app
+    client_secret_file: /secrets/identity
+    scopes: [IDENTITY]
+    allowed_callers: [spiffe://bank.internal/ns/kyc/*]
+`
+
+func TestParseValid(t *testing.T) {
+	c, err := Parse([]byte(valid))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	cr := c.Credentials[0]
+	if c.AdminAddr != DefaultAdminAddr || c.Log.Level != "info" || c.Store.Backend != "memory" {
+		t.Errorf("top-level defaults not applied: %+v", c)
+	}
+	if cr.AuthMethod != "client_secret_basic" || cr.DefaultTTL.D() != DefaultTTL || cr.MaxTTL.D() != DefaultMaxTTL ||
+		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout {
+		t.Errorf("credential defaults not applied: %+v", cr)
+	}
+	c2, err := Parse([]byte(valid + "    default_ttl: 90s\n    min_ttl: 1m\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c2.Credentials[0].DefaultTTL.D(); got != 90*time.Second {
+		t.Errorf("default_ttl = %v, want 90s", got)
+	}
+}
+
+func TestParseInvalid(t *testing.T) {
+	// Each case edits the valid document and expects an error naming the key.
+	tests := []struct {
+		name string
+		doc  string
+		want string
+	}{
+		{"empty", "", "config: empty document"},
+		{"unknown top key", valid + "listen: x\n", "listen: unknown key (line"},
+		{"unknown nested key", strings.Replace(valid, "  cert_file:", "  certfile:", 1), "tls.certfile: unknown key"},
+		{"unknown credential key", valid + "    tokn_url: x\n", "credentials[0].tokn_url: unknown key"},
+		{"bad listen_addr", strings.Replace(valid, "127.0.0.1:8443", "8443", 1), "listen_addr: must be host:port"},
+		{"no cert", strings.Replace(valid, "  cert_file: /tls/tls.crt\n", "", 1), "tls.cert_file: required"},
+		{"bad log level", valid + "log: {level: loud}\n", "log.level: must be one of"},
+		{"redis not yet", valid + "store: {backend: redis}\n", "store.backend: must be memory"},
+		{"no credentials", strings.Split(valid, "credentials:")[0], "credentials: at least one"},
+		{"http token_url", strings.Replace(valid, "https://auth.bank.example", "http://auth.bank.example", 1),
+			"credentials[0].token_url: must be https (or http to a loopback address)"},
+		{"userinfo token_url", strings.Replace(valid, "https://auth", "https://u:p@auth", 1), "credentials[0].token_url: must not contain user information"},
+		{"relative token_url", strings.Replace(valid, "https://auth.bank.example/oauth2/token", "/token", 1), "credentials[0].token_url: must be https"},
+		{"no name", strings.Replace(valid, "name: identity", "name: ''", 1), "credentials[0].name: required"},
+		{"bad name", strings.Replace(valid, "name: identity", "name: 'a b'", 1), "credentials[0].name: must be 1 to 128"},
+		{"no client id", strings.Replace(valid, "client_id: my-app", "client_id: ''", 1), "credentials[0].client_id: required"},
+		{"no secret file", strings.Replace(valid, "client_secret_file: /secrets/identity", "client_secret: hunter2", 1), "credentials[0].client_secret: unknown key"},
+		{"bad auth", valid + "    auth_method: magic\n", "credentials[0].auth_method: must be client_secret_basic or client_secret_post"},
+		{"scope with space", strings.Replace(valid, "[IDENTITY]", "['A B']", 1), "credentials[0].scopes[0]: must be"},
+		{"duplicate scope", strings.Replace(valid, "[IDENTITY]", "[A, A]", 1), "credentials[0].scopes[1]: \"A\" is listed twice"},
+		{"scopes not a list", strings.Replace(valid, "[IDENTITY]", "IDENTITY", 1), "credentials[0].scopes: must be a list"},
+		{"reserved param", valid + "    endpoint_params: {client_secret: x}\n", "credentials[0].endpoint_params: \"client_secret\" is set by the broker"},
+		{"bare number ttl", valid + "    default_ttl: 300\n", "credentials[0].default_ttl: want a duration with a unit"},
+		{"bad ttl", valid + "    default_ttl: soon\n", "credentials[0].default_ttl: want a duration with a unit"},
+		{"max below default", valid + "    default_ttl: 1h\n    max_ttl: 5m\n", "credentials[0].max_ttl: must be at least default_ttl (1h0m0s)"},
+		{"negative min_ttl", valid + "    min_ttl: -1s\n", "credentials[0].min_ttl: must be between 0s and max_ttl"},
+		{"timeout too long", valid + "    timeout: 1h\n", "credentials[0].timeout: must be between 1ms and 5m"},
+		{"bad caller", strings.Replace(valid, "spiffe://bank.internal/ns/kyc/*", "spiffe://bank.internal/*/kyc", 1), "credentials[0].allowed_callers[0]:"},
+		{"duplicate name", valid + strings.Split(valid, "credentials:\n")[1], "credentials[1].name: \"identity\" is used by an earlier credential"},
+		{"not yaml", "listen_addr: [", "config: yaml:"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.doc))
+			if err == nil {
+				t.Fatalf("Parse succeeded, want error containing %q", tt.want)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Parse error = %q, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestCheckFiles(t *testing.T) {
+	c, err := Parse([]byte(valid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, p := range []*string{&c.TLS.CertFile, &c.TLS.KeyFile, &c.TLS.ClientCAFile, &c.Credentials[0].ClientSecretFile} {
+		*p = filepath.Join(dir, filepath.Base(*p))
+		if err := os.WriteFile(*p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.CheckFiles(); err != nil {
+		t.Fatalf("CheckFiles: %v", err)
+	}
+	if err := os.Remove(c.Credentials[0].ClientSecretFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CheckFiles(); err == nil || !strings.HasPrefix(err.Error(), "credentials[0].client_secret_file: ") {
+		t.Errorf("CheckFiles = %v, want an error naming credentials[0].client_secret_file", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(valid))
+	f.Add([]byte("credentials: [{name: a}]"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := Parse(b)
+		if err == nil && c.Validate() != nil {
+			t.Errorf("Parse accepted a config that Validate rejects")
+		}
+		if err != nil && err.Error() == "" {
+			t.Errorf("empty error message")
+		}
+	})
+}

@@ -1,0 +1,212 @@
+// Package devmode prepares everything `tokenbroker --dev` needs on a machine
+// with nothing else running: a throwaway PKI, an in-process OAuth 2.0
+// authorization server with a client for credential "identity" (scope
+// IDENTITY, five-minute tokens), and the effective configuration, all written
+// to one directory so that tokenctl and grpcurl can use the same files.
+// The directory is rewritten at every start.
+package devmode
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+)
+
+// File names in the dev directory.
+const (
+	CAFile           = "ca.pem"
+	ServerCertFile   = "server.pem"
+	ServerKeyFile    = "server-key.pem"
+	ClientCertFile   = "client.pem"
+	ClientKeyFile    = "client-key.pem"
+	DeniedCertFile   = "denied-client.pem"
+	DeniedKeyFile    = "denied-client-key.pem"
+	ConfigFile       = "config.yaml"
+	ClientSecretFile = "identity-client-secret"
+)
+
+// The dev identities, credential and authorization server client.
+const (
+	DefaultDir     = ".tokenbroker-dev"
+	ClientIdentity = "spiffe://tokenbroker.dev/dev-client"
+	DeniedIdentity = "spiffe://tokenbroker.dev/denied-client"
+	Credential     = "identity"
+	Scope          = "IDENTITY"
+	OAuthClientID  = "tokenbroker-dev"
+	TokenLifetime  = 5 * time.Minute
+	DefaultListen  = "127.0.0.1:8443"
+	DefaultAdmin   = "127.0.0.1:9090"
+	certValidity   = 30 * 24 * time.Hour
+)
+
+// Options configures Start. Zero fields take the dev defaults.
+type Options struct {
+	// Dir is the dev directory; default DefaultDir.
+	Dir string
+	// ListenAddr and AdminAddr go into the config; defaults DefaultListen and DefaultAdmin.
+	ListenAddr, AdminAddr string
+	// OAuthAddr is where the authorization server listens; default 127.0.0.1:0.
+	OAuthAddr string
+}
+
+// Env is a prepared dev environment.
+type Env struct {
+	// Dir is the absolute dev directory.
+	Dir string
+	// Config is the effective configuration, as written to ConfigFile.
+	Config *config.Config
+	// OAuth is the running authorization server.
+	OAuth *oauthtest.Server
+}
+
+// Start writes the PKI, secret and config to the dev directory and starts the
+// authorization server. Close stops it.
+func Start(opts Options) (*Env, error) {
+	if opts.Dir == "" {
+		opts.Dir = DefaultDir
+	}
+	if opts.ListenAddr == "" {
+		opts.ListenAddr = DefaultListen
+	}
+	if opts.AdminAddr == "" {
+		opts.AdminAddr = DefaultAdmin
+	}
+	if opts.OAuthAddr == "" {
+		opts.OAuthAddr = "127.0.0.1:0"
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("dev dir: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("dev dir: %w", err)
+	}
+	if err := writePKI(dir); err != nil {
+		return nil, err
+	}
+	raw := make([]byte, 24)
+	if _, err := rand.Read(raw); err != nil {
+		return nil, fmt.Errorf("dev secret: %w", err)
+	}
+	sec := base64.RawURLEncoding.EncodeToString(raw)
+	secretPath := filepath.Join(dir, ClientSecretFile)
+	if err := os.WriteFile(secretPath, []byte(sec+"\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("dev secret: %w", err)
+	}
+
+	as := oauthtest.New(oauthtest.Options{ExpiresIn: TokenLifetime, Format: oauthtest.JWT})
+	as.AddClient(oauthtest.Client{ID: OAuthClientID, Secret: sec, Scopes: []string{Scope}})
+	if err := as.Start(opts.OAuthAddr); err != nil {
+		return nil, err
+	}
+	cfg, err := writeConfig(dir, opts, as.TokenURL(), secretPath)
+	if err != nil {
+		_ = as.Close()
+		return nil, err
+	}
+	return &Env{Dir: dir, Config: cfg, OAuth: as}, nil
+}
+
+// Close stops the authorization server.
+func (e *Env) Close() error { return e.OAuth.Close() }
+
+// Path returns the path of a file in the dev directory.
+func (e *Env) Path(name string) string { return filepath.Join(e.Dir, name) }
+
+func writePKI(dir string) error {
+	ca, err := devpki.NewCA("tokenbroker dev CA", certValidity)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, CAFile), ca.CertPEM, 0o644); err != nil {
+		return fmt.Errorf("write CA: %w", err)
+	}
+	srv, err := ca.Server(certValidity)
+	if err != nil {
+		return err
+	}
+	if err := srv.WriteFiles(filepath.Join(dir, ServerCertFile), filepath.Join(dir, ServerKeyFile)); err != nil {
+		return err
+	}
+	cl, err := ca.Client(certValidity, ClientIdentity)
+	if err != nil {
+		return err
+	}
+	if err := cl.WriteFiles(filepath.Join(dir, ClientCertFile), filepath.Join(dir, ClientKeyFile)); err != nil {
+		return err
+	}
+	denied, err := ca.Client(certValidity, DeniedIdentity)
+	if err != nil {
+		return err
+	}
+	return denied.WriteFiles(filepath.Join(dir, DeniedCertFile), filepath.Join(dir, DeniedKeyFile))
+}
+
+// writeConfig writes the effective configuration and reads it back through
+// the normal loader, so dev mode runs on exactly what the file says.
+func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config.Config, error) {
+	cfg := config.Config{
+		ListenAddr: opts.ListenAddr,
+		AdminAddr:  opts.AdminAddr,
+		Reflection: true,
+		TLS: config.TLS{
+			CertFile:     filepath.Join(dir, ServerCertFile),
+			KeyFile:      filepath.Join(dir, ServerKeyFile),
+			ClientCAFile: filepath.Join(dir, CAFile),
+		},
+		Log:   config.Log{Level: "info"},
+		Store: config.Store{Backend: "memory"},
+		Credentials: []config.Credential{{
+			Name:             Credential,
+			TokenURL:         tokenURL,
+			ClientID:         OAuthClientID,
+			ClientSecretFile: secretPath,
+			AuthMethod:       "client_secret_post",
+			Scopes:           []string{Scope},
+			DefaultTTL:       config.Duration(TokenLifetime),
+			MaxTTL:           config.Duration(time.Hour),
+			MinTTL:           config.Duration(config.DefaultMinTTL),
+			Timeout:          config.Duration(config.DefaultTimeout),
+			AllowedCallers:   []string{ClientIdentity},
+		}},
+	}
+	b, err := yaml.Marshal(&cfg)
+	if err != nil {
+		return nil, fmt.Errorf("dev config: %w", err)
+	}
+	head := "# Written by `tokenbroker --dev`; rewritten at every start.\n"
+	path := filepath.Join(dir, ConfigFile)
+	if err := os.WriteFile(path, append([]byte(head), b...), 0o600); err != nil {
+		return nil, fmt.Errorf("dev config: %w", err)
+	}
+	return config.Load(path)
+}
+
+// Instructions tells a developer how to get a token from the dev server at grpcAddr.
+func (e *Env) Instructions(grpcAddr, adminAddr string) string {
+	rel := e.Dir
+	if wd, err := os.Getwd(); err == nil {
+		if r, err := filepath.Rel(wd, e.Dir); err == nil && !strings.HasPrefix(r, "..") {
+			rel = r
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "tokenbroker dev mode: gRPC (mTLS) on %s, admin HTTP on http://%s\n", grpcAddr, adminAddr)
+	fmt.Fprintf(&b, "dev PKI, secret and config in %s; authorization server at %s\n\n", rel, e.OAuth.TokenURL())
+	b.WriteString("Get a token:\n")
+	fmt.Fprintf(&b, "  go run ./cmd/tokenctl --dev token %s\n", Credential)
+	fmt.Fprintf(&b, "  grpcurl -cacert %[1]s/%[2]s -cert %[1]s/%[3]s -key %[1]s/%[4]s -d '{\"credential\":\"%[5]s\"}' %[6]s tokenbroker.v1.TokenBroker/GetToken\n",
+		rel, CAFile, ClientCertFile, ClientKeyFile, Credential, grpcAddr)
+	fmt.Fprintf(&b, "A caller no credential allows: %s/%s (%s)\n", rel, DeniedCertFile, DeniedIdentity)
+	return b.String()
+}

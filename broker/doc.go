@@ -1,0 +1,11 @@
+// Package broker is tokenbroker's core: it vends access tokens to callers
+// identified by their client certificates.
+//
+// A Broker serves a token from its in-process cache while the token has at
+// least the caller's min_ttl left, otherwise from the shared store, otherwise
+// from the authorization server. Concurrent misses on one key collapse into a
+// single fetch. It never serves a token below the caller's min_ttl and never
+// an expired one. Service exposes the Broker over gRPC; errors become gRPC
+// status codes in this package only (status.go), with messages that never
+// hold a secret, a token or an upstream response body.
+package broker

@@ -1,0 +1,418 @@
+// Package oauthtest is an in-process OAuth 2.0 authorization server with a
+// client credentials token endpoint (RFC 6749 §4.4), for tests and dev mode.
+//
+// It authenticates registered clients with client_secret_basic or
+// client_secret_post, enforces each client's allowed scopes, and rejects what
+// a real server rejects (wrong secret → 401 invalid_client, scope not allowed →
+// 400 invalid_scope, another grant type → 400 unsupported_grant_type, a method
+// other than POST → 405). Faults can be switched on to imitate a failing
+// server, and it counts every token request so tests can assert how many
+// reached it.
+package oauthtest
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// TokenPath is the path of the token endpoint.
+const TokenPath = "/oauth2/token"
+
+// Format is the format of the access tokens the server issues.
+type Format int
+
+const (
+	// Opaque tokens are random strings.
+	Opaque Format = iota
+	// JWT tokens are HS256-signed JSON Web Tokens (RFC 9068 claims).
+	JWT
+)
+
+// Client is a registered client.
+type Client struct {
+	// ID is the client_id.
+	ID string
+	// Secret is the client secret.
+	Secret string
+	// Scopes are the scopes the client may be granted; the default grant is all of them.
+	Scopes []string
+}
+
+// Faults make the token endpoint misbehave. The zero value is a healthy server.
+type Faults struct {
+	// Latency delays every token response.
+	Latency time.Duration
+	// Status, when non-zero, answers every token request with this HTTP status
+	// and a plain-text body (e.g. 500, 503, 429).
+	Status int
+	// RetryAfter is sent as the Retry-After header with Status.
+	RetryAfter string
+	// ErrorCode, when set, answers with this RFC 6749 §5.2 error
+	// (401 for invalid_client, 400 otherwise).
+	ErrorCode string
+	// Malformed answers 200 with a body that is not valid JSON.
+	Malformed bool
+	// OmitExpiresIn leaves expires_in out of the response.
+	OmitExpiresIn bool
+	// FormEncoded answers application/x-www-form-urlencoded instead of JSON.
+	FormEncoded bool
+	// TokenType overrides the token_type sent ("" means "Bearer"; use "-" to omit it).
+	TokenType string
+	// GrantScopes, when non-nil, overrides the scope field of the response.
+	GrantScopes []string
+}
+
+// Issued describes a token the server issued.
+type Issued struct {
+	// ClientID is the client the token was issued to.
+	ClientID string
+	// Scopes are the scopes granted.
+	Scopes []string
+	// AuthMethod is how the client authenticated: client_secret_basic or client_secret_post.
+	AuthMethod string
+	// Expiry is when the token expires.
+	Expiry time.Time
+}
+
+// Server is the authorization server. Create it with New and start it with Start.
+type Server struct {
+	format Format
+	key    []byte
+	now    func() time.Time
+
+	requests atomic.Int64
+
+	mu        sync.Mutex
+	clients   map[string]Client
+	faults    Faults
+	expiresIn time.Duration
+	issued    map[string]Issued
+	lastForm  url.Values
+
+	srv *http.Server
+	ln  net.Listener
+}
+
+// Options configures a Server.
+type Options struct {
+	// ExpiresIn is the lifetime of issued tokens; zero means one hour.
+	ExpiresIn time.Duration
+	// Format is the token format; the default is Opaque.
+	Format Format
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// New returns a server with no clients.
+func New(opts Options) *Server {
+	if opts.ExpiresIn <= 0 {
+		opts.ExpiresIn = time.Hour
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Server{
+		format:    opts.Format,
+		key:       randomBytes(32),
+		now:       opts.Now,
+		clients:   map[string]Client{},
+		expiresIn: opts.ExpiresIn,
+		issued:    map[string]Issued{},
+	}
+}
+
+// AddClient registers c, replacing any client with the same ID.
+func (s *Server) AddClient(c Client) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clients[c.ID] = c
+}
+
+// SetFaults replaces the active faults; the zero Faults heals the server.
+func (s *Server) SetFaults(f Faults) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = f
+}
+
+// SetExpiresIn sets the lifetime of tokens issued from now on.
+func (s *Server) SetExpiresIn(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expiresIn = d
+}
+
+// TokenRequests is the number of requests that reached the token endpoint,
+// successful or not.
+func (s *Server) TokenRequests() int64 { return s.requests.Load() }
+
+// Lookup reports whether token was issued by this server, and to whom.
+func (s *Server) Lookup(token string) (Issued, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	is, ok := s.issued[token]
+	return is, ok
+}
+
+// LastForm returns the form fields of the last token request, without client_secret.
+func (s *Server) LastForm() url.Values {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastForm
+}
+
+// Start serves on addr (e.g. "127.0.0.1:0") until Close.
+func (s *Server) Start(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("oauthtest: listen: %w", err)
+	}
+	s.ln = ln
+	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = s.srv.Serve(ln) }()
+	return nil
+}
+
+// URL is the server's base URL, once started.
+func (s *Server) URL() string { return "http://" + s.ln.Addr().String() }
+
+// TokenURL is the token endpoint's URL, once started.
+func (s *Server) TokenURL() string { return s.URL() + TokenPath }
+
+// Close stops the server.
+func (s *Server) Close() error {
+	if s.srv == nil {
+		return nil
+	}
+	return s.srv.Close()
+}
+
+// Handler returns the server's HTTP handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc(TokenPath, s.token)
+	return mux
+}
+
+func (s *Server) token(w http.ResponseWriter, r *http.Request) {
+	s.requests.Add(1)
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	s.mu.Lock()
+	f := s.faults
+	s.mu.Unlock()
+	if f.Latency > 0 {
+		select {
+		case <-time.After(f.Latency):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); ct != "application/x-www-form-urlencoded" {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "body must be application/x-www-form-urlencoded")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "cannot parse form")
+		return
+	}
+	form := r.PostForm
+	s.recordForm(form)
+
+	switch {
+	case f.Status != 0:
+		if f.RetryAfter != "" {
+			w.Header().Set("Retry-After", f.RetryAfter)
+		}
+		http.Error(w, http.StatusText(f.Status), f.Status)
+		return
+	case f.ErrorCode == "invalid_client":
+		oauthError(w, http.StatusUnauthorized, f.ErrorCode, "client authentication failed")
+		return
+	case f.ErrorCode != "":
+		oauthError(w, http.StatusBadRequest, f.ErrorCode, "fault injected")
+		return
+	}
+
+	client, method, status, code := s.authenticate(r, form)
+	if code != "" {
+		if method == "client_secret_basic" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="oauthtest"`)
+		}
+		oauthError(w, status, code, "client authentication failed")
+		return
+	}
+	if gt := form.Get("grant_type"); gt != "client_credentials" {
+		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "only client_credentials is supported")
+		return
+	}
+	scopes := strings.Fields(form.Get("scope"))
+	if len(scopes) == 0 {
+		scopes = client.Scopes
+	}
+	for _, sc := range scopes {
+		if !slices.Contains(client.Scopes, sc) {
+			oauthError(w, http.StatusBadRequest, "invalid_scope", "scope not allowed for this client")
+			return
+		}
+	}
+	if f.Malformed {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"access_token": "truncated`))
+		return
+	}
+	s.issue(w, client, method, scopes, f)
+}
+
+func (s *Server) recordForm(form url.Values) {
+	c := url.Values{}
+	for k, v := range form {
+		if k != "client_secret" {
+			c[k] = slices.Clone(v)
+		}
+	}
+	s.mu.Lock()
+	s.lastForm = c
+	s.mu.Unlock()
+}
+
+// authenticate returns the client and the method it used, or an HTTP status and error code.
+func (s *Server) authenticate(r *http.Request, form url.Values) (Client, string, int, string) {
+	user, pass, basic := r.BasicAuth()
+	_, postID := form["client_id"]
+	_, postSecret := form["client_secret"]
+	var id, sec, method string
+	switch {
+	case basic && (postID || postSecret):
+		return Client{}, "", http.StatusBadRequest, "invalid_request"
+	case basic:
+		// RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+		var err1, err2 error
+		id, err1 = url.QueryUnescape(user)
+		sec, err2 = url.QueryUnescape(pass)
+		if err1 != nil || err2 != nil {
+			return Client{}, "client_secret_basic", http.StatusUnauthorized, "invalid_client"
+		}
+		method = "client_secret_basic"
+	case postID && postSecret:
+		id, sec, method = form.Get("client_id"), form.Get("client_secret"), "client_secret_post"
+	default:
+		return Client{}, "", http.StatusUnauthorized, "invalid_client"
+	}
+	s.mu.Lock()
+	c, ok := s.clients[id]
+	s.mu.Unlock()
+	if !ok || subtle.ConstantTimeCompare([]byte(c.Secret), []byte(sec)) != 1 {
+		return Client{}, method, http.StatusUnauthorized, "invalid_client"
+	}
+	return c, method, 0, ""
+}
+
+func (s *Server) issue(w http.ResponseWriter, c Client, method string, scopes []string, f Faults) {
+	now := s.now()
+	s.mu.Lock()
+	ttl := s.expiresIn
+	s.mu.Unlock()
+	exp := now.Add(ttl)
+	tok := s.mint(c.ID, scopes, now, exp)
+
+	s.mu.Lock()
+	for k, is := range s.issued { // keep the record bounded in long dev runs
+		if now.After(is.Expiry) {
+			delete(s.issued, k)
+		}
+	}
+	s.issued[tok] = Issued{ClientID: c.ID, Scopes: slices.Clone(scopes), AuthMethod: method, Expiry: exp}
+	s.mu.Unlock()
+
+	tokenType := "Bearer"
+	if f.TokenType != "" {
+		tokenType = f.TokenType
+	}
+	granted := scopes
+	if f.GrantScopes != nil {
+		granted = f.GrantScopes
+	}
+	fields := [][2]string{{"access_token", tok}}
+	if tokenType != "-" {
+		fields = append(fields, [2]string{"token_type", tokenType})
+	}
+	if !f.OmitExpiresIn {
+		fields = append(fields, [2]string{"expires_in", strconv.FormatInt(int64(ttl/time.Second), 10)})
+	}
+	fields = append(fields, [2]string{"scope", strings.Join(granted, " ")})
+
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Pragma", "no-cache")
+	if f.FormEncoded {
+		v := url.Values{}
+		for _, kv := range fields {
+			v.Set(kv[0], kv[1])
+		}
+		w.Header().Set("Content-Type", "application/x-www-form-urlencoded")
+		_, _ = w.Write([]byte(v.Encode()))
+		return
+	}
+	m := map[string]any{}
+	for _, kv := range fields {
+		m[kv[0]] = kv[1]
+	}
+	if !f.OmitExpiresIn {
+		m["expires_in"] = int64(ttl / time.Second)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(m)
+}
+
+// mint makes an access token in the configured format.
+func (s *Server) mint(clientID string, scopes []string, iat, exp time.Time) string {
+	if s.format != JWT {
+		return "tbt_" + base64.RawURLEncoding.EncodeToString(randomBytes(32))
+	}
+	enc := base64.RawURLEncoding
+	header := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"at+jwt"}`))
+	claims, _ := json.Marshal(map[string]any{
+		"iss": "oauthtest", "sub": clientID, "client_id": clientID,
+		"scope": strings.Join(scopes, " "), "iat": iat.Unix(), "exp": exp.Unix(),
+		"jti": enc.EncodeToString(randomBytes(12)),
+	})
+	signing := header + "." + enc.EncodeToString(claims)
+	mac := hmac.New(sha256.New, s.key)
+	mac.Write([]byte(signing))
+	return signing + "." + enc.EncodeToString(mac.Sum(nil))
+}
+
+func oauthError(w http.ResponseWriter, status int, code, desc string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": code, "error_description": desc})
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(errors.New("oauthtest: crypto/rand failed"))
+	}
+	return b
+}

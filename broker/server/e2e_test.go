@@ -1,0 +1,382 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/tokenbroker/tokenbroker/broker"
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+func TestGetTokenMintedByAuthorizationServer(t *testing.T) {
+	h := newHarness(t, nil)
+	tok, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatalf("GetToken: %v", err)
+	}
+	is, ok := h.as.Lookup(tok.GetAccessToken())
+	if !ok {
+		t.Fatalf("token was not issued by the authorization server")
+	}
+	if is.ClientID != "broker" || is.AuthMethod != "client_secret_post" || strings.Join(is.Scopes, " ") != "IDENTITY IDENTITY_READ" {
+		t.Errorf("issued = %+v, want client broker, client_secret_post, scopes IDENTITY IDENTITY_READ", is)
+	}
+	if got, want := tok.GetFingerprint(), broker.Fingerprint(tok.GetAccessToken()); got != want || len(got) != 32 {
+		t.Errorf("fingerprint = %q, want %q (32 hex digits)", got, want)
+	}
+	if tok.GetTokenType() != "Bearer" {
+		t.Errorf("token_type = %q, want Bearer", tok.GetTokenType())
+	}
+	if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(tokenTTL); got.Sub(want).Abs() > time.Second {
+		t.Errorf("expire_time = %v, want %v", got, want)
+	}
+	if got := h.as.TokenRequests(); got != 1 {
+		t.Errorf("token requests = %d, want 1", got)
+	}
+	// A narrower scope set is a different cache entry and a separate grant.
+	tok2, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if is, _ := h.as.Lookup(tok2.GetAccessToken()); strings.Join(is.Scopes, " ") != "IDENTITY" {
+		t.Errorf("scoped token granted %v, want [IDENTITY]", is.Scopes)
+	}
+}
+
+func TestStatusCodes(t *testing.T) {
+	h := newHarness(t, nil)
+	tests := []struct {
+		name       string
+		ids        []string
+		req        *pb.GetTokenRequest
+		expectCode codes.Code
+		expectMsg  string
+	}{
+		{"allowed exact", []string{payments}, &pb.GetTokenRequest{Credential: "identity"}, codes.OK, ""},
+		{"allowed prefix", []string{kycWork}, &pb.GetTokenRequest{Credential: "identity"}, codes.OK, ""},
+		{"allowed dns", []string{"reporting.internal"}, &pb.GetTokenRequest{Credential: "identity"}, codes.OK, ""},
+		{"prefix is segment bound", []string{kycx}, &pb.GetTokenRequest{Credential: "identity"},
+			codes.PermissionDenied, `caller ` + kycx + ` may not use credential "identity"`},
+		{"identity not allowed", []string{stranger}, &pb.GetTokenRequest{Credential: "identity"},
+			codes.PermissionDenied, `caller ` + stranger + ` may not use credential "identity"`},
+		{"unknown credential looks the same", []string{payments}, &pb.GetTokenRequest{Credential: "payments-api"},
+			codes.PermissionDenied, `caller ` + payments + ` may not use credential "payments-api"`},
+		{"two URI SANs", []string{payments, kycWork}, &pb.GetTokenRequest{Credential: "identity"},
+			codes.Unauthenticated, "more than one URI SAN"},
+		{"scope outside credential", []string{payments}, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY", "ADMIN"}},
+			codes.InvalidArgument, `scope "ADMIN" is not allowed for credential "identity"`},
+		{"empty credential", []string{payments}, &pb.GetTokenRequest{}, codes.InvalidArgument, "credential is required"},
+		{"overlong credential", []string{payments}, &pb.GetTokenRequest{Credential: strings.Repeat("a", 129)},
+			codes.InvalidArgument, "credential must be 1 to 128 characters"},
+		{"bad characters", []string{payments}, &pb.GetTokenRequest{Credential: "id/../x"},
+			codes.InvalidArgument, "credential must be 1 to 128 characters"},
+		{"negative min_ttl", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(-time.Second)},
+			codes.InvalidArgument, "min_ttl must be between 0s and 24h, got -1s"},
+		{"min_ttl over 24h", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(25 * time.Hour)},
+			codes.InvalidArgument, "min_ttl must be between 0s and 24h, got 25h0m0s"},
+		{"min_ttl over granted lifetime", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(2 * time.Hour)},
+			codes.FailedPrecondition, `min_ttl 2h0m0s is longer than the 1h0m0s lifetime the authorization server grants for credential "identity"`},
+		{"min_ttl within lifetime", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(59 * time.Minute)},
+			codes.OK, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tok, err := h.get(h.client(tt.ids...), tt.req)
+			st := status.Convert(err)
+			if st.Code() != tt.expectCode {
+				t.Fatalf("code = %v (%q), want %v", st.Code(), st.Message(), tt.expectCode)
+			}
+			if !strings.Contains(st.Message(), tt.expectMsg) {
+				t.Errorf("message = %q, want it to contain %q", st.Message(), tt.expectMsg)
+			}
+			if tt.expectCode == codes.OK && tok.GetAccessToken() == "" {
+				t.Errorf("no access token returned")
+			}
+		})
+	}
+}
+
+func TestMinTTLBeyondLifetimeSparesTheBank(t *testing.T) {
+	h := newHarness(t, nil)
+	c := h.client(payments)
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		_, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(90 * time.Minute)})
+		if status.Code(err) != codes.FailedPrecondition {
+			t.Fatalf("code = %v, want FailedPrecondition", status.Code(err))
+		}
+	}
+	if got := h.as.TokenRequests(); got != 1 {
+		t.Errorf("token requests = %d, want 1 (the lifetime is known from the cached token)", got)
+	}
+}
+
+func TestUntrustedClientCertificateFailsHandshake(t *testing.T) {
+	h := newHarness(t, nil)
+	other, err := devpki.NewCA("another CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]pb.TokenBrokerClient{
+		"other CA":       pb.NewTokenBrokerClient(h.conn(other, payments)),
+		"no certificate": pb.NewTokenBrokerClient(h.conn(nil)),
+	} {
+		_, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("%s: code = %v (%v), want Unavailable from a failed handshake", name, status.Code(err), err)
+		}
+	}
+	if got := h.as.TokenRequests(); got != 0 {
+		t.Errorf("token requests = %d, want 0", got)
+	}
+}
+
+func TestConcurrentColdCacheFetchesOnce(t *testing.T) {
+	h := newHarness(t, nil)
+	// Latency keeps the fetch in flight while every caller arrives.
+	h.as.SetFaults(oauthtest.Faults{Latency: 200 * time.Millisecond})
+	c := h.client(payments)
+	const callers = 256
+	round := func() map[string]int {
+		var mu sync.Mutex
+		seen := map[string]int{}
+		var wg sync.WaitGroup
+		for range callers {
+			wg.Go(func() {
+				tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					seen["error: "+status.Convert(err).Message()]++
+					return
+				}
+				seen[tok.GetFingerprint()]++
+			})
+		}
+		wg.Wait()
+		return seen
+	}
+	first := round()
+	if len(first) != 1 {
+		t.Fatalf("callers got %d distinct results, want 1 token for all: %v", len(first), first)
+	}
+	if got := h.as.TokenRequests(); got != 1 {
+		t.Errorf("cold round: token requests = %d, want 1", got)
+	}
+	second := round()
+	if len(second) != 1 || second[firstKey(first)] != callers {
+		t.Errorf("warm round results = %v, want the same token for all %d callers", second, callers)
+	}
+	if got := h.as.TokenRequests(); got != 1 {
+		t.Errorf("warm round: token requests = %d, want still 1", got)
+	}
+}
+
+func firstKey(m map[string]int) string {
+	for k := range m {
+		return k
+	}
+	return ""
+}
+
+func TestUpstreamFailures(t *testing.T) {
+	tests := []struct {
+		name       string
+		faults     oauthtest.Faults
+		expectCode codes.Code
+		expectMsg  string
+	}{
+		{"500", oauthtest.Faults{Status: 500}, codes.Unavailable, "is failing (server_error)"},
+		{"503", oauthtest.Faults{Status: 503, RetryAfter: "5"}, codes.Unavailable, "is failing (server_error)"},
+		{"429", oauthtest.Faults{Status: 429, RetryAfter: "30"}, codes.Unavailable, "is failing (throttled)"},
+		{"timeout", oauthtest.Faults{Latency: 3 * time.Second}, codes.Unavailable, "is failing (timeout)"},
+		{"malformed JSON", oauthtest.Faults{Malformed: true}, codes.Unavailable, "is failing (malformed)"},
+		{"no token_type", oauthtest.Faults{TokenType: "-"}, codes.Unavailable, "is failing (malformed)"},
+		{"invalid_client", oauthtest.Faults{ErrorCode: "invalid_client"}, codes.FailedPrecondition, `refused credential "identity" (invalid_client)`},
+		{"unauthorized_client", oauthtest.Faults{ErrorCode: "unauthorized_client"}, codes.FailedPrecondition, "(unauthorized_client)"},
+		{"invalid_scope", oauthtest.Faults{ErrorCode: "invalid_scope"}, codes.FailedPrecondition, "(invalid_scope)"},
+		{"granted less", oauthtest.Faults{GrantScopes: []string{"IDENTITY"}}, codes.FailedPrecondition, "(scope_not_granted)"},
+		{"not bearer", oauthtest.Faults{TokenType: "mac"}, codes.FailedPrecondition, "(token_type)"},
+		{"lowercase bearer", oauthtest.Faults{TokenType: "bearer"}, codes.OK, ""},
+		{"form-encoded body", oauthtest.Faults{FormEncoded: true}, codes.OK, ""},
+		{"no expires_in", oauthtest.Faults{OmitExpiresIn: true}, codes.OK, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t, func(c *config.Config) { c.Credentials[0].Timeout = config.Duration(300 * time.Millisecond) })
+			h.as.SetFaults(tt.faults)
+			tok, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"})
+			st := status.Convert(err)
+			if st.Code() != tt.expectCode {
+				t.Fatalf("code = %v (%q), want %v", st.Code(), st.Message(), tt.expectCode)
+			}
+			if !strings.Contains(st.Message(), tt.expectMsg) {
+				t.Errorf("message = %q, want it to contain %q", st.Message(), tt.expectMsg)
+			}
+			// The upstream body (its error_description, its status text) never reaches the caller.
+			for _, body := range []string{"fault injected", "client authentication failed", "Internal Server Error", "Too Many Requests", "truncated"} {
+				if strings.Contains(st.Message(), body) {
+					t.Errorf("message %q leaks the upstream body (%q)", st.Message(), body)
+				}
+			}
+			if tt.name == "no expires_in" {
+				if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(5*time.Minute); got.Sub(want).Abs() > time.Second {
+					t.Errorf("expire_time = %v, want default_ttl 5m from now (%v)", got, want)
+				}
+			}
+		})
+	}
+}
+
+func TestServesCachedTokenWhileUpstreamFails(t *testing.T) {
+	h := newHarness(t, nil)
+	c := h.client(payments)
+	first, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.as.SetFaults(oauthtest.Faults{Status: 503})
+	h.clock.Add(40 * time.Minute) // 20 minutes left on the cached token
+
+	got, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(10 * time.Minute)})
+	if err != nil {
+		t.Fatalf("GetToken during outage with 20m left and min_ttl 10m: %v", err)
+	}
+	if got.GetFingerprint() != first.GetFingerprint() {
+		t.Errorf("served a different token during the outage")
+	}
+	if n := h.as.TokenRequests(); n != 1 {
+		t.Errorf("token requests = %d, want 1 (the cached token sufficed)", n)
+	}
+	// Asking for more than is left needs a fresh token, which cannot be had.
+	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(30 * time.Minute)})
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "no cached token has min_ttl 30m0s left") {
+		t.Errorf("GetToken with min_ttl above what is left = %v %q, want Unavailable naming min_ttl", st.Code(), st.Message())
+	}
+	// Past expiry the token is never served, even with min_ttl 0.
+	h.clock.Add(21 * time.Minute)
+	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(0)})
+	if status.Code(err) != codes.Unavailable {
+		t.Errorf("GetToken after expiry during outage = %v, want Unavailable", status.Code(err))
+	}
+	// Recovery: the next call fetches a fresh token.
+	h.as.SetFaults(oauthtest.Faults{})
+	fresh, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil || fresh.GetFingerprint() == first.GetFingerprint() {
+		t.Errorf("after recovery: err = %v, same token = %v; want a fresh token", err, fresh.GetFingerprint() == first.GetFingerprint())
+	}
+}
+
+func TestSecretReadAtEachFetch(t *testing.T) {
+	h := newHarness(t, nil)
+	c := h.client(payments)
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY"}}); err != nil {
+		t.Fatal(err)
+	}
+	// Rotate: the authorization server now knows only the new secret.
+	rotated := h.secret + "-rotated"
+	h.as.AddClient(oauthtest.Client{ID: "broker", Secret: rotated, Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+	_, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("with the old secret on file: code = %v, want FailedPrecondition", status.Code(err))
+	}
+	h.write("secret", rotated)
+	h.secret = rotated // the log scan now looks for the new one too
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}); err != nil {
+		t.Errorf("after writing the new secret to the file: %v", err)
+	}
+}
+
+func TestListCredentials(t *testing.T) {
+	h := newHarness(t, nil)
+	ctx := context.Background()
+	resp, err := h.client(kycWork).ListCredentials(ctx, &pb.ListCredentialsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.GetCredentials()) != 1 || resp.GetCredentials()[0].GetName() != "identity" ||
+		strings.Join(resp.GetCredentials()[0].GetScopes(), " ") != "IDENTITY IDENTITY_READ" {
+		t.Errorf("ListCredentials = %v, want identity with IDENTITY IDENTITY_READ", resp.GetCredentials())
+	}
+	resp, err = h.client(stranger).ListCredentials(ctx, &pb.ListCredentialsRequest{})
+	if err != nil || len(resp.GetCredentials()) != 0 {
+		t.Errorf("ListCredentials for a stranger = %v, %v; want none", resp.GetCredentials(), err)
+	}
+}
+
+func TestUnimplementedUntilLifecycle(t *testing.T) {
+	h := newHarness(t, nil)
+	_, err := h.client(payments).InvalidateToken(context.Background(), &pb.InvalidateTokenRequest{Credential: "identity"})
+	if status.Code(err) != codes.Unimplemented {
+		t.Errorf("InvalidateToken code = %v, want Unimplemented", status.Code(err))
+	}
+}
+
+func TestHealthAndAdmin(t *testing.T) {
+	h := newHarness(t, nil)
+	hc := healthpb.NewHealthClient(h.conn(nil, payments))
+	for _, svc := range []string{"", "tokenbroker.v1.TokenBroker"} {
+		resp, err := hc.Check(context.Background(), &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("Health/Check(%q) = %v, %v; want SERVING", svc, resp.GetStatus(), err)
+		}
+	}
+	base := "http://" + h.srv.AdminAddr().String()
+	for path, want := range map[string]int{"/healthz": 200, "/readyz": 200, "/nope": 404} {
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body map[string]any
+		_ = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("GET %s = %d, want %d", path, resp.StatusCode, want)
+		}
+		if path == "/readyz" && body["status"] != "ready" {
+			t.Errorf("/readyz body = %v, want status ready", body)
+		}
+	}
+}
+
+func TestGracefulShutdown(t *testing.T) {
+	h := newHarness(t, nil)
+	h.as.SetFaults(oauthtest.Faults{Latency: 300 * time.Millisecond})
+	c := h.client(payments)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+		errc <- err
+	}()
+	// Wait until the call is in flight at the authorization server, then stop.
+	deadline := time.Now().Add(5 * time.Second)
+	for h.as.TokenRequests() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := h.stop(); err != nil {
+		t.Errorf("Serve returned %v, want nil after a graceful stop", err)
+	}
+	if err := <-errc; err != nil {
+		t.Errorf("in-flight call during shutdown: %v, want it to complete", err)
+	}
+	resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/readyz")
+	if err == nil {
+		resp.Body.Close()
+		t.Errorf("admin still answering after shutdown: %d", resp.StatusCode)
+	}
+}

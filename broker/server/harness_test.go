@@ -1,0 +1,244 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// Identities used across the end-to-end tests.
+const (
+	payments = "spiffe://bank.internal/ns/payments/sa/api"
+	kycWork  = "spiffe://bank.internal/ns/kyc/sa/worker"
+	kycx     = "spiffe://bank.internal/ns/kycx/sa/worker"
+	stranger = "spiffe://bank.internal/ns/other/sa/x"
+	tokenTTL = time.Hour
+)
+
+// clock is a settable clock shared by the broker and the authorization server.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Now()} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// logBuffer collects the server's JSON log lines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// harness is a real tokenbroker on loopback (mTLS gRPC and admin HTTP) in
+// front of a real oauthtest authorization server.
+type harness struct {
+	t      *testing.T
+	ca     *devpki.CA
+	as     *oauthtest.Server
+	srv    *Server
+	clock  *clock
+	logs   *logBuffer
+	secret string
+	dir    string
+
+	mu     sync.Mutex
+	tokens []string // every access token handed to a test caller
+
+	stopOnce sync.Once
+	stopErr  error
+	stop     func() error // cancels Serve and waits for it to return
+}
+
+// newHarness starts a broker whose config mutate may adjust.
+func newHarness(t *testing.T, mutate func(*config.Config)) *harness {
+	t.Helper()
+	h := &harness{t: t, clock: newClock(), logs: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
+	var err error
+	if h.ca, err = devpki.NewCA("test CA", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	srvPair, err := h.ca.Server(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile, caFile := h.path("server.pem"), h.path("server-key.pem"), h.path("ca.pem")
+	if err := srvPair.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	h.write("ca.pem", string(h.ca.CertPEM))
+	h.write("secret", h.secret+"\n")
+
+	h.as = oauthtest.New(oauthtest.Options{ExpiresIn: tokenTTL, Now: h.clock.Now})
+	h.as.AddClient(oauthtest.Client{ID: "broker", Secret: h.secret, Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+	if err := h.as.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = h.as.Close() })
+
+	cfg := &config.Config{
+		ListenAddr: "127.0.0.1:0",
+		AdminAddr:  "127.0.0.1:0",
+		Reflection: true,
+		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile},
+		Log:        config.Log{Level: "debug"},
+		Store:      config.Store{Backend: "memory"},
+		Credentials: []config.Credential{{
+			Name:             "identity",
+			TokenURL:         h.as.TokenURL(),
+			ClientID:         "broker",
+			ClientSecretFile: h.path("secret"),
+			AuthMethod:       "client_secret_post",
+			Scopes:           []string{"IDENTITY", "IDENTITY_READ"},
+			DefaultTTL:       config.Duration(5 * time.Minute),
+			MaxTTL:           config.Duration(24 * time.Hour),
+			MinTTL:           config.Duration(30 * time.Second),
+			Timeout:          config.Duration(2 * time.Second),
+			AllowedCallers:   []string{payments, "spiffe://bank.internal/ns/kyc/*", "dns:reporting.internal"},
+		}},
+	}
+	if mutate != nil {
+		mutate(cfg)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("test config: %v", err)
+	}
+	log, err := NewLogger(cfg.Log.Level, h.logs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.srv, err = New(Options{Config: cfg, Logger: log, Now: h.clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.srv.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- h.srv.Serve(ctx) }()
+	h.stop = func() error {
+		h.stopOnce.Do(func() { cancel(); h.stopErr = <-done })
+		return h.stopErr
+	}
+	t.Cleanup(func() {
+		if err := h.stop(); err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		h.checkLogsClean()
+	})
+	return h
+}
+
+func (h *harness) path(name string) string { return filepath.Join(h.dir, name) }
+
+func (h *harness) write(name, content string) {
+	h.t.Helper()
+	if err := os.WriteFile(h.path(name), []byte(content), 0o600); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// conn dials the broker with a client certificate for ids, issued by ca
+// (the broker's trusted CA when ca is nil). A nil ids list means no client
+// certificate at all.
+func (h *harness) conn(ca *devpki.CA, ids ...string) *grpc.ClientConn {
+	h.t.Helper()
+	if ca == nil {
+		ca = h.ca
+	}
+	tc := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: h.ca.Pool()}
+	if ids != nil {
+		pair, err := ca.Client(time.Hour, ids...)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		cert, err := pair.TLSCertificate()
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		tc.Certificates = []tls.Certificate{cert}
+	}
+	conn, err := grpc.NewClient(h.srv.GRPCAddr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tc)))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { _ = conn.Close() })
+	return conn
+}
+
+// client returns a TokenBroker client for a caller with identities ids.
+func (h *harness) client(ids ...string) pb.TokenBrokerClient {
+	return pb.NewTokenBrokerClient(h.conn(nil, ids...))
+}
+
+// get calls GetToken and records any token returned, for the log scan.
+func (h *harness) get(c pb.TokenBrokerClient, req *pb.GetTokenRequest) (*pb.Token, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := c.GetToken(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	h.mu.Lock()
+	h.tokens = append(h.tokens, resp.GetToken().GetAccessToken())
+	h.mu.Unlock()
+	return resp.GetToken(), nil
+}
+
+// checkLogsClean fails the test if the client secret or any access token
+// handed out appears in the server's log.
+func (h *harness) checkLogsClean() {
+	h.t.Helper()
+	logs := h.logs.String()
+	if !strings.Contains(logs, `"msg":"serving"`) {
+		h.t.Errorf("log capture is empty or broken: %q", logs)
+	}
+	if strings.Contains(logs, h.secret) {
+		h.t.Errorf("client secret found in logs")
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, tok := range h.tokens {
+		if tok != "" && strings.Contains(logs, tok) {
+			h.t.Errorf("access token %s… found in logs", tok[:8])
+		}
+	}
+}

@@ -1,0 +1,301 @@
+// Package server runs tokenbroker: the TokenBroker gRPC API over mutual TLS
+// (with grpc.health.v1 and, when configured, reflection) and the admin HTTP
+// endpoints (/healthz, /readyz). It builds the Broker, its store and its
+// upstream clients from a validated config.Config.
+//
+// Shutdown is graceful: health turns NOT_SERVING, new calls are refused,
+// in-flight calls finish within the grace period, then the store is closed.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/tokenbroker/tokenbroker/broker"
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/broker/upstream"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+// GracePeriod bounds how long shutdown waits for in-flight calls.
+const GracePeriod = 20 * time.Second
+
+// maxMessageSize caps request messages: requests are small, and a cap keeps a
+// misbehaving caller from making the server allocate.
+const maxMessageSize = 64 << 10
+
+// Options configures a Server.
+type Options struct {
+	// Config is a validated configuration.
+	Config *config.Config
+	// Logger receives the process log; nil means none.
+	Logger *zap.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Server is a running tokenbroker. Create it with New, then call Run (or
+// Listen and Serve to learn the bound addresses first).
+type Server struct {
+	cfg    *config.Config
+	log    *zap.Logger
+	now    func() time.Time
+	store  store.Store
+	broker *broker.Broker
+	grpc   *grpc.Server
+	health *health.Server
+	admin  *http.Server
+	leaf   *x509.Certificate
+
+	grpcLn, adminLn net.Listener
+	serving         atomic.Bool
+}
+
+// New builds a Server from opts. It reads the TLS material and checks every
+// credential, but opens no listener.
+func New(opts Options) (*Server, error) {
+	s := &Server{cfg: opts.Config, log: opts.Logger, now: opts.Now}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	tc, leaf, err := serverTLS(s.cfg.TLS)
+	if err != nil {
+		return nil, err
+	}
+	s.leaf = leaf
+	creds, err := Credentials(s.cfg, s.now)
+	if err != nil {
+		return nil, err
+	}
+	s.store = store.NewMemory(s.now)
+	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now})
+	if err != nil {
+		return nil, err
+	}
+
+	s.grpc = grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tc)),
+		grpc.MaxRecvMsgSize(maxMessageSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	pb.RegisterTokenBrokerServer(s.grpc, broker.NewService(s.broker, s.log))
+	s.health = health.NewServer()
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	if s.cfg.Reflection {
+		reflection.Register(s.grpc)
+	}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /readyz", s.readyz)
+	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return s, nil
+}
+
+// Credentials builds the Broker's credentials, with their upstream clients
+// and caller policies, from cfg.
+func Credentials(cfg *config.Config, now func() time.Time) ([]broker.Credential, error) {
+	out := make([]broker.Credential, 0, len(cfg.Credentials))
+	for i, c := range cfg.Credentials {
+		params := url.Values{}
+		for k, v := range c.EndpointParams {
+			params.Set(k, v)
+		}
+		up, err := upstream.New(upstream.Config{
+			TokenURL:         c.TokenURL,
+			ClientID:         c.ClientID,
+			ClientSecretFile: c.ClientSecretFile,
+			AuthMethod:       upstream.AuthMethod(c.AuthMethod),
+			EndpointParams:   params,
+			DefaultTTL:       c.DefaultTTL.D(),
+			MaxTTL:           c.MaxTTL.D(),
+			Timeout:          c.Timeout.D(),
+			Now:              now,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("credentials[%d]: %w", i, err)
+		}
+		callers, err := policy.Compile(c.AllowedCallers)
+		if err != nil {
+			return nil, fmt.Errorf("credentials[%d].allowed_callers: %w", i, err)
+		}
+		out = append(out, broker.Credential{
+			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,
+			TokenURL: c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
+		})
+	}
+	return out, nil
+}
+
+// serverTLS loads the server certificate and client CA: TLS 1.3, client
+// certificates required and verified, no session tickets (each connection
+// proves its certificate afresh).
+func serverTLS(c config.TLS) (*tls.Config, *x509.Certificate, error) {
+	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
+	}
+	leaf := cert.Leaf
+	if leaf == nil {
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, nil, fmt.Errorf("tls.cert_file: %w", err)
+		}
+	}
+	caPEM, err := os.ReadFile(c.ClientCAFile)
+	if err != nil {
+		return nil, nil, fmt.Errorf("tls.client_ca_file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, nil, errors.New("tls.client_ca_file: no PEM certificates found")
+	}
+	return &tls.Config{
+		MinVersion:             tls.VersionTLS13,
+		Certificates:           []tls.Certificate{cert},
+		ClientAuth:             tls.RequireAndVerifyClientCert,
+		ClientCAs:              pool,
+		SessionTicketsDisabled: true,
+	}, leaf, nil
+}
+
+// Listen binds the gRPC and admin listeners.
+func (s *Server) Listen() error {
+	var err error
+	if s.grpcLn, err = net.Listen("tcp", s.cfg.ListenAddr); err != nil {
+		return fmt.Errorf("listen_addr: %w", err)
+	}
+	if s.adminLn, err = net.Listen("tcp", s.cfg.AdminAddr); err != nil {
+		_ = s.grpcLn.Close()
+		return fmt.Errorf("admin_addr: %w", err)
+	}
+	return nil
+}
+
+// GRPCAddr is the bound gRPC address, after Listen.
+func (s *Server) GRPCAddr() net.Addr { return s.grpcLn.Addr() }
+
+// AdminAddr is the bound admin HTTP address, after Listen.
+func (s *Server) AdminAddr() net.Addr { return s.adminLn.Addr() }
+
+// Run listens and serves until ctx is done, then shuts down gracefully.
+func (s *Server) Run(ctx context.Context) error {
+	if err := s.Listen(); err != nil {
+		return err
+	}
+	return s.Serve(ctx)
+}
+
+// Serve serves on the listeners bound by Listen until ctx is done or a
+// listener fails, then shuts down gracefully.
+func (s *Server) Serve(ctx context.Context) error {
+	errc := make(chan error, 2)
+	go func() {
+		if err := s.grpc.Serve(s.grpcLn); err != nil { // nil after Stop/GracefulStop
+			errc <- err
+		}
+	}()
+	go func() {
+		if err := s.admin.Serve(s.adminLn); !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	s.serving.Store(true)
+	s.log.Info("serving", zap.Stringer("grpc_addr", s.GRPCAddr()), zap.Stringer("admin_addr", s.AdminAddr()),
+		zap.Int("credentials", len(s.cfg.Credentials)), zap.String("store", s.store.Name()))
+
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		err = fmt.Errorf("serve: %w", err)
+	}
+	s.shutdown()
+	return err
+}
+
+func (s *Server) shutdown() {
+	s.log.Info("shutting down", zap.Duration("grace_period", GracePeriod))
+	s.serving.Store(false)
+	s.health.Shutdown() // NOT_SERVING first, so balancers stop sending
+	done := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(GracePeriod):
+		s.log.Warn("grace period over; closing remaining calls")
+		s.grpc.Stop()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = s.admin.Shutdown(ctx)
+	if err := s.store.Close(); err != nil {
+		s.log.Warn("store close failed", zap.Error(err))
+	}
+	s.log.Info("stopped")
+}
+
+// readyz reports whether this process can serve. Only its own state counts:
+// a shared dependency's trouble would fail every replica at once.
+func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
+	checks := map[string]string{"config": "ok", "grpc_listener": "ok", "tls": "ok"}
+	ready := true
+	if !s.serving.Load() {
+		checks["grpc_listener"], ready = "not serving", false
+	}
+	if s.now().After(s.leaf.NotAfter) {
+		checks["tls"], ready = "server certificate expired at "+s.leaf.NotAfter.UTC().Format(time.RFC3339), false
+	}
+	code, st := http.StatusOK, "ready"
+	if !ready {
+		code, st = http.StatusServiceUnavailable, "not ready"
+	}
+	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": s.store.Name()})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// NewLogger returns the process logger: JSON lines to w at level.
+func NewLogger(level string, w io.Writer) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("log.level: %w", err)
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.TimeKey = "time"
+	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
+	core := zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.Lock(zapcore.AddSync(w)), lvl)
+	return zap.New(core), nil
+}

@@ -1,0 +1,96 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// Service serves the TokenBroker gRPC API from a Broker. The server must
+// require and verify client certificates; Service reads the caller's identity
+// from the verified leaf.
+type Service struct {
+	pb.UnimplementedTokenBrokerServer
+	broker *Broker
+	log    *zap.Logger
+}
+
+var _ pb.TokenBrokerServer = (*Service)(nil)
+
+// NewService returns a Service for b. log may be nil.
+func NewService(b *Broker, log *zap.Logger) *Service {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Service{broker: b, log: log}
+}
+
+// GetToken returns a token for the requested credential.
+func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
+	caller, err := callerFrom(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
+	if d := req.GetMinTtl(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return nil, toStatus(fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+		}
+		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
+	}
+	is, err := s.broker.GetToken(ctx, caller, r)
+	if err != nil {
+		s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", r.Credential), zap.Error(err))
+		return nil, toStatus(err)
+	}
+	if ce := s.log.Check(zap.DebugLevel, "token issued"); ce != nil {
+		ce.Write(zap.String("caller", string(caller)), zap.String("credential", r.Credential),
+			zap.String("source", is.Source), zap.String("fingerprint", is.Fingerprint))
+	}
+	return &pb.GetTokenResponse{Token: &pb.Token{
+		AccessToken: is.AccessToken,
+		TokenType:   is.TokenType,
+		ExpireTime:  timestamppb.New(is.Expiry),
+		Scopes:      is.Scopes,
+		Fingerprint: is.Fingerprint,
+	}}, nil
+}
+
+// ListCredentials lists the credentials the caller may use.
+func (s *Service) ListCredentials(ctx context.Context, _ *pb.ListCredentialsRequest) (*pb.ListCredentialsResponse, error) {
+	caller, err := callerFrom(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	infos := s.broker.ListCredentials(caller)
+	resp := &pb.ListCredentialsResponse{Credentials: make([]*pb.Credential, 0, len(infos))}
+	for _, c := range infos {
+		resp.Credentials = append(resp.Credentials, &pb.Credential{Name: c.Name, Scopes: c.Scopes})
+	}
+	return resp, nil
+}
+
+// callerFrom returns the identity in the verified client certificate of the
+// call's connection. The TLS layer has already rejected unverified peers.
+func callerFrom(ctx context.Context) (policy.Identity, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "", fmt.Errorf("%w: no peer", ErrUnauthenticated)
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
+		return "", fmt.Errorf("%w: no verified client certificate", ErrUnauthenticated)
+	}
+	id, err := policy.IdentityFromCert(ti.State.VerifiedChains[0][0])
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+	}
+	return id, nil
+}

@@ -1,0 +1,249 @@
+// Package upstream fetches access tokens from an OAuth 2.0 authorization
+// server with the client credentials grant (RFC 6749 §4.4).
+//
+// A Client reads its client secret from a file at every fetch, so a rotated
+// secret is used without a restart. It validates the response (access_token
+// and token_type present, a positive expires_in, the scopes granted) and
+// computes the expiry from its own clock. Failures are *Error values whose
+// messages never contain the response body, the secret or a token.
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
+
+	"github.com/tokenbroker/tokenbroker/broker/secret"
+)
+
+// AuthMethod is how the client authenticates to the token endpoint
+// (the token_endpoint_auth_method values of RFC 7591).
+type AuthMethod string
+
+// The supported client authentication methods.
+const (
+	// ClientSecretBasic sends the client ID and secret in an HTTP Basic Authorization header.
+	ClientSecretBasic AuthMethod = "client_secret_basic"
+	// ClientSecretPost sends the client ID and secret as form fields.
+	ClientSecretPost AuthMethod = "client_secret_post"
+)
+
+// Defaults applied by New to zero Config fields.
+const (
+	DefaultTimeout        = 10 * time.Second
+	DefaultConnectTimeout = 5 * time.Second
+	DefaultTTL            = 5 * time.Minute
+	DefaultMaxTTL         = 24 * time.Hour
+)
+
+// Config configures a Client. TokenURL, ClientID and ClientSecretFile are required.
+type Config struct {
+	// TokenURL is the authorization server's token endpoint.
+	TokenURL string
+	// ClientID is the client identifier issued by the authorization server.
+	ClientID string
+	// ClientSecretFile is the path of a file holding the client secret; it is
+	// read at every fetch.
+	ClientSecretFile string
+	// AuthMethod is the client authentication method; empty means ClientSecretBasic.
+	AuthMethod AuthMethod
+	// EndpointParams are extra form fields sent with every request (audience, resource).
+	EndpointParams url.Values
+	// DefaultTTL is the lifetime assumed when the response has no expires_in.
+	DefaultTTL time.Duration
+	// MaxTTL caps the lifetime the response declares.
+	MaxTTL time.Duration
+	// Timeout bounds one fetch, from connect to the end of the response body.
+	Timeout time.Duration
+	// ConnectTimeout bounds establishing the connection; it is at most Timeout.
+	ConnectTimeout time.Duration
+	// HTTPClient overrides the HTTP client; nil means one built from the timeouts.
+	HTTPClient *http.Client
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Token is an access token fetched from the authorization server.
+type Token struct {
+	// AccessToken is the token.
+	AccessToken string
+	// TokenType is token_type as the server sent it.
+	TokenType string
+	// Scopes are the scopes granted: the response's scope field, else those asked for.
+	Scopes []string
+	// IssuedAt is when the response arrived.
+	IssuedAt time.Time
+	// Expiry is IssuedAt plus the granted lifetime.
+	Expiry time.Time
+}
+
+// Client fetches tokens for one client registration. It is safe for concurrent use.
+type Client struct {
+	cfg  Config
+	http *http.Client
+}
+
+// New returns a Client for cfg, filling in defaults.
+func New(cfg Config) (*Client, error) {
+	if cfg.TokenURL == "" || cfg.ClientID == "" || cfg.ClientSecretFile == "" {
+		return nil, errors.New("upstream: TokenURL, ClientID and ClientSecretFile are required")
+	}
+	switch cfg.AuthMethod {
+	case "":
+		cfg.AuthMethod = ClientSecretBasic
+	case ClientSecretBasic, ClientSecretPost:
+	default:
+		return nil, fmt.Errorf("upstream: unsupported auth method %q", cfg.AuthMethod)
+	}
+	if cfg.DefaultTTL <= 0 {
+		cfg.DefaultTTL = DefaultTTL
+	}
+	if cfg.MaxTTL <= 0 {
+		cfg.MaxTTL = DefaultMaxTTL
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	cfg.ConnectTimeout = min(cfg.ConnectTimeout, cfg.Timeout)
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	hc := cfg.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Transport: newTransport(cfg.ConnectTimeout, cfg.Timeout)}
+	}
+	return &Client{cfg: cfg, http: hc}, nil
+}
+
+func newTransport(connect, overall time.Duration) *http.Transport {
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:   connect,
+		ResponseHeaderTimeout: overall,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConnsPerHost:   4,
+		IdleConnTimeout:       90 * time.Second,
+	}
+}
+
+// Fetch requests a token for scopes. It returns an *Error on failure.
+func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
+	sec, err := secret.ReadFile(c.cfg.ClientSecretFile)
+	if err != nil {
+		return nil, &Error{Reason: ReasonNoSecret, err: err}
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
+	defer cancel()
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.http)
+
+	cc := clientcredentials.Config{
+		ClientID:       c.cfg.ClientID,
+		ClientSecret:   sec.Reveal(),
+		TokenURL:       c.cfg.TokenURL,
+		Scopes:         scopes,
+		EndpointParams: c.cfg.EndpointParams,
+		AuthStyle:      oauth2.AuthStyleInHeader,
+	}
+	if c.cfg.AuthMethod == ClientSecretPost {
+		cc.AuthStyle = oauth2.AuthStyleInParams
+	}
+	t, err := cc.Token(ctx)
+	arrived := c.cfg.Now()
+	if err != nil {
+		return nil, classify(ctx, err)
+	}
+	return c.validate(t, scopes, arrived)
+}
+
+// validate checks a successful response and computes its expiry.
+func (c *Client) validate(t *oauth2.Token, asked []string, arrived time.Time) (*Token, error) {
+	if t.AccessToken == "" {
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no access_token"}
+	}
+	if t.TokenType == "" {
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no token_type"}
+	}
+	if !strings.EqualFold(t.TokenType, "Bearer") {
+		return nil, &Error{Reason: ReasonTokenType, detail: "token_type is not Bearer"}
+	}
+	ttl, err := lifetime(t.Extra("expires_in"), c.cfg.DefaultTTL, c.cfg.MaxTTL)
+	if err != nil {
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: err.Error()}
+	}
+	granted := asked
+	if s, ok := t.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
+		granted = strings.Fields(s)
+	}
+	if missing := missingScopes(asked, granted); len(missing) > 0 {
+		return nil, &Error{Reason: ReasonScopeNotGranted, detail: "not granted: " + strings.Join(missing, " ")}
+	}
+	return &Token{
+		AccessToken: t.AccessToken,
+		TokenType:   t.TokenType,
+		Scopes:      granted,
+		IssuedAt:    arrived,
+		Expiry:      arrived.Add(ttl),
+	}, nil
+}
+
+// lifetime reads expires_in (a JSON number, or a string as some servers and
+// form-encoded bodies send it) and applies the default and the cap.
+func lifetime(v any, def, maxTTL time.Duration) (time.Duration, error) {
+	var secs float64
+	switch x := v.(type) {
+	case nil:
+		return min(def, maxTTL), nil
+	case float64:
+		secs = x
+	case int64: // form-encoded bodies, as parsed by the oauth2 library
+		secs = float64(x)
+	case string:
+		if x == "" {
+			return min(def, maxTTL), nil
+		}
+		f, err := strconv.ParseFloat(x, 64)
+		if err != nil {
+			return 0, errors.New("expires_in is not a number")
+		}
+		secs = f
+	default:
+		return 0, errors.New("expires_in is not a number")
+	}
+	if !(secs >= 1) { // also rejects NaN
+		return 0, errors.New("expires_in is not positive")
+	}
+	if secs >= maxTTL.Seconds() {
+		return maxTTL, nil
+	}
+	return time.Duration(secs) * time.Second, nil
+}
+
+func missingScopes(asked, granted []string) []string {
+	var missing []string
+	for _, a := range asked {
+		found := false
+		for _, g := range granted {
+			if a == g {
+				found = true
+				break
+			}
+		}
+		if !found {
+			missing = append(missing, a)
+		}
+	}
+	return missing
+}

@@ -1,0 +1,127 @@
+// Command tokenbroker is the credential broker server: it holds OAuth 2.0
+// client credentials and vends access tokens to workloads over mutually
+// authenticated gRPC.
+//
+//	tokenbroker --config FILE        serve
+//	tokenbroker --config FILE --check-config
+//	tokenbroker --dev [--dev-dir D]  serve a self-contained dev setup
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devmode"
+	"github.com/tokenbroker/tokenbroker/broker/server"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = ""
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tokenbroker:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("tokenbroker", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", "", "configuration `file` (YAML)")
+	checkOnly := fs.Bool("check-config", false, "validate the configuration and the files it names, then exit")
+	dev := fs.Bool("dev", false, "dev mode: in-process authorization server, dev PKI, memory store")
+	devDir := fs.String("dev-dir", devmode.DefaultDir, "dev mode: `directory` for the dev PKI, secret and config")
+	listenAddr := fs.String("listen-addr", "", "override listen_addr (gRPC), e.g. 127.0.0.1:0")
+	adminAddr := fs.String("admin-addr", "", "override admin_addr (admin HTTP)")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, "tokenbroker", buildVersion())
+		return nil
+	}
+
+	var (
+		cfg *config.Config
+		env *devmode.Env
+		err error
+	)
+	switch {
+	case *dev && *configPath != "":
+		return errors.New("--dev and --config are exclusive")
+	case *dev:
+		if env, err = devmode.Start(devmode.Options{Dir: *devDir}); err != nil {
+			return fmt.Errorf("dev mode: %w", err)
+		}
+		defer env.Close()
+		cfg = env.Config
+	case *configPath == "":
+		return errors.New("--config FILE or --dev is required (see --help)")
+	default:
+		if cfg, err = config.Load(*configPath); err != nil {
+			return err
+		}
+	}
+	if *listenAddr != "" {
+		cfg.ListenAddr = *listenAddr
+	}
+	if *adminAddr != "" {
+		cfg.AdminAddr = *adminAddr
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if err := cfg.CheckFiles(); err != nil {
+		return err
+	}
+	if *checkOnly {
+		fmt.Fprintln(stdout, "configuration OK")
+		return nil
+	}
+
+	log, err := server.NewLogger(cfg.Log.Level, stderr)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+	srv, err := server.New(server.Options{Config: cfg, Logger: log})
+	if err != nil {
+		return err
+	}
+	if err := srv.Listen(); err != nil {
+		return err
+	}
+	if env != nil {
+		fmt.Fprint(stdout, env.Instructions(srv.GRPCAddr().String(), srv.AdminAddr().String()))
+	}
+	return srv.Serve(ctx)
+}
+
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "(devel)"
+}

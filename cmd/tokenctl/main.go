@@ -1,0 +1,218 @@
+// Command tokenctl talks to a tokenbroker: it gets tokens and lists the
+// credentials a caller may use, authenticating with a client certificate.
+//
+//	tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-dir D]] COMMAND
+//
+// Commands:
+//
+//	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
+//	list [--json]                                            list usable credentials
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/tokenbroker/tokenbroker/broker/client"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// Dev mode's defaults (DESIGN.md §8); kept here so tokenctl carries no server code.
+const (
+	devDir  = ".tokenbroker-dev"
+	devAddr = "127.0.0.1:8443"
+)
+
+// Exit codes.
+const (
+	exitOK    = 0
+	exitError = 1 // the broker answered with an error, or it could not be reached
+	exitUsage = 2
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-dir D]] COMMAND
+
+commands:
+  token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
+  list [--json]                                            list the credentials you may use
+
+global flags:
+`
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("tokenctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
+	addr := fs.String("addr", "", "broker `host:port` (default "+devAddr+")")
+	ca := fs.String("ca", "", "CA certificate `file` the broker's certificate chains to")
+	cert := fs.String("cert", "", "client certificate `file`")
+	key := fs.String("key", "", "client key `file`")
+	dev := fs.Bool("dev", false, "use the dev PKI written by `tokenbroker --dev`")
+	dir := fs.String("dev-dir", devDir, "dev `directory` (with --dev)")
+	timeout := fs.Duration("timeout", 30*time.Second, "deadline for the call")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if *addr == "" {
+		*addr = devAddr
+	}
+	files := client.TLSFiles{CAFile: *ca, CertFile: *cert, KeyFile: *key}
+	if *dev {
+		if *ca != "" || *cert != "" || *key != "" {
+			fmt.Fprintln(stderr, "tokenctl: --dev and --ca/--cert/--key are exclusive")
+			return exitUsage
+		}
+		files = client.TLSFiles{
+			CAFile:   filepath.Join(*dir, "ca.pem"),
+			CertFile: filepath.Join(*dir, "client.pem"),
+			KeyFile:  filepath.Join(*dir, "client-key.pem"),
+		}
+	} else if *ca == "" || *cert == "" || *key == "" {
+		fmt.Fprintln(stderr, "tokenctl: --ca, --cert and --key are required (or --dev)")
+		return exitUsage
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return exitUsage
+	}
+
+	var cmd func(context.Context, pb.TokenBrokerClient, []string, io.Writer) (int, error)
+	switch fs.Arg(0) {
+	case "token":
+		cmd = tokenCmd
+	case "list":
+		cmd = listCmd
+	default:
+		fmt.Fprintf(stderr, "tokenctl: unknown command %q\n", fs.Arg(0))
+		fs.Usage()
+		return exitUsage
+	}
+
+	tc, err := files.TLSConfig()
+	if err != nil {
+		fmt.Fprintln(stderr, "tokenctl:", err)
+		return exitError
+	}
+	conn, err := client.Dial(*addr, tc)
+	if err != nil {
+		fmt.Fprintln(stderr, "tokenctl:", err)
+		return exitError
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	code, err := cmd(ctx, pb.NewTokenBrokerClient(conn), fs.Args()[1:], stdout)
+	if err != nil {
+		if st, ok := status.FromError(err); ok && st.Code() != 0 {
+			fmt.Fprintf(stderr, "tokenctl: %s: %s\n", st.Code(), st.Message())
+		} else {
+			fmt.Fprintln(stderr, "tokenctl:", err)
+		}
+	}
+	return code
+}
+
+func tokenCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("token", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var scopes listFlag
+	fs.Var(&scopes, "scope", "scope to request (repeatable; default: the credential's)")
+	minTTL := fs.Duration("min-ttl", 0, "minimum remaining lifetime (default: the broker's)")
+	asJSON := fs.Bool("json", false, "print the whole token as JSON")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) != 1 {
+		return exitUsage, errors.New("usage: token CREDENTIAL [--scope S]... [--min-ttl D] [--json]")
+	}
+	req := &pb.GetTokenRequest{Credential: pos[0], Scopes: scopes}
+	if *minTTL != 0 {
+		req.MinTtl = durationpb.New(*minTTL)
+	}
+	resp, err := c.GetToken(ctx, req)
+	if err != nil {
+		return exitError, err
+	}
+	if *asJSON {
+		return printJSON(stdout, resp.GetToken())
+	}
+	fmt.Fprintln(stdout, resp.GetToken().GetAccessToken())
+	return exitOK, nil
+}
+
+func listCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("list", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) != 0 {
+		return exitUsage, errors.New("usage: list [--json]")
+	}
+	resp, err := c.ListCredentials(ctx, &pb.ListCredentialsRequest{})
+	if err != nil {
+		return exitError, err
+	}
+	if *asJSON {
+		return printJSON(stdout, resp)
+	}
+	for _, cr := range resp.GetCredentials() {
+		fmt.Fprintf(stdout, "%s\t%s\n", cr.GetName(), strings.Join(cr.GetScopes(), " "))
+	}
+	return exitOK, nil
+}
+
+func printJSON(w io.Writer, m proto.Message) (int, error) {
+	b, err := protojson.MarshalOptions{UseProtoNames: true, Multiline: true}.Marshal(m)
+	if err != nil {
+		return exitError, err
+	}
+	fmt.Fprintln(w, string(b))
+	return exitOK, nil
+}
+
+// parseInterleaved parses flags that may come before or after positional
+// arguments, and returns the positional ones.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return pos, nil
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+}
+
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(v string) error { *l = append(*l, v); return nil }

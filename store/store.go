@@ -1,0 +1,60 @@
+// Package store keeps access tokens shared between broker replicas.
+//
+// A Store is the second cache level behind each broker's in-process cache.
+// It guarantees that a stored token is only ever replaced by one that expires
+// later, that an entry is gone once it expires, and that a delete names the
+// token it drops (by fingerprint), so a stale report cannot drop a newer token.
+// The lease lock lets one replica fetch from the authorization server while the
+// others wait for its result.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned by Get when the key holds no live entry.
+var ErrNotFound = errors.New("store: not found")
+
+// ErrLocked is returned by Lock when another owner holds an unexpired lease.
+var ErrLocked = errors.New("store: locked")
+
+// Entry is one cached access token.
+type Entry struct {
+	// AccessToken is the token itself. Stores that leave the process seal it.
+	AccessToken string
+	// TokenType is the type the authorization server sent, e.g. "Bearer".
+	TokenType string
+	// Scopes are the scopes granted.
+	Scopes []string
+	// IssuedAt is when the authorization server's response arrived.
+	IssuedAt time.Time
+	// Expiry is when the token stops being valid.
+	Expiry time.Time
+	// Fingerprint identifies the token in logs and audit (see broker.Fingerprint).
+	Fingerprint string
+}
+
+// Lifetime is the lifetime the authorization server granted.
+func (e *Entry) Lifetime() time.Duration { return e.Expiry.Sub(e.IssuedAt) }
+
+// Store is a shared token cache. Keys are opaque strings built by the broker.
+type Store interface {
+	// Name is the store's name as reported in the token source ("memory", "redis").
+	Name() string
+	// Get returns the entry under key, or ErrNotFound.
+	Get(ctx context.Context, key string) (*Entry, error)
+	// PutIfNewer stores e under key unless the current entry expires at the same
+	// time or later. It reports whether e was stored.
+	PutIfNewer(ctx context.Context, key string, e *Entry) (bool, error)
+	// DeleteIfCurrent removes the entry under key if its fingerprint is
+	// fingerprint, and reports whether it did.
+	DeleteIfCurrent(ctx context.Context, key, fingerprint string) (bool, error)
+	// Lock takes a lease on key for ttl on behalf of owner, or returns ErrLocked.
+	Lock(ctx context.Context, key, owner string, ttl time.Duration) error
+	// Unlock releases the lease on key if owner still holds it.
+	Unlock(ctx context.Context, key, owner string) error
+	// Close releases the store's resources.
+	Close() error
+}
