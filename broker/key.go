@@ -2,9 +2,10 @@ package broker
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"hash"
 	"sort"
-	"strings"
 )
 
 // Fingerprint identifies an access token in logs, audit events and
@@ -20,30 +21,35 @@ func Fingerprint(accessToken string) string {
 // credential name stays readable for operators; the rest is hashed.
 func cacheKey(name, upstreamID string, sortedScopes []string) string {
 	h := sha256.New()
-	h.Write([]byte(upstreamID))
+	writeField(h, upstreamID)
 	for _, s := range sortedScopes {
-		h.Write([]byte{0})
-		h.Write([]byte(s))
+		writeField(h, s)
 	}
 	return name + ":" + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-// upstreamID canonicalises what identifies an upstream registration.
+// writeField writes s with its length first, so no two field lists hash alike.
+func writeField(h hash.Hash, s string) {
+	var n [8]byte
+	binary.BigEndian.PutUint64(n[:], uint64(len(s)))
+	h.Write(n[:])
+	h.Write([]byte(s))
+}
+
+// upstreamID digests what identifies an upstream registration.
 func upstreamID(tokenURL, clientID string, params map[string]string) string {
 	keys := make([]string, 0, len(params))
 	for k := range params {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	var b strings.Builder
-	b.WriteString(tokenURL)
-	b.WriteByte(0)
-	b.WriteString(clientID)
+	fields := []string{tokenURL, clientID}
 	for _, k := range keys {
-		b.WriteByte(0)
-		b.WriteString(k)
-		b.WriteByte('=')
-		b.WriteString(params[k])
+		fields = append(fields, k, params[k])
 	}
-	return b.String()
+	h := sha256.New()
+	for _, f := range fields {
+		writeField(h, f)
+	}
+	return string(h.Sum(nil))
 }

@@ -1,0 +1,100 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/tokenbroker/tokenbroker/broker/upstream"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+func TestToStatus(t *testing.T) {
+	tests := []struct {
+		err        error
+		expectCode codes.Code
+		expectMsg  string
+	}{
+		{fmt.Errorf("%w: x", ErrUnauthenticated), codes.Unauthenticated, "unauthenticated: x"},
+		{fmt.Errorf("%w: x", ErrPermissionDenied), codes.PermissionDenied, "permission denied: x"},
+		{fmt.Errorf("%w: x", ErrInvalidArgument), codes.InvalidArgument, "invalid argument: x"},
+		{fmt.Errorf("%w: x", ErrUnavailable), codes.Unavailable, "unavailable: x"},
+		{fmt.Errorf("%w: x", ErrFailedPrecondition), codes.FailedPrecondition, "failed precondition: x"},
+		{context.DeadlineExceeded, codes.DeadlineExceeded, "deadline exceeded"},
+		{context.Canceled, codes.Canceled, "request canceled"},
+		{errors.New("db password=hunter2"), codes.Internal, "internal error"},
+	}
+	for _, tt := range tests {
+		st := status.Convert(toStatus(tt.err))
+		if st.Code() != tt.expectCode || !strings.Contains(st.Message(), tt.expectMsg) {
+			t.Errorf("toStatus(%v) = %v %q, want %v %q", tt.err, st.Code(), st.Message(), tt.expectCode, tt.expectMsg)
+		}
+	}
+	if strings.Contains(status.Convert(toStatus(errors.New("db password=hunter2"))).Message(), "hunter2") {
+		t.Error("an unexpected error's text reached the caller")
+	}
+	if toStatus(nil) != nil {
+		t.Error("toStatus(nil) != nil")
+	}
+}
+
+func TestFingerprint(t *testing.T) {
+	// SHA-256("abc") = ba7816bf8f01cfea414140de5dae2223 b00361a396177a9cb410ff61f20015ad
+	if got, want := Fingerprint("abc"), "ba7816bf8f01cfea414140de5dae2223"; got != want {
+		t.Errorf("Fingerprint(abc) = %s, want %s", got, want)
+	}
+}
+
+func TestCacheKeys(t *testing.T) {
+	up := upstreamID("https://as/token", "app", map[string]string{"b": "2", "a": "1"})
+	if up != upstreamID("https://as/token", "app", map[string]string{"a": "1", "b": "2"}) {
+		t.Error("upstreamID depends on map order")
+	}
+	base := cacheKey("identity", up, []string{"A", "B"})
+	if !strings.HasPrefix(base, "identity:") {
+		t.Errorf("key %q does not start with the credential name", base)
+	}
+	for name, other := range map[string]string{
+		"scopes":      cacheKey("identity", up, []string{"A"}),
+		"scope split": cacheKey("identity", up, []string{"A\x00B"}),
+		"name":        cacheKey("identity2", up, []string{"A", "B"}),
+		"token URL":   cacheKey("identity", upstreamID("https://as2/token", "app", map[string]string{"a": "1", "b": "2"}), []string{"A", "B"}),
+		"client ID":   cacheKey("identity", upstreamID("https://as/token", "app2", map[string]string{"a": "1", "b": "2"}), []string{"A", "B"}),
+		"params":      cacheKey("identity", upstreamID("https://as/token", "app", map[string]string{"a": "1"}), []string{"A", "B"}),
+	} {
+		if other == base {
+			t.Errorf("changing the %s keeps the cache key", name)
+		}
+	}
+}
+
+func TestResolveScopes(t *testing.T) {
+	// resolve never fetches; the upstream client points at nothing.
+	up, err := upstream.New(upstream.Config{TokenURL: "http://127.0.0.1:1/token", ClientID: "app", ClientSecretFile: "/nonexistent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(Options{Store: store.NewMemory(nil), Credentials: []Credential{{Name: "identity", Scopes: []string{"B", "A"}, Fetcher: up}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := (*b.creds.Load())["identity"]
+	for _, req := range [][]string{nil, {"A", "B"}, {"B", "A", "A"}} {
+		scopes, key, err := c.resolve(req)
+		if err != nil || key != c.defaultKey || strings.Join(scopes, " ") != "A B" {
+			t.Errorf("resolve(%v) = %v, %q, %v; want the default set and key", req, scopes, key, err)
+		}
+	}
+	scopes, key, err := c.resolve([]string{"B"})
+	if err != nil || key == c.defaultKey || strings.Join(scopes, " ") != "B" {
+		t.Errorf("resolve([B]) = %v, %q, %v; want [B] under its own key", scopes, key, err)
+	}
+	if _, _, err := c.resolve([]string{"C"}); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("resolve([C]) = %v, want ErrInvalidArgument", err)
+	}
+}

@@ -1,0 +1,162 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"math"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+)
+
+const testSecret = "upstream-test-secret"
+
+func newServer(t *testing.T) *oauthtest.Server {
+	t.Helper()
+	as := oauthtest.New(oauthtest.Options{ExpiresIn: time.Hour})
+	as.AddClient(oauthtest.Client{ID: "app", Secret: testSecret, Scopes: []string{"IDENTITY", "READ"}})
+	if err := as.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = as.Close() })
+	return as
+}
+
+func secretFile(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestFetchAuthMethods(t *testing.T) {
+	as := newServer(t)
+	for _, m := range []AuthMethod{ClientSecretBasic, ClientSecretPost} {
+		c, err := New(Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile(t, testSecret), AuthMethod: m,
+			EndpointParams: url.Values{"audience": {"identity-api"}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := time.Now()
+		tok, err := c.Fetch(context.Background(), []string{"IDENTITY"})
+		if err != nil {
+			t.Fatalf("%s: Fetch: %v", m, err)
+		}
+		is, ok := as.Lookup(tok.AccessToken)
+		if !ok || is.AuthMethod != string(m) {
+			t.Errorf("%s: issued %+v (found %v), want auth method %s", m, is, ok, m)
+		}
+		if got := as.LastForm().Get("audience"); got != "identity-api" {
+			t.Errorf("%s: audience sent = %q, want identity-api", m, got)
+		}
+		if as.LastForm().Has("client_secret") {
+			t.Errorf("%s: LastForm kept the client secret", m)
+		}
+		if strings.Join(tok.Scopes, " ") != "IDENTITY" || !strings.EqualFold(tok.TokenType, "bearer") {
+			t.Errorf("%s: token = %+v", m, tok)
+		}
+		if lt := tok.Expiry.Sub(tok.IssuedAt); lt != time.Hour || tok.IssuedAt.Before(before) {
+			t.Errorf("%s: lifetime %v from %v, want 1h from after %v", m, lt, tok.IssuedAt, before)
+		}
+	}
+}
+
+func TestFetchErrorsCarryNoBody(t *testing.T) {
+	as := newServer(t)
+	c, err := New(Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile(t, "wrong")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Fetch(context.Background(), nil)
+	var ue *Error
+	if !errors.As(err, &ue) || ue.Reason != ReasonRejected || ue.Code != "invalid_client" || ue.StatusCode != 401 || ue.Temporary {
+		t.Fatalf("wrong secret: %#v, want rejected invalid_client 401", err)
+	}
+	if strings.Contains(err.Error(), "client authentication failed") || strings.Contains(err.Error(), "wrong") {
+		t.Errorf("error %q holds the response body or the secret", err)
+	}
+
+	as.SetFaults(oauthtest.Faults{Status: 429, RetryAfter: "30"})
+	_, err = c.Fetch(context.Background(), nil)
+	if !errors.As(err, &ue) || ue.Reason != ReasonThrottled || !ue.Temporary || ue.RetryAfter != 30*time.Second {
+		t.Errorf("429: %#v, want throttled, temporary, RetryAfter 30s", err)
+	}
+}
+
+func TestFetchUnreachableAndMissingSecret(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens here now
+	c, err := New(Config{TokenURL: "http://" + addr + "/token", ClientID: "app", ClientSecretFile: secretFile(t, testSecret)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Fetch(context.Background(), nil)
+	var ue *Error
+	if !errors.As(err, &ue) || ue.Reason != ReasonNetwork || !ue.Temporary {
+		t.Errorf("unreachable: %v, want a temporary network error", err)
+	}
+
+	c, err = New(Config{TokenURL: "http://" + addr + "/token", ClientID: "app", ClientSecretFile: filepath.Join(t.TempDir(), "nope")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Fetch(context.Background(), nil)
+	if !errors.As(err, &ue) || ue.Reason != ReasonNoSecret || ue.Temporary || !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing secret file: %v, want no_secret wrapping ErrNotExist", err)
+	}
+}
+
+func TestLifetime(t *testing.T) {
+	const def, maxTTL = 5 * time.Minute, time.Hour
+	tests := []struct {
+		in      any
+		want    time.Duration
+		wantErr bool
+	}{
+		{nil, def, false},
+		{"", def, false},
+		{float64(300), 300 * time.Second, false},
+		{int64(120), 2 * time.Minute, false},
+		{"3600", time.Hour, false},
+		{float64(86400), maxTTL, false},
+		{float64(0), 0, true},
+		{float64(-5), 0, true},
+		{math.NaN(), 0, true},
+		{"soon", 0, true},
+		{true, 0, true},
+	}
+	for _, tt := range tests {
+		got, err := lifetime(tt.in, def, maxTTL)
+		if got != tt.want || (err != nil) != tt.wantErr {
+			t.Errorf("lifetime(%v) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+	}
+}
+
+func TestRetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for in, want := range map[string]time.Duration{
+		"":                              0,
+		"30":                            30 * time.Second,
+		"-3":                            0,
+		"Thu, 01 Jan 2026 00:01:00 GMT": time.Minute,
+		"Wed, 31 Dec 2025 00:00:00 GMT": 0,
+		"later":                         0,
+	} {
+		if got := retryAfter(in, now); got != want {
+			t.Errorf("retryAfter(%q) = %v, want %v", in, got, want)
+		}
+	}
+}

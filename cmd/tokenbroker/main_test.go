@@ -1,0 +1,73 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tokenbroker/tokenbroker/broker/devmode"
+)
+
+func runArgs(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	err := run(context.Background(), args, &out, &errb)
+	return out.String() + errb.String(), err
+}
+
+func TestCheckConfig(t *testing.T) {
+	env, err := devmode.Start(devmode.Options{Dir: t.TempDir(), ListenAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer env.Close()
+	cfgPath := env.Path(devmode.ConfigFile)
+
+	// The config dev mode writes is one the normal loader accepts.
+	if out, err := runArgs(t, "--config", cfgPath, "--check-config"); err != nil || !strings.Contains(out, "configuration OK") {
+		t.Fatalf("--check-config on the dev config = %q, %v; want OK", out, err)
+	}
+
+	// A file it names that cannot be read is reported by key.
+	if err := os.Remove(env.Path(devmode.ClientSecretFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runArgs(t, "--config", cfgPath, "--check-config"); err == nil ||
+		!strings.HasPrefix(err.Error(), "credentials[0].client_secret_file: ") {
+		t.Errorf("--check-config with a missing secret file = %v, want an error naming credentials[0].client_secret_file", err)
+	}
+
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte("listen_adr: x\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runArgs(t, "--config", bad, "--check-config"); err == nil || !strings.Contains(err.Error(), "listen_adr: unknown key") {
+		t.Errorf("--check-config on an unknown key = %v, want it named", err)
+	}
+	if _, err := runArgs(t, "--config", cfgPath, "--listen-addr", "nonsense", "--check-config"); err == nil ||
+		!strings.Contains(err.Error(), "listen_addr: must be host:port") {
+		t.Errorf("--listen-addr nonsense = %v, want a listen_addr error", err)
+	}
+}
+
+func TestFlags(t *testing.T) {
+	if out, err := runArgs(t, "--version"); err != nil || !strings.HasPrefix(out, "tokenbroker ") {
+		t.Errorf("--version = %q, %v", out, err)
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "--config FILE or --dev is required"},
+		{[]string{"--dev", "--config", "x"}, "exclusive"},
+		{[]string{"serve"}, `unexpected argument "serve"`},
+		{[]string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, "read config"},
+	} {
+		if _, err := runArgs(t, tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("tokenbroker %v = %v, want an error containing %q", tt.args, err, tt.want)
+		}
+	}
+}

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// devServer is a real `tokenbroker --dev` process on free loopback ports.
+type devServer struct {
+	dir, grpcAddr, adminAddr string
+	cmd                      *exec.Cmd
+	stderr                   *bytes.Buffer
+}
+
+// startDevServer builds cmd/tokenbroker and runs it in dev mode in a temp dir.
+func startDevServer(t *testing.T) *devServer {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "tokenbroker")
+	build := exec.Command("go", "build", "-o", bin, "github.com/tokenbroker/tokenbroker/cmd/tokenbroker")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	s := &devServer{dir: filepath.Join(t.TempDir(), "dev"), stderr: &bytes.Buffer{}}
+	s.cmd = exec.Command(bin, "--dev", "--dev-dir", s.dir, "--listen-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0")
+	s.cmd.Stderr = s.stderr
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.cmd.Process.Kill(); _ = s.cmd.Wait() })
+
+	// The banner's first line names both bound addresses.
+	banner := regexp.MustCompile(`gRPC \(mTLS\) on (\S+), admin HTTP on http://(\S+)`)
+	lines := make(chan string)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	timeout := time.After(30 * time.Second)
+	for s.grpcAddr == "" {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("tokenbroker --dev exited before serving; stderr:\n%s", s.stderr)
+			}
+			if m := banner.FindStringSubmatch(line); m != nil {
+				s.grpcAddr, s.adminAddr = m[1], m[2]
+			}
+		case <-timeout:
+			t.Fatalf("tokenbroker --dev printed no banner within 30s; stderr:\n%s", s.stderr)
+		}
+	}
+	go func() { // drain the rest of the banner so the process never blocks on stdout
+		for range lines {
+		}
+	}()
+	return s
+}
+
+// tokenctl runs tokenctl's code in process against the dev server.
+func (s *devServer) tokenctl(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	full := append([]string{"--addr", s.grpcAddr}, args...)
+	code = run(context.Background(), full, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func TestDevModeEndToEnd(t *testing.T) {
+	s := startDevServer(t)
+
+	for _, f := range []string{"ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem",
+		"denied-client.pem", "denied-client-key.pem", "config.yaml"} {
+		if _, err := os.Stat(filepath.Join(s.dir, f)); err != nil {
+			t.Errorf("dev dir lacks %s: %v", f, err)
+		}
+	}
+
+	code, tok, stderr := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "token", "identity")
+	tok = strings.TrimSpace(tok)
+	if code != 0 || strings.Count(tok, ".") != 2 {
+		t.Fatalf("tokenctl token identity = %d, %q, stderr %q; want 0 and a JWT", code, tok, stderr)
+	}
+
+	code, js, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "token", "identity", "--json", "--scope", "IDENTITY")
+	var got struct {
+		AccessToken string   `json:"access_token"`
+		TokenType   string   `json:"token_type"`
+		Scopes      []string `json:"scopes"`
+		Fingerprint string   `json:"fingerprint"`
+		ExpireTime  string   `json:"expire_time"`
+	}
+	if err := json.Unmarshal([]byte(js), &got); err != nil || code != 0 {
+		t.Fatalf("tokenctl --json = %d, %q: %v", code, js, err)
+	}
+	if got.AccessToken != tok || got.TokenType != "Bearer" || strings.Join(got.Scopes, " ") != "IDENTITY" || len(got.Fingerprint) != 32 {
+		t.Errorf("--json token = %+v, want the cached token, Bearer, [IDENTITY], a fingerprint", got)
+	}
+	if exp, err := time.Parse(time.RFC3339Nano, got.ExpireTime); err != nil || time.Until(exp) > 5*time.Minute || time.Until(exp) < 4*time.Minute {
+		t.Errorf("expire_time = %q, want about five minutes from now", got.ExpireTime)
+	}
+
+	if code, out, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "list"); code != 0 || out != "identity\tIDENTITY\n" {
+		t.Errorf("tokenctl list = %d, %q; want identity\\tIDENTITY", code, out)
+	}
+
+	// The denied identity is valid but allowed by no credential.
+	code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
+		"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"),
+		"token", "identity")
+	if code != exitError || !strings.Contains(stderr, "PermissionDenied") {
+		t.Errorf("denied client: exit %d, stderr %q; want 1 and PermissionDenied", code, stderr)
+	}
+
+	// Operators see the admin endpoints; then SIGTERM ends the process cleanly.
+	resp, err := http.Get("http://" + s.adminAddr + "/readyz")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("/readyz: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Wait(); err != nil {
+		t.Errorf("exit after SIGTERM: %v; stderr:\n%s", err, s.stderr)
+	}
+	if strings.Contains(s.stderr.String(), tok) {
+		t.Errorf("the access token appears in the server log")
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"token", "identity"}, "--ca, --cert and --key are required"},
+		{[]string{"--dev", "--ca", "x", "token", "identity"}, "exclusive"},
+		{[]string{"--dev"}, "usage: tokenctl"},
+		{[]string{"--dev", "frobnicate"}, `unknown command "frobnicate"`},
+		{[]string{"--bogus"}, "flag provided but not defined"},
+	}
+	for _, tt := range tests {
+		var out, errb bytes.Buffer
+		if code := run(context.Background(), tt.args, &out, &errb); code != exitUsage || !strings.Contains(errb.String(), tt.want) {
+			t.Errorf("tokenctl %v = %d, %q; want %d and %q", tt.args, code, errb.String(), exitUsage, tt.want)
+		}
+	}
+	// Missing dev files are an error reaching the broker, not a usage error.
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--dev", "--dev-dir", t.TempDir(), "token", "identity"}, &out, &errb); code != exitError ||
+		!strings.Contains(errb.String(), "client certificate") {
+		t.Errorf("tokenctl with an empty dev dir = %d, %q; want 1 and a certificate error", code, errb.String())
+	}
+}
