@@ -132,3 +132,16 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestDeployExamples keeps the example configurations in deploy/ valid.
+func TestDeployExamples(t *testing.T) {
+	paths, err := filepath.Glob("../../deploy/*.yaml")
+	if err != nil || len(paths) == 0 {
+		t.Fatalf("no example configs found in deploy/: %v", err)
+	}
+	for _, p := range paths {
+		if _, err := Load(p); err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -350,6 +352,37 @@ func TestHealthAndAdmin(t *testing.T) {
 		}
 		if path == "/readyz" && body["status"] != "ready" {
 			t.Errorf("/readyz body = %v, want status ready", body)
+		}
+	}
+}
+
+func TestReflectionOnlyWhenConfigured(t *testing.T) {
+	for _, on := range []bool{true, false} {
+		h := newHarness(t, func(c *config.Config) { c.Reflection = on })
+		stream, err := reflectionpb.NewServerReflectionClient(h.conn(nil, payments)).ServerReflectionInfo(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = stream.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := stream.Recv()
+		if !on {
+			if status.Code(err) != codes.Unimplemented {
+				t.Errorf("reflection: false: Recv = %v, want Unimplemented", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("reflection: true: %v", err)
+		}
+		var names []string
+		for _, s := range resp.GetListServicesResponse().GetService() {
+			names = append(names, s.GetName())
+		}
+		if !slices.Contains(names, "tokenbroker.v1.TokenBroker") || !slices.Contains(names, "grpc.health.v1.Health") {
+			t.Errorf("reflection lists %v, want TokenBroker and Health", names)
 		}
 	}
 }

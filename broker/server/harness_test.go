@@ -70,7 +70,7 @@ func (l *logBuffer) String() string {
 // harness is a real tokenbroker on loopback (mTLS gRPC and admin HTTP) in
 // front of a real oauthtest authorization server.
 type harness struct {
-	t      *testing.T
+	t      testing.TB
 	ca     *devpki.CA
 	as     *oauthtest.Server
 	srv    *Server
@@ -88,7 +88,7 @@ type harness struct {
 }
 
 // newHarness starts a broker whose config mutate may adjust.
-func newHarness(t *testing.T, mutate func(*config.Config)) *harness {
+func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	t.Helper()
 	h := &harness{t: t, clock: newClock(), logs: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
 	var err error
