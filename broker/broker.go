@@ -322,12 +322,20 @@ func (b *Broker) upstreamFailed(c *credential, minTTL time.Duration, err error) 
 	if ue.Code != "" {
 		what = ue.Code
 	}
-	if ue.Temporary {
+	switch {
+	case ue.Temporary:
 		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has min_ttl %s left; retry",
 			ErrUnavailable, c.Name, what, minTTL)
+	case ue.Reason == upstream.ReasonNoSecret:
+		return fmt.Errorf("%w: the broker cannot read the client secret of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
+	case ue.Reason == upstream.ReasonScopeNotGranted:
+		return fmt.Errorf("%w: token endpoint granted fewer scopes than asked for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
+	case ue.Reason == upstream.ReasonTokenType:
+		return fmt.Errorf("%w: token endpoint issued a token that is not Bearer for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
+	default:
+		return fmt.Errorf("%w: token endpoint refused credential %q (%s); the broker's registration needs attention",
+			ErrFailedPrecondition, c.Name, what)
 	}
-	return fmt.Errorf("%w: token endpoint refused credential %q (%s); the broker's registration needs attention",
-		ErrFailedPrecondition, c.Name, what)
 }
 
 // keep puts e in the in-process cache unless a later-expiring token is there.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -212,8 +213,8 @@ func TestUpstreamFailures(t *testing.T) {
 		{"invalid_client", oauthtest.Faults{ErrorCode: "invalid_client"}, codes.FailedPrecondition, `refused credential "identity" (invalid_client)`},
 		{"unauthorized_client", oauthtest.Faults{ErrorCode: "unauthorized_client"}, codes.FailedPrecondition, "(unauthorized_client)"},
 		{"invalid_scope", oauthtest.Faults{ErrorCode: "invalid_scope"}, codes.FailedPrecondition, "(invalid_scope)"},
-		{"granted less", oauthtest.Faults{GrantScopes: []string{"IDENTITY"}}, codes.FailedPrecondition, "(scope_not_granted)"},
-		{"not bearer", oauthtest.Faults{TokenType: "mac"}, codes.FailedPrecondition, "(token_type)"},
+		{"granted less", oauthtest.Faults{GrantScopes: []string{"IDENTITY"}}, codes.FailedPrecondition, "granted fewer scopes than asked"},
+		{"not bearer", oauthtest.Faults{TokenType: "mac"}, codes.FailedPrecondition, "issued a token that is not Bearer"},
 		{"lowercase bearer", oauthtest.Faults{TokenType: "bearer"}, codes.OK, ""},
 		{"form-encoded body", oauthtest.Faults{FormEncoded: true}, codes.OK, ""},
 		{"no expires_in", oauthtest.Faults{OmitExpiresIn: true}, codes.OK, ""},
@@ -301,6 +302,15 @@ func TestSecretReadAtEachFetch(t *testing.T) {
 	h.secret = rotated // the log scan now looks for the new one too
 	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}); err != nil {
 		t.Errorf("after writing the new secret to the file: %v", err)
+	}
+	// A secret file that disappears is the broker's own misconfiguration.
+	if err := os.Remove(h.path("secret")); err != nil {
+		t.Fatal(err)
+	}
+	h.clock.Add(2 * time.Hour) // every cached token has expired
+	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), `cannot read the client secret of credential "identity"`) {
+		t.Errorf("with no secret file: %v %q, want FailedPrecondition naming the secret", st.Code(), st.Message())
 	}
 }
 

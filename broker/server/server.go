@@ -88,7 +88,7 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 	s.leaf = leaf
-	creds, err := Credentials(s.cfg, s.now)
+	creds, err := brokerCredentials(s.cfg, s.now)
 	if err != nil {
 		return nil, err
 	}
@@ -119,9 +119,9 @@ func New(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// Credentials builds the Broker's credentials, with their upstream clients
+// brokerCredentials builds the Broker's credentials, with their upstream clients
 // and caller policies, from cfg.
-func Credentials(cfg *config.Config, now func() time.Time) ([]broker.Credential, error) {
+func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Credential, error) {
 	out := make([]broker.Credential, 0, len(cfg.Credentials))
 	for i, c := range cfg.Credentials {
 		params := url.Values{}
