@@ -96,5 +96,8 @@ func (m *Memory) Unlock(_ context.Context, key, owner string) error {
 	return nil
 }
 
+// State is always "ok".
+func (m *Memory) State() string { return "ok" }
+
 // Close does nothing; it exists to satisfy Store.
 func (m *Memory) Close() error { return nil }

@@ -55,6 +55,35 @@ type Store interface {
 	Lock(ctx context.Context, key, owner string, ttl time.Duration) error
 	// Unlock releases the lease on key if owner still holds it.
 	Unlock(ctx context.Context, key, owner string) error
+	// State is "ok", or a short word saying why the store is not fully working
+	// ("degraded" while a shared store is unreachable and the broker fails open).
+	State() string
 	// Close releases the store's resources.
 	Close() error
+}
+
+// EventKind is the kind of a change to a shared store.
+type EventKind int
+
+// The kinds of change.
+const (
+	// EventPut: a newer token was stored under Key.
+	EventPut EventKind = iota + 1
+	// EventDelete: the token with Fingerprint was dropped from Key.
+	EventDelete
+)
+
+// Event is a change made by some replica.
+type Event struct {
+	Kind        EventKind
+	Key         string
+	Fingerprint string
+}
+
+// Notifier is implemented by stores shared between replicas, which announce
+// every change so that other replicas stop waiting for a fetch in progress
+// and drop invalidated tokens from their in-process caches.
+type Notifier interface {
+	// Subscribe calls fn for each change until ctx ends.
+	Subscribe(ctx context.Context, fn func(Event))
 }
