@@ -2,6 +2,8 @@ package broker
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -27,6 +29,13 @@ const (
 	SourceUpstream = "upstream"
 )
 
+// DefaultLockTTL is the fetch lease when a Credential sets none.
+const DefaultLockTTL = 15 * time.Second
+
+// pollInterval is how often a replica waiting for another's fetch re-reads the
+// store in case the announcement was lost or the holder died.
+const pollInterval = 100 * time.Millisecond
+
 // Fetcher fetches tokens from an authorization server; *upstream.Client is one.
 type Fetcher interface {
 	Fetch(ctx context.Context, scopes []string) (*upstream.Token, error)
@@ -44,6 +53,10 @@ type Credential struct {
 	Callers *policy.Matcher
 	// Fetcher gets new tokens.
 	Fetcher Fetcher
+	// LockTTL is the lease a replica holds on a cache key while it fetches; it
+	// should outlast one fetch (the upstream timeout) so that a replica that
+	// dies mid-fetch is replaced soon after. Zero means DefaultLockTTL.
+	LockTTL time.Duration
 	// TokenURL, ClientID and EndpointParams identify the upstream registration;
 	// they are part of the cache key.
 	TokenURL       string
@@ -91,6 +104,8 @@ type Broker struct {
 	creds   atomic.Pointer[map[string]*credential]
 	l1      sync.Map // cache key → *store.Entry; an entry is never modified once stored
 	flights singleflight.Group
+	waiters waiters
+	stop    context.CancelFunc
 }
 
 type credential struct {
@@ -115,7 +130,26 @@ func New(opts Options) (*Broker, error) {
 	if err := b.SetCredentials(opts.Credentials); err != nil {
 		return nil, err
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.stop = cancel
+	if n, ok := b.store.(store.Notifier); ok {
+		n.Subscribe(ctx, b.onEvent)
+	}
 	return b, nil
+}
+
+// Close stops listening to the store's announcements.
+func (b *Broker) Close() { b.stop() }
+
+// onEvent reacts to another replica's change: a stored token wakes the callers
+// waiting for it; a dropped token leaves this replica's cache too.
+func (b *Broker) onEvent(ev store.Event) {
+	if ev.Kind == store.EventDelete {
+		if v, ok := b.l1.Load(ev.Key); ok && v.(*store.Entry).Fingerprint == ev.Fingerprint {
+			b.l1.CompareAndDelete(ev.Key, v)
+		}
+	}
+	b.waiters.wake(ev.Key)
 }
 
 // SetCredentials replaces the credentials atomically. Cached tokens stay
@@ -135,6 +169,9 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		cr.Scopes = slices.Compact(cr.Scopes)
 		for _, s := range cr.Scopes {
 			cr.scopeSet[s] = true
+		}
+		if cr.LockTTL <= 0 {
+			cr.LockTTL = DefaultLockTTL
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
@@ -267,23 +304,69 @@ func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
 		ErrFailedPrecondition, minTTL, lifetime, name)
 }
 
-// refresh runs once per flight: the shared store first, then the authorization server.
+// refresh runs once per flight. Across replicas, a lease in the store lets one
+// replica fetch while the others wait for its result; when the store is
+// unreachable this replica fetches on its own (fail-open).
 func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*c.LockTTL)
+	defer cancel()
+	if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+		return f, nil
+	}
+	owner := newOwner()
+	for {
+		err := b.store.Lock(ctx, key, owner, c.LockTTL)
+		switch {
+		case err == nil:
+			defer func() { _ = b.store.Unlock(context.WithoutCancel(ctx), key, owner) }()
+			// Another replica may have stored a token between the read and the lease.
+			if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+				return f, nil
+			}
+			return b.fetch(ctx, c, key, scopes, minTTL)
+		case errors.Is(err, store.ErrLocked):
+			wake := b.waiters.wait(key)
+			t := time.NewTimer(pollInterval)
+			select {
+			case <-wake:
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return flight{}, fmt.Errorf("%w: another replica's fetch for credential %q did not finish in time; retry", ErrUnavailable, c.Name)
+			}
+			t.Stop()
+			if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+				return f, nil
+			}
+			// No result yet: the holder is still fetching, failed, or died; try the lease again.
+		default:
+			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
+			return b.fetch(ctx, c, key, scopes, minTTL)
+		}
+	}
+}
+
+// fromStore returns the stored token for key if it has minTTL left.
+func (b *Broker) fromStore(ctx context.Context, c *credential, key string, minTTL time.Duration) (flight, bool) {
 	e, err := b.store.Get(ctx, key)
 	switch {
 	case err == nil && b.usable(e, minTTL):
 		b.keep(key, e)
-		return flight{entry: e, source: b.store.Name()}, nil
-	case err != nil && !errors.Is(err, store.ErrNotFound):
-		b.log.Warn("store get failed", zap.String("credential", c.Name), zap.Error(err))
+		return flight{entry: e, source: b.store.Name()}, true
+	case err != nil && !errors.Is(err, store.ErrNotFound) && !errors.Is(err, store.ErrUnavailable):
+		b.log.Debug("store get failed", zap.String("credential", c.Name), zap.Error(err))
 	}
+	return flight{}, false
+}
 
+// fetch gets a new token from the authorization server and stores it.
+func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
 	start := b.now()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
 	if err != nil {
 		return flight{}, b.upstreamFailed(c, minTTL, err)
 	}
-	e = &store.Entry{
+	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,
 		Scopes:      t.Scopes,
@@ -291,8 +374,8 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		Expiry:      t.Expiry,
 		Fingerprint: Fingerprint(t.AccessToken),
 	}
-	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil {
-		b.log.Warn("store put failed", zap.String("credential", c.Name), zap.Error(err))
+	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil && !errors.Is(err, store.ErrUnavailable) {
+		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	b.keep(key, e)
 	b.log.Info("token fetched",
@@ -302,6 +385,13 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		zap.Time("expire_time", e.Expiry),
 		zap.Duration("took", b.now().Sub(start)))
 	return flight{entry: e, source: SourceUpstream}, nil
+}
+
+// newOwner returns a unique lease owner token.
+func newOwner() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // upstreamFailed logs a failed fetch and turns it into a Broker error. The

@@ -17,8 +17,8 @@ import (
 )
 
 // ErrUnavailable is returned, without contacting Redis, while Redis is
-// failing and the next probe is not yet due. Callers treat it as a miss and
-// carry on without the shared store (fail-open).
+// failing. Callers treat it as a miss and carry on without the shared store
+// (fail-open) until a background probe finds Redis back.
 var ErrUnavailable = errors.New("store: redis unavailable")
 
 // RedisConfig configures a Redis client: one address for a standalone server,
@@ -66,8 +66,8 @@ type RedisOptions struct {
 	Logger *zap.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
-	// ProbeInterval is how often, while Redis fails, an operation tries it
-	// again; the others fail fast with ErrUnavailable. Zero means one second.
+	// ProbeInterval is how often Redis is pinged while it fails; meanwhile
+	// every operation fails fast with ErrUnavailable. Zero means one second.
 	ProbeInterval time.Duration
 }
 
@@ -85,8 +85,9 @@ type Redis struct {
 	probe  time.Duration
 
 	healthy   atomic.Bool
-	nextProbe atomic.Int64 // Unix nanoseconds
-	downSince atomic.Int64
+	downSince atomic.Int64 // Unix nanoseconds
+	closed    chan struct{}
+	closeOnce sync.Once
 
 	unsealable     atomic.Int64
 	unsealableOnce sync.Once
@@ -100,7 +101,8 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 	if o.Client == nil || o.Sealer == nil {
 		return nil, errors.New("store: Redis needs a Client and a Sealer")
 	}
-	r := &Redis{c: o.Client, prefix: o.Prefix, sealer: o.Sealer, log: o.Logger, now: o.Now, probe: o.ProbeInterval}
+	r := &Redis{c: o.Client, prefix: o.Prefix, sealer: o.Sealer, log: o.Logger, now: o.Now, probe: o.ProbeInterval,
+		closed: make(chan struct{})}
 	if r.log == nil {
 		r.log = zap.NewNop()
 	}
@@ -123,37 +125,48 @@ func (r *Redis) lockKey(k string) string { return r.prefix + "{" + k + "}:lock" 
 // Channel is the pub/sub channel of change events.
 func (r *Redis) Channel() string { return r.prefix + "events" }
 
-// guard fails fast while Redis is down and no probe is due.
+// guard fails fast while Redis is down; the prober brings the store back.
 func (r *Redis) guard() error {
 	if r.healthy.Load() {
 		return nil
 	}
-	now := time.Now().UnixNano()
-	next := r.nextProbe.Load()
-	if now < next || !r.nextProbe.CompareAndSwap(next, now+int64(r.probe)) {
-		return ErrUnavailable
-	}
-	return nil // this caller probes
+	return ErrUnavailable
 }
 
 // observe records the outcome of a Redis command and logs each change of state once.
 func (r *Redis) observe(err error) error {
-	if err == nil || errors.Is(err, redis.Nil) {
-		if !r.healthy.Load() && r.healthy.CompareAndSwap(false, true) {
-			r.log.Info("redis is back; sharing tokens again",
-				zap.Duration("down_for", time.Duration(time.Now().UnixNano()-r.downSince.Load())))
-		}
-		return err
-	}
-	if errors.Is(err, context.Canceled) {
+	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) {
 		return err
 	}
 	if r.healthy.CompareAndSwap(true, false) {
 		r.downSince.Store(time.Now().UnixNano())
-		r.nextProbe.Store(time.Now().UnixNano() + int64(r.probe))
 		r.log.Warn("redis unavailable; serving from memory and the token endpoint until it returns", zap.Error(err))
+		go r.probeUntilBack()
 	}
 	return fmt.Errorf("redis: %w", err)
+}
+
+// probeUntilBack pings Redis every probe interval until it answers or the
+// store is closed, so recovery does not depend on traffic reaching the store.
+func (r *Redis) probeUntilBack() {
+	t := time.NewTicker(r.probe)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.closed:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.probe)
+		err := r.c.Ping(ctx).Err()
+		cancel()
+		if err == nil {
+			r.healthy.Store(true)
+			r.log.Info("redis is back; sharing tokens again",
+				zap.Duration("down_for", time.Duration(time.Now().UnixNano()-r.downSince.Load())))
+			return
+		}
+	}
 }
 
 // State is "ok", or "degraded" while Redis is failing.
@@ -297,8 +310,11 @@ func (r *Redis) Unlock(ctx context.Context, key, owner string) error {
 	return r.observe(unlockScript.Run(ctx, r.c, []string{r.lockKey(key)}, owner).Err())
 }
 
-// Close closes the client.
-func (r *Redis) Close() error { return r.c.Close() }
+// Close stops the prober and closes the client.
+func (r *Redis) Close() error {
+	r.closeOnce.Do(func() { close(r.closed) })
+	return r.c.Close()
+}
 
 // publish announces a change; a lost announcement only delays other
 // replicas until their next poll, so failures are not returned.

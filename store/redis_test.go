@@ -136,25 +136,21 @@ func TestRedisFailOpenAndRecovery(t *testing.T) {
 	if err == nil || errors.Is(err, store.ErrNotFound) || r.State() != "degraded" {
 		t.Fatalf("with Redis down: Get = %v, State = %s; want an error and degraded", err, r.State())
 	}
-	// While down and before the next probe, calls fail fast without touching Redis.
-	start := time.Now()
+	// While down, calls fail fast without touching Redis.
 	if _, err := r.Get(ctx, "identity:k"); !errors.Is(err, store.ErrUnavailable) {
 		t.Errorf("second Get while down = %v, want ErrUnavailable", err)
 	}
-	if d := time.Since(start); d > 40*time.Millisecond {
-		t.Logf("fail-fast Get took %v", d) // informational: no timing assertions
-	}
 	srv.Restart()
+	// The store finds Redis back by itself, without traffic.
 	deadline := time.Now().Add(5 * time.Second)
-	for {
-		_, err := r.PutIfNewer(ctx, "identity:k", entry("b", time.Hour))
-		if err == nil && r.State() == "ok" {
-			break
-		}
+	for r.State() != "ok" {
 		if time.Now().After(deadline) {
-			t.Fatalf("store did not recover: %v, %s", err, r.State())
+			t.Fatal("store did not recover within 5s")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := r.PutIfNewer(ctx, "identity:k", entry("b", time.Hour)); err != nil {
+		t.Fatal(err)
 	}
 	if got, err := r.Get(ctx, "identity:k"); err != nil || got.Fingerprint != "b" {
 		t.Errorf("after recovery Get = %v, %v", got, err)

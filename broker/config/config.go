@@ -71,9 +71,51 @@ type Log struct {
 
 // Store selects the shared token store.
 type Store struct {
-	// Backend is "memory" (the default; one process).
+	// Backend is "memory" (the default; one process) or "redis" (shared by replicas).
 	Backend string `yaml:"backend"`
+	// EncryptionKeyFile holds the key that seals values in Redis: 32 random
+	// bytes, raw or base64. Required for redis.
+	EncryptionKeyFile string `yaml:"encryption_key_file"`
+	// PreviousEncryptionKeyFiles hold earlier keys that still open stored
+	// values during a key rotation; nothing new is sealed with them.
+	PreviousEncryptionKeyFiles []string `yaml:"previous_encryption_key_files"`
+	// Redis configures the connection when Backend is redis.
+	Redis Redis `yaml:"redis"`
 }
+
+// Redis configures the Redis connection: one address for a standalone server,
+// several for a Cluster, or the sentinels' addresses with MasterName.
+type Redis struct {
+	// Addrs are host:port addresses.
+	Addrs []string `yaml:"addrs"`
+	// MasterName selects Sentinel mode.
+	MasterName string `yaml:"master_name"`
+	// Username is the ACL user, if any.
+	Username string `yaml:"username"`
+	// PasswordFile holds the password, if any.
+	PasswordFile string `yaml:"password_file"`
+	// DB is the database number (standalone and Sentinel only).
+	DB int `yaml:"db"`
+	// KeyPrefix starts every key and channel name.
+	KeyPrefix string `yaml:"key_prefix"`
+	// TLS configures TLS to Redis; empty means plain TCP.
+	TLS RedisTLS `yaml:"tls"`
+}
+
+// RedisTLS names the files for TLS to Redis.
+type RedisTLS struct {
+	// CAFile holds the CA certificates Redis's certificate must chain to; empty means the system roots.
+	CAFile string `yaml:"ca_file"`
+	// CertFile and KeyFile are a client certificate, if Redis requires one.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+}
+
+// Enabled reports whether TLS to Redis is configured.
+func (t RedisTLS) Enabled() bool { return t.CAFile != "" || t.CertFile != "" || t.KeyFile != "" }
+
+// DefaultKeyPrefix starts every Redis key when key_prefix is not set.
+const DefaultKeyPrefix = "tokenbroker:"
 
 // Credential is one OAuth 2.0 client registration at an authorization server.
 type Credential struct {
@@ -185,6 +227,9 @@ func (c *Config) applyDefaults() {
 	if c.Store.Backend == "" {
 		c.Store.Backend = "memory"
 	}
+	if c.Store.Redis.KeyPrefix == "" {
+		c.Store.Redis.KeyPrefix = DefaultKeyPrefix
+	}
 	for i := range c.Credentials {
 		cr := &c.Credentials[i]
 		if cr.AuthMethod == "" {
@@ -235,8 +280,8 @@ func (c *Config) Validate() error {
 	default:
 		return fieldErr("log.level", "must be one of debug, info, warn, error; got %q", c.Log.Level)
 	}
-	if c.Store.Backend != "memory" {
-		return fieldErr("store.backend", "must be memory; got %q", c.Store.Backend)
+	if err := c.Store.validate(); err != nil {
+		return err
 	}
 	if len(c.Credentials) == 0 {
 		return fieldErr("credentials", "at least one credential is required")
@@ -250,6 +295,43 @@ func (c *Config) Validate() error {
 			return fieldErr(fmt.Sprintf("credentials[%d].name", i), "%q is used by an earlier credential", n)
 		}
 		seen[c.Credentials[i].Name] = true
+	}
+	return nil
+}
+
+func (s *Store) validate() error {
+	switch s.Backend {
+	case "memory":
+		return nil
+	case "redis":
+	default:
+		return fieldErr("store.backend", "must be memory or redis; got %q", s.Backend)
+	}
+	if s.EncryptionKeyFile == "" {
+		return fieldErr("store.encryption_key_file", "required when store.backend is redis (a file holding 32 random bytes, raw or base64)")
+	}
+	for i, f := range s.PreviousEncryptionKeyFiles {
+		if f == "" {
+			return fieldErr(fmt.Sprintf("store.previous_encryption_key_files[%d]", i), "must be a file path")
+		}
+	}
+	r := s.Redis
+	if len(r.Addrs) == 0 {
+		return fieldErr("store.redis.addrs", "at least one host:port is required when store.backend is redis")
+	}
+	for i, a := range r.Addrs {
+		if err := checkHostPort(fmt.Sprintf("store.redis.addrs[%d]", i), a); err != nil {
+			return err
+		}
+	}
+	if r.DB < 0 {
+		return fieldErr("store.redis.db", "must not be negative")
+	}
+	if r.DB != 0 && len(r.Addrs) > 1 && r.MasterName == "" {
+		return fieldErr("store.redis.db", "must be 0 for a Redis Cluster (several addrs without master_name)")
+	}
+	if (r.TLS.CertFile == "") != (r.TLS.KeyFile == "") {
+		return fieldErr("store.redis.tls", "cert_file and key_file go together")
 	}
 	return nil
 }
@@ -378,6 +460,26 @@ func (c *Config) CheckFiles() error {
 	}
 	if err := check("tls.client_ca_file", c.TLS.ClientCAFile); err != nil {
 		return err
+	}
+	if c.Store.Backend == "redis" {
+		files := map[string]string{
+			"store.encryption_key_file": c.Store.EncryptionKeyFile,
+			"store.redis.password_file": c.Store.Redis.PasswordFile,
+			"store.redis.tls.ca_file":   c.Store.Redis.TLS.CAFile,
+			"store.redis.tls.cert_file": c.Store.Redis.TLS.CertFile,
+			"store.redis.tls.key_file":  c.Store.Redis.TLS.KeyFile,
+		}
+		for i, f := range c.Store.PreviousEncryptionKeyFiles {
+			files[fmt.Sprintf("store.previous_encryption_key_files[%d]", i)] = f
+		}
+		for key, path := range files {
+			if path == "" {
+				continue
+			}
+			if err := check(key, path); err != nil {
+				return err
+			}
+		}
 	}
 	for i, cr := range c.Credentials {
 		if err := check(fmt.Sprintf("credentials[%d].client_secret_file", i), cr.ClientSecretFile); err != nil {

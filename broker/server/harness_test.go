@@ -3,7 +3,9 @@ package server
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/base64"
 	"os"
 	"path/filepath"
 	"strings"
@@ -82,9 +84,10 @@ type harness struct {
 	mu     sync.Mutex
 	tokens []string // every access token handed to a test caller
 
-	stopOnce sync.Once
-	stopErr  error
-	stop     func() error // cancels Serve and waits for it to return
+	stop func() error // cancels the first broker's Serve and waits for it to return
+
+	cfg      *config.Config // the brokers' configuration
+	storeKey []byte         // the Redis sealing key
 }
 
 // newHarness starts a broker whose config mutate may adjust.
@@ -105,6 +108,11 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	}
 	h.write("ca.pem", string(h.ca.CertPEM))
 	h.write("secret", h.secret+"\n")
+	h.storeKey = make([]byte, 32)
+	if _, err := rand.Read(h.storeKey); err != nil {
+		t.Fatal(err)
+	}
+	h.write("store-key", base64.StdEncoding.EncodeToString(h.storeKey)+"\n")
 
 	h.as = oauthtest.New(oauthtest.Options{ExpiresIn: tokenTTL, Now: h.clock.Now})
 	h.as.AddClient(oauthtest.Client{ID: "broker", Secret: h.secret, Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
@@ -119,7 +127,8 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 		Reflection: true,
 		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile},
 		Log:        config.Log{Level: "debug"},
-		Store:      config.Store{Backend: "memory"},
+		Store: config.Store{Backend: "memory", EncryptionKeyFile: h.path("store-key"),
+			Redis: config.Redis{KeyPrefix: "tb-test:"}},
 		Credentials: []config.Credential{{
 			Name:             "identity",
 			TokenURL:         h.as.TokenURL(),
@@ -140,24 +149,8 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("test config: %v", err)
 	}
-	log, err := NewLogger(cfg.Log.Level, h.logs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.srv, err = New(Options{Config: cfg, Logger: log, Now: h.clock.Now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.srv.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- h.srv.Serve(ctx) }()
-	h.stop = func() error {
-		h.stopOnce.Do(func() { cancel(); h.stopErr = <-done })
-		return h.stopErr
-	}
+	h.cfg = cfg
+	h.srv, h.stop = h.startBroker()
 	t.Cleanup(func() {
 		if err := h.stop(); err != nil {
 			t.Errorf("Serve: %v", err)
@@ -165,6 +158,34 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 		h.checkLogsClean()
 	})
 	return h
+}
+
+// startBroker starts another broker replica on h.cfg. stop cancels its Serve
+// and returns what Serve returned; cleanup calls it too.
+func (h *harness) startBroker() (srv *Server, stop func() error) {
+	h.t.Helper()
+	log, err := NewLogger(h.cfg.Log.Level, h.logs)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := srv.Listen(); err != nil {
+		h.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	var once sync.Once
+	var serveErr error
+	stop = func() error {
+		once.Do(func() { cancel(); serveErr = <-done })
+		return serveErr
+	}
+	h.t.Cleanup(func() { _ = stop() })
+	return srv, stop
 }
 
 func (h *harness) path(name string) string { return filepath.Join(h.dir, name) }
@@ -181,6 +202,12 @@ func (h *harness) write(name, content string) {
 // certificate at all.
 func (h *harness) conn(ca *devpki.CA, ids ...string) *grpc.ClientConn {
 	h.t.Helper()
+	return h.connTo(h.srv, ca, ids...)
+}
+
+// connTo is conn to a given broker replica.
+func (h *harness) connTo(srv *Server, ca *devpki.CA, ids ...string) *grpc.ClientConn {
+	h.t.Helper()
 	if ca == nil {
 		ca = h.ca
 	}
@@ -196,7 +223,7 @@ func (h *harness) conn(ca *devpki.CA, ids ...string) *grpc.ClientConn {
 		}
 		tc.Certificates = []tls.Certificate{cert}
 	}
-	conn, err := grpc.NewClient(h.srv.GRPCAddr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tc)))
+	conn, err := grpc.NewClient(srv.GRPCAddr().String(), grpc.WithTransportCredentials(credentials.NewTLS(tc)))
 	if err != nil {
 		h.t.Fatal(err)
 	}

@@ -92,7 +92,9 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.store = store.NewMemory(s.now)
+	if s.store, err = newStore(s.cfg.Store, s.log, s.now); err != nil {
+		return nil, err
+	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now})
 	if err != nil {
 		return nil, err
@@ -148,6 +150,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 		}
 		out = append(out, broker.Credential{
 			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,
+			LockTTL:  c.Timeout.D() + 2*time.Second, // one fetch, plus slack for the store round trips
 			TokenURL: c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
 		})
 	}
@@ -257,6 +260,7 @@ func (s *Server) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
+	s.broker.Close()
 	if err := s.store.Close(); err != nil {
 		s.log.Warn("store close failed", zap.Error(err))
 	}
@@ -278,7 +282,10 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	if !ready {
 		code, st = http.StatusServiceUnavailable, "not ready"
 	}
-	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": s.store.Name()})
+	// The store's state is shown but never fails readiness: a Redis outage is
+	// shared by every replica, and the broker serves through it (fail-open).
+	writeJSON(w, code, map[string]any{"status": st, "checks": checks,
+		"store": map[string]string{"backend": s.store.Name(), "state": s.store.State()}})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

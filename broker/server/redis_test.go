@@ -1,0 +1,339 @@
+package server
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/status"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store"
+	"github.com/tokenbroker/tokenbroker/store/redistest"
+)
+
+// withRedis makes the brokers share Redis at addrs (with masterName: sentinels).
+func withRedis(masterName string, addrs ...string) func(*config.Config) {
+	return func(c *config.Config) {
+		c.Store.Backend = "redis"
+		c.Store.Redis.Addrs = addrs
+		c.Store.Redis.MasterName = masterName
+	}
+}
+
+// replicas starts n-1 brokers beside h.srv; it returns all n and a client for each.
+func replicas(h *harness, n int) ([]*Server, []pb.TokenBrokerClient) {
+	srvs := []*Server{h.srv}
+	for range n - 1 {
+		srv, _ := h.startBroker()
+		srvs = append(srvs, srv)
+	}
+	var clients []pb.TokenBrokerClient
+	for _, srv := range srvs {
+		clients = append(clients, pb.NewTokenBrokerClient(h.connTo(srv, nil, payments)))
+	}
+	return srvs, clients
+}
+
+// load runs callers concurrent GetTokens on each client and counts the
+// results by fingerprint, or by "error: <message>".
+func load(h *harness, clients []pb.TokenBrokerClient, callers int, req *pb.GetTokenRequest) map[string]int {
+	var mu sync.Mutex
+	seen := map[string]int{}
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		for range callers {
+			wg.Go(func() {
+				tok, err := h.get(c, req)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					seen["error: "+status.Convert(err).Message()]++
+					return
+				}
+				seen[tok.GetFingerprint()]++
+			})
+		}
+	}
+	wg.Wait()
+	return seen
+}
+
+func errorsIn(results map[string]int) []string {
+	var out []string
+	for k := range results {
+		if strings.HasPrefix(k, "error: ") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// entryKeys lists the token entries in Redis (not lease locks).
+func entryKeys(t *testing.T, c *redis.Client) []string {
+	t.Helper()
+	var out []string
+	for _, k := range c.Keys(context.Background(), "tb-test:{*}").Val() {
+		if !strings.HasSuffix(k, ":lock") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// cacheKeyOf turns a Redis entry key back into the broker's cache key.
+func cacheKeyOf(redisKey string) string {
+	return strings.TrimSuffix(strings.TrimPrefix(redisKey, "tb-test:{"), "}")
+}
+
+// checkRedisClean scans every key and value for the tokens handed out, the
+// client secret and the sealing key, in any of its encodings.
+func checkRedisClean(t *testing.T, h *harness, c *redis.Client) {
+	t.Helper()
+	ctx := context.Background()
+	h.mu.Lock()
+	needles := append([]string{h.secret, string(h.storeKey), base64.StdEncoding.EncodeToString(h.storeKey)}, h.tokens...)
+	h.mu.Unlock()
+	keys := c.Keys(ctx, "*").Val()
+	if len(keys) == 0 {
+		t.Fatal("Redis is empty: nothing was scanned")
+	}
+	for _, k := range keys {
+		var values []string
+		switch c.Type(ctx, k).Val() {
+		case "hash":
+			for f, v := range c.HGetAll(ctx, k).Val() {
+				values = append(values, f, v)
+			}
+		case "string":
+			values = append(values, c.Get(ctx, k).Val())
+		}
+		for _, v := range append(values, k) {
+			for _, n := range needles {
+				if n != "" && strings.Contains(v, n) {
+					t.Errorf("Redis key %s holds a token, the client secret or the sealing key in plain text", k)
+				}
+			}
+		}
+	}
+}
+
+type readyzBody struct {
+	Status string            `json:"status"`
+	Checks map[string]string `json:"checks"`
+	Store  map[string]string `json:"store"`
+}
+
+func (h *harness) readyz(t *testing.T) (int, readyzBody) {
+	t.Helper()
+	resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b readyzBody
+	if err := json.NewDecoder(resp.Body).Decode(&b); err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, b
+}
+
+func TestReplicasShareOneFetch(t *testing.T) {
+	setups := []struct {
+		name  string
+		start func(t *testing.T) func(*config.Config)
+	}{
+		{"standalone", func(t *testing.T) func(*config.Config) { return withRedis("", redistest.Start(t).Addr()) }},
+		{"cluster", func(t *testing.T) func(*config.Config) {
+			return withRedis("", redistest.StartCluster(t, 3).Addrs()...)
+		}},
+		{"sentinel", func(t *testing.T) func(*config.Config) {
+			g := redistest.StartSentinel(t)
+			return withRedis(g.MasterName, g.Sentinel.Addr())
+		}},
+	}
+	for _, s := range setups {
+		t.Run(s.name, func(t *testing.T) {
+			h := newHarness(t, s.start(t))
+			h.as.SetFaults(oauthtest.Faults{Latency: 200 * time.Millisecond})
+			_, clients := replicas(h, 3)
+			got := load(h, clients, 200, &pb.GetTokenRequest{Credential: "identity"})
+			if len(got) != 1 || len(errorsIn(got)) > 0 {
+				t.Fatalf("3x200 callers got %d distinct results (errors: %v), want one token for all", len(got), errorsIn(got))
+			}
+			if n := h.as.TokenRequests(); n != 1 {
+				t.Errorf("token requests = %d, want 1 across 3 replicas", n)
+			}
+		})
+	}
+}
+
+func TestRestartedBrokersReadFromRedis(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	first, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.stop(); err != nil {
+		t.Fatal(err)
+	}
+	// New brokers, with empty in-process caches, on the same Redis.
+	for i := range 2 {
+		srv, _ := h.startBroker()
+		tok, err := h.get(pb.NewTokenBrokerClient(h.connTo(srv, nil, payments)), &pb.GetTokenRequest{Credential: "identity"})
+		if err != nil || tok.GetFingerprint() != first.GetFingerprint() {
+			t.Errorf("restarted broker %d: err %v, same token %v; want the stored token", i, err, tok.GetFingerprint() == first.GetFingerprint())
+		}
+	}
+	if n := h.as.TokenRequests(); n != 1 {
+		t.Errorf("token requests = %d, want 1: restarted brokers read Redis", n)
+	}
+	checkRedisClean(t, h, rs.Client())
+}
+
+func TestRedisOutageFailsOpen(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	srvs, clients := replicas(h, 2)
+	if got := load(h, clients, 20, &pb.GetTokenRequest{Credential: "identity"}); len(got) != 1 {
+		t.Fatalf("before the outage: %d distinct results, errors %v", len(got), errorsIn(got))
+	}
+	rs.Kill()
+	// Cache hits, and misses that must fetch (a scope set not cached yet), succeed.
+	for _, req := range []*pb.GetTokenRequest{
+		{Credential: "identity"},
+		{Credential: "identity", Scopes: []string{"IDENTITY"}},
+	} {
+		if errs := errorsIn(load(h, clients, 20, req)); len(errs) > 0 {
+			t.Errorf("during the outage, calls for %v failed: %v", req.GetScopes(), errs)
+		}
+	}
+	if code, body := h.readyz(t); code != http.StatusOK || body.Store["state"] != "degraded" || body.Store["backend"] != "redis" {
+		t.Errorf("/readyz during the outage = %d %+v, want 200 with the redis store degraded", code, body)
+	}
+
+	rs.Restart()
+	deadline := time.Now().Add(10 * time.Second)
+	for srvs[0].store.State() != "ok" || srvs[1].store.State() != "ok" {
+		if time.Now().After(deadline) {
+			t.Fatal("the replicas did not find Redis back within 10s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Sharing resumes: a token fetched by one replica is read by the other.
+	before := h.as.TokenRequests()
+	req := &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}
+	a, errA := h.get(clients[0], req)
+	b, errB := h.get(clients[1], req)
+	if errA != nil || errB != nil || a.GetFingerprint() != b.GetFingerprint() {
+		t.Errorf("after recovery: %v, %v, same token %v; want the second replica to read the first's", errA, errB, a.GetFingerprint() == b.GetFingerprint())
+	}
+	if n := h.as.TokenRequests() - before; n != 1 {
+		t.Errorf("after recovery, token requests = %d, want 1", n)
+	}
+	if code, body := h.readyz(t); code != http.StatusOK || body.Store["state"] != "ok" {
+		t.Errorf("/readyz after recovery = %d %+v", code, body)
+	}
+}
+
+func TestStartWithRedisDown(t *testing.T) {
+	addr := "127.0.0.1:" + strconv.Itoa(redistest.FreePort(t)) // nothing listens there
+	h := newHarness(t, withRedis("", addr))
+	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Errorf("GetToken with Redis down since start: %v", err)
+	}
+}
+
+func TestDeadLockHolderIsReplaced(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	_, clients := replicas(h, 2)
+	if _, err := h.get(clients[0], &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	keys := entryKeys(t, rs.Client())
+	if len(keys) != 1 {
+		t.Fatalf("entries in Redis = %v, want 1", keys)
+	}
+	// A replica took the lease and died mid-fetch: the entry is gone and the
+	// lease stays until it runs out.
+	c := rs.Client()
+	ctx := context.Background()
+	if err := c.Del(ctx, keys[0]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Set(ctx, keys[0]+":lock", "a-replica-that-died", 1500*time.Millisecond).Err(); err != nil {
+		t.Fatal(err)
+	}
+	// The second replica, which has no token in memory, waits out the lease and fetches.
+	tok, err := h.get(clients[1], &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil || tok.GetAccessToken() == "" {
+		t.Fatalf("GetToken behind a dead lease holder: %v", err)
+	}
+	if n := h.as.TokenRequests(); n != 2 {
+		t.Errorf("token requests = %d, want 2 (the first fetch and the takeover)", n)
+	}
+}
+
+func TestDroppedTokenLeavesEveryReplica(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	_, clients := replicas(h, 2)
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	a, err := h.get(clients[0], req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := h.get(clients[1], req); err != nil || b.GetFingerprint() != a.GetFingerprint() {
+		t.Fatalf("second replica: %v, same token %v", err, b.GetFingerprint() == a.GetFingerprint())
+	}
+	// Drop the token through the store, as InvalidateToken will: every replica
+	// hears it on pub/sub and drops its in-process copy.
+	sealer, err := store.NewSealer(h.storeKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{rs.Addr()}}),
+		Prefix: "tb-test:", Sealer: sealer})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rst.Close()
+	keys := entryKeys(t, rs.Client())
+	if len(keys) != 1 {
+		t.Fatalf("entries = %v, want 1", keys)
+	}
+	if ok, err := rst.DeleteIfCurrent(context.Background(), cacheKeyOf(keys[0]), a.GetFingerprint()); !ok || err != nil {
+		t.Fatalf("DeleteIfCurrent = %v, %v", ok, err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for i, c := range clients {
+		for {
+			tok, err := h.get(c, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tok.GetFingerprint() != a.GetFingerprint() {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("replica %d still serves the dropped token after 5s", i)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if n := h.as.TokenRequests(); n != 2 {
+		t.Errorf("token requests = %d, want 2 (one replacement shared by both replicas)", n)
+	}
+	checkRedisClean(t, h, rs.Client())
+}
