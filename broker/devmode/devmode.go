@@ -20,6 +20,7 @@ import (
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devpki"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	"github.com/tokenbroker/tokenbroker/store"
 )
 
 // File names in the dev directory.
@@ -33,6 +34,7 @@ const (
 	DeniedKeyFile    = "denied-client-key.pem"
 	ConfigFile       = "config.yaml"
 	ClientSecretFile = "identity-client-secret"
+	StoreKeyFile     = "store-key"
 )
 
 // The dev identities, credential and authorization server client.
@@ -57,6 +59,9 @@ type Options struct {
 	ListenAddr, AdminAddr string
 	// OAuthAddr is where the authorization server listens; default 127.0.0.1:0.
 	OAuthAddr string
+	// RedisAddr, when set, selects the redis store at this address instead of
+	// memory; the sealing key is kept in the dev directory across restarts.
+	RedisAddr string
 }
 
 // Env is a prepared dev environment.
@@ -109,6 +114,12 @@ func Start(opts Options) (*Env, error) {
 	if err := as.Start(opts.OAuthAddr); err != nil {
 		return nil, err
 	}
+	if opts.RedisAddr != "" {
+		if err := ensureStoreKey(filepath.Join(dir, StoreKeyFile)); err != nil {
+			_ = as.Close()
+			return nil, err
+		}
+	}
 	cfg, err := writeConfig(dir, opts, as.TokenURL(), secretPath)
 	if err != nil {
 		_ = as.Close()
@@ -152,6 +163,24 @@ func writePKI(dir string) error {
 	return denied.WriteFiles(filepath.Join(dir, DeniedCertFile), filepath.Join(dir, DeniedKeyFile))
 }
 
+// ensureStoreKey keeps a valid sealing key, or writes a new one, so that a
+// restarted dev broker can still open what it stored in Redis.
+func ensureStoreKey(path string) error {
+	if b, err := os.ReadFile(path); err == nil {
+		if _, err := store.ParseKey(b); err == nil {
+			return nil
+		}
+	}
+	k := make([]byte, store.KeySize)
+	if _, err := rand.Read(k); err != nil {
+		return fmt.Errorf("dev store key: %w", err)
+	}
+	if err := os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("dev store key: %w", err)
+	}
+	return nil
+}
+
 // writeConfig writes the effective configuration and reads it back through
 // the normal loader, so dev mode runs on exactly what the file says.
 func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config.Config, error) {
@@ -180,6 +209,13 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 			AllowedCallers:   []string{ClientIdentity},
 		}},
 	}
+	if opts.RedisAddr != "" {
+		cfg.Store = config.Store{
+			Backend:           "redis",
+			EncryptionKeyFile: filepath.Join(dir, StoreKeyFile),
+			Redis:             config.Redis{Addrs: []string{opts.RedisAddr}, KeyPrefix: "tokenbroker-dev:"},
+		}
+	}
 	b, err := yaml.Marshal(&cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dev config: %w", err)
@@ -201,7 +237,7 @@ func (e *Env) Instructions(grpcAddr, adminAddr string) string {
 		}
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "tokenbroker dev mode: gRPC (mTLS) on %s, admin HTTP on http://%s\n", grpcAddr, adminAddr)
+	fmt.Fprintf(&b, "tokenbroker dev mode: gRPC (mTLS) on %s, admin HTTP on http://%s, %s store\n", grpcAddr, adminAddr, e.Config.Store.Backend)
 	fmt.Fprintf(&b, "dev PKI, secret and config in %s; authorization server at %s\n\n", rel, e.OAuth.TokenURL())
 	b.WriteString("Get a token:\n")
 	fmt.Fprintf(&b, "  go run ./cmd/tokenctl --dev token %s\n", Credential)

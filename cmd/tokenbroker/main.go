@@ -4,7 +4,7 @@
 //
 //	tokenbroker --config FILE        serve
 //	tokenbroker --config FILE --check-config
-//	tokenbroker --dev [--dev-dir D]  serve a self-contained dev setup
+//	tokenbroker --dev [--dev-dir D] [--redis ADDR]  serve a self-contained dev setup
 package main
 
 import (
@@ -46,6 +46,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	checkOnly := fs.Bool("check-config", false, "validate the configuration and the files it names, then exit")
 	dev := fs.Bool("dev", false, "dev mode: in-process authorization server, dev PKI, memory store")
 	devDir := fs.String("dev-dir", devmode.DefaultDir, "dev mode: `directory` for the dev PKI, secret and config")
+	devRedis := fs.String("redis", "", "dev mode: use the redis store at `host:port` instead of memory")
 	listenAddr := fs.String("listen-addr", "", "override listen_addr (gRPC), e.g. 127.0.0.1:0")
 	adminAddr := fs.String("admin-addr", "", "override admin_addr (admin HTTP)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
@@ -68,8 +69,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	switch {
 	case *dev && *configPath != "":
 		return errors.New("--dev and --config are exclusive")
+	case !*dev && *devRedis != "":
+		return errors.New("--redis goes with --dev; with --config, set store.backend: redis")
 	case *dev:
-		if env, err = devmode.Start(devmode.Options{Dir: *devDir}); err != nil {
+		if env, err = devmode.Start(devmode.Options{Dir: *devDir, RedisAddr: *devRedis}); err != nil {
 			return fmt.Errorf("dev mode: %w", err)
 		}
 		defer env.Close()

@@ -64,6 +64,7 @@ func TestFlags(t *testing.T) {
 		{nil, "--config FILE or --dev is required"},
 		{[]string{"--dev", "--config", "x"}, "exclusive"},
 		{[]string{"serve"}, `unexpected argument "serve"`},
+		{[]string{"--redis", "127.0.0.1:6379"}, "--redis goes with --dev"},
 		{[]string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, "read config"},
 	} {
 		if _, err := runArgs(t, tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
 // devServer is a real `tokenbroker --dev` process on free loopback ports.
@@ -23,16 +25,21 @@ type devServer struct {
 	stderr                   *bytes.Buffer
 }
 
-// startDevServer builds cmd/tokenbroker and runs it in dev mode in a temp dir.
-func startDevServer(t *testing.T) *devServer {
+// startDevServer builds cmd/tokenbroker and runs it in dev mode with its dev
+// directory in dir (a new temp dir when empty) and extra flags.
+func startDevServer(t *testing.T, dir string, extra ...string) *devServer {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "tokenbroker")
 	build := exec.Command("go", "build", "-o", bin, "github.com/tokenbroker/tokenbroker/cmd/tokenbroker")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	s := &devServer{dir: filepath.Join(t.TempDir(), "dev"), stderr: &bytes.Buffer{}}
-	s.cmd = exec.Command(bin, "--dev", "--dev-dir", s.dir, "--listen-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0")
+	if dir == "" {
+		dir = filepath.Join(t.TempDir(), "dev")
+	}
+	s := &devServer{dir: dir, stderr: &bytes.Buffer{}}
+	args := append([]string{"--dev", "--dev-dir", s.dir, "--listen-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"}, extra...)
+	s.cmd = exec.Command(bin, args...)
 	s.cmd.Stderr = s.stderr
 	stdout, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -44,7 +51,7 @@ func startDevServer(t *testing.T) *devServer {
 	t.Cleanup(func() { _ = s.cmd.Process.Kill(); _ = s.cmd.Wait() })
 
 	// The banner's first line names both bound addresses.
-	banner := regexp.MustCompile(`gRPC \(mTLS\) on (\S+), admin HTTP on http://(\S+)`)
+	banner := regexp.MustCompile(`gRPC \(mTLS\) on ([^\s,]+), admin HTTP on http://([^\s,]+)`)
 	lines := make(chan string)
 	go func() {
 		sc := bufio.NewScanner(stdout)
@@ -84,7 +91,7 @@ func (s *devServer) tokenctl(t *testing.T, args ...string) (code int, stdout, st
 }
 
 func TestDevModeEndToEnd(t *testing.T) {
-	s := startDevServer(t)
+	s := startDevServer(t, "")
 
 	for _, f := range []string{"ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem",
 		"denied-client.pem", "denied-client-key.pem", "config.yaml"} {
@@ -143,6 +150,30 @@ func TestDevModeEndToEnd(t *testing.T) {
 	}
 	if strings.Contains(s.stderr.String(), tok) {
 		t.Errorf("the access token appears in the server log")
+	}
+}
+
+func TestDevModeWithRedis(t *testing.T) {
+	rs := redistest.Start(t)
+	s := startDevServer(t, "", "--redis", rs.Addr())
+	code, tok, stderr := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "token", "identity")
+	tok = strings.TrimSpace(tok)
+	if code != 0 || tok == "" {
+		t.Fatalf("token via the dev broker on redis: %d %s", code, stderr)
+	}
+	// The token is in Redis under the dev prefix, sealed.
+	ctx := context.Background()
+	keys := rs.Client().Keys(ctx, "tokenbroker-dev:*").Val()
+	if len(keys) == 0 {
+		t.Fatal("no tokenbroker-dev: keys in Redis")
+	}
+	for _, k := range keys {
+		if strings.Contains(rs.Client().HGetAll(ctx, k).String(), tok) {
+			t.Errorf("%s holds the token in plain text", k)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(s.dir, "store-key")); err != nil {
+		t.Errorf("dev store key: %v", err)
 	}
 }
 
