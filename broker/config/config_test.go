@@ -45,6 +45,50 @@ func TestParseValid(t *testing.T) {
 	}
 }
 
+func TestParseRedis(t *testing.T) {
+	c, err := Parse([]byte(valid + `
+store:
+  backend: redis
+  encryption_key_file: /k/current
+  previous_encryption_key_files: [/k/old]
+  redis:
+    addrs: [s1:26379, s2:26379, s3:26379]
+    master_name: tokenbroker
+    username: broker
+    password_file: /k/redis-password
+    db: 3
+    tls: {ca_file: /k/ca.pem}
+`))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	r := c.Store.Redis
+	if c.Store.Backend != "redis" || r.KeyPrefix != DefaultKeyPrefix || r.DB != 3 || r.MasterName != "tokenbroker" ||
+		len(r.Addrs) != 3 || !r.TLS.Enabled() || c.Store.PreviousEncryptionKeyFiles[0] != "/k/old" {
+		t.Errorf("store = %+v", c.Store)
+	}
+	// The store's files are checked too, by key.
+	dir := t.TempDir()
+	touch := func(p *string) {
+		*p = filepath.Join(dir, strings.ReplaceAll(*p, "/", "_"))
+		if err := os.WriteFile(*p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []*string{&c.TLS.CertFile, &c.TLS.KeyFile, &c.TLS.ClientCAFile, &c.Credentials[0].ClientSecretFile} {
+		touch(p)
+	}
+	if err := c.CheckFiles(); err == nil || !strings.HasPrefix(err.Error(), "store.") {
+		t.Errorf("CheckFiles with the store files missing = %v, want an error naming a store key", err)
+	}
+	for _, p := range []*string{&c.Store.EncryptionKeyFile, &c.Store.PreviousEncryptionKeyFiles[0], &c.Store.Redis.PasswordFile, &c.Store.Redis.TLS.CAFile} {
+		touch(p)
+	}
+	if err := c.CheckFiles(); err != nil {
+		t.Errorf("CheckFiles with every file present = %v", err)
+	}
+}
+
 func TestParseInvalid(t *testing.T) {
 	// Each case edits the valid document and expects an error naming the key.
 	tests := []struct {
