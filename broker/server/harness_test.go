@@ -82,7 +82,7 @@ type harness struct {
 	dir    string
 
 	mu     sync.Mutex
-	tokens []string // every access token handed to a test caller
+	tokens map[string]bool // every distinct access token handed to a test caller
 
 	stop func() error // cancels the first broker's Serve and waits for it to return
 
@@ -245,7 +245,10 @@ func (h *harness) get(c pb.TokenBrokerClient, req *pb.GetTokenRequest) (*pb.Toke
 		return nil, err
 	}
 	h.mu.Lock()
-	h.tokens = append(h.tokens, resp.GetToken().GetAccessToken())
+	if h.tokens == nil {
+		h.tokens = map[string]bool{}
+	}
+	h.tokens[resp.GetToken().GetAccessToken()] = true
 	h.mu.Unlock()
 	return resp.GetToken(), nil
 }
@@ -263,7 +266,7 @@ func (h *harness) checkLogsClean() {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for _, tok := range h.tokens {
+	for tok := range h.tokens {
 		if tok != "" && strings.Contains(logs, tok) {
 			h.t.Errorf("access token %s… found in logs", tok[:8])
 		}

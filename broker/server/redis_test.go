@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -101,7 +102,10 @@ func checkRedisClean(t *testing.T, h *harness, c *redis.Client) {
 	t.Helper()
 	ctx := context.Background()
 	h.mu.Lock()
-	needles := append([]string{h.secret, string(h.storeKey), base64.StdEncoding.EncodeToString(h.storeKey)}, h.tokens...)
+	needles := []string{h.secret, string(h.storeKey), base64.StdEncoding.EncodeToString(h.storeKey)}
+	for tok := range h.tokens {
+		needles = append(needles, tok)
+	}
 	h.mu.Unlock()
 	keys := c.Keys(ctx, "*").Val()
 	if len(keys) == 0 {
@@ -336,4 +340,82 @@ func TestDroppedTokenLeavesEveryReplica(t *testing.T) {
 		t.Errorf("token requests = %d, want 2 (one replacement shared by both replicas)", n)
 	}
 	checkRedisClean(t, h, rs.Client())
+}
+
+func TestSentinelFailoverDuringLoad(t *testing.T) {
+	g := redistest.StartSentinel(t)
+	h := newHarness(t, withRedis(g.MasterName, g.Sentinel.Addr()))
+	_, clients := replicas(h, 3)
+	ctx := context.Background()
+	sentinel := g.Sentinel.Client()
+	masterAddr := func() string {
+		a, err := sentinel.Do(ctx, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", g.MasterName).StringSlice()
+		if err != nil || len(a) != 2 {
+			return ""
+		}
+		return a[0] + ":" + a[1]
+	}
+	if got := masterAddr(); got != g.Master.Addr() {
+		t.Fatalf("sentinel reports master %q, want %s", got, g.Master.Addr())
+	}
+
+	var (
+		mu       sync.Mutex
+		failures = map[string]int{}
+		served   int
+	)
+	const minTTL = 30 * time.Second
+	end := time.Now().Add(4 * time.Second)
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		for range 10 {
+			wg.Go(func() {
+				for i := 0; i < 2000 && time.Now().Before(end); i++ {
+					before := h.clock.Now()
+					tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+					mu.Lock()
+					switch {
+					case err != nil && status.Code(err) != codes.Unavailable:
+						failures["not retryable: "+status.Convert(err).Message()]++
+					case err != nil:
+						failures["unavailable"]++ // retryable; counted, tolerated
+					case tok.GetExpireTime().AsTime().Before(before.Add(minTTL)):
+						failures["served below min_ttl"]++
+					default:
+						served++
+					}
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	// Meanwhile every token expires every 250ms (fake clock), and the master fails over.
+	go func() {
+		time.Sleep(500 * time.Millisecond)
+		if err := sentinel.Do(ctx, "SENTINEL", "FAILOVER", g.MasterName).Err(); err != nil {
+			t.Errorf("SENTINEL FAILOVER: %v", err)
+		}
+	}()
+	for time.Now().Before(end) {
+		time.Sleep(250 * time.Millisecond)
+		h.clock.Add(61 * time.Minute)
+	}
+	wg.Wait()
+
+	for what, n := range failures {
+		if what != "unavailable" {
+			t.Errorf("%d calls: %s", n, what)
+		}
+	}
+	if served == 0 {
+		t.Fatal("no call was served")
+	}
+	t.Logf("served %d, retryable failures %d, token requests %d", served, failures["unavailable"], h.as.TokenRequests())
+	deadline := time.Now().Add(10 * time.Second)
+	for masterAddr() != g.Replica.Addr() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no failover happened: master is still %s", masterAddr())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
