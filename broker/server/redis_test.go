@@ -342,6 +342,52 @@ func TestDroppedTokenLeavesEveryReplica(t *testing.T) {
 	checkRedisClean(t, h, rs.Client())
 }
 
+// churn runs 10 callers per client for d while every token expires every
+// 250ms (fake clock), so tokens keep being fetched through the store; during
+// runs meanwhile. It reports calls served and failures by kind: errors that
+// are not retryable, tokens below min_ttl, and (tolerated) UNAVAILABLE.
+func churn(t *testing.T, h *harness, clients []pb.TokenBrokerClient, d time.Duration, during func()) (served int, failures map[string]int) {
+	t.Helper()
+	const minTTL = 30 * time.Second // the credential's default min_ttl
+	var mu sync.Mutex
+	failures = map[string]int{}
+	end := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		for range 10 {
+			wg.Go(func() {
+				for i := 0; i < 2000 && time.Now().Before(end); i++ {
+					before := h.clock.Now()
+					tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+					mu.Lock()
+					switch {
+					case err != nil && status.Code(err) != codes.Unavailable:
+						failures["not retryable: "+status.Convert(err).Message()]++
+					case err != nil:
+						failures["unavailable"]++
+					case tok.GetExpireTime().AsTime().Before(before.Add(minTTL)):
+						failures["served below min_ttl"]++
+					default:
+						served++
+					}
+					mu.Unlock()
+				}
+			})
+		}
+	}
+	go during()
+	for time.Now().Before(end) {
+		time.Sleep(250 * time.Millisecond)
+		h.clock.Add(61 * time.Minute)
+	}
+	wg.Wait()
+	if served == 0 {
+		t.Fatal("no call was served")
+	}
+	t.Logf("served %d, failures %v, token requests %d", served, failures, h.as.TokenRequests())
+	return served, failures
+}
+
 func TestSentinelFailoverDuringLoad(t *testing.T) {
 	g := redistest.StartSentinel(t)
 	h := newHarness(t, withRedis(g.MasterName, g.Sentinel.Addr()))
@@ -358,64 +404,36 @@ func TestSentinelFailoverDuringLoad(t *testing.T) {
 	if got := masterAddr(); got != g.Master.Addr() {
 		t.Fatalf("sentinel reports master %q, want %s", got, g.Master.Addr())
 	}
-
-	var (
-		mu       sync.Mutex
-		failures = map[string]int{}
-		served   int
-	)
-	const minTTL = 30 * time.Second
-	end := time.Now().Add(4 * time.Second)
-	var wg sync.WaitGroup
-	for _, c := range clients {
-		for range 10 {
-			wg.Go(func() {
-				for i := 0; i < 2000 && time.Now().Before(end); i++ {
-					before := h.clock.Now()
-					tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
-					mu.Lock()
-					switch {
-					case err != nil && status.Code(err) != codes.Unavailable:
-						failures["not retryable: "+status.Convert(err).Message()]++
-					case err != nil:
-						failures["unavailable"]++ // retryable; counted, tolerated
-					case tok.GetExpireTime().AsTime().Before(before.Add(minTTL)):
-						failures["served below min_ttl"]++
-					default:
-						served++
-					}
-					mu.Unlock()
-				}
-			})
-		}
-	}
-	// Meanwhile every token expires every 250ms (fake clock), and the master fails over.
-	go func() {
+	_, failures := churn(t, h, clients, 4*time.Second, func() {
 		time.Sleep(500 * time.Millisecond)
 		if err := sentinel.Do(ctx, "SENTINEL", "FAILOVER", g.MasterName).Err(); err != nil {
 			t.Errorf("SENTINEL FAILOVER: %v", err)
 		}
-	}()
-	for time.Now().Before(end) {
-		time.Sleep(250 * time.Millisecond)
-		h.clock.Add(61 * time.Minute)
-	}
-	wg.Wait()
-
+	})
 	for what, n := range failures {
 		if what != "unavailable" {
 			t.Errorf("%d calls: %s", n, what)
 		}
 	}
-	if served == 0 {
-		t.Fatal("no call was served")
-	}
-	t.Logf("served %d, retryable failures %d, token requests %d", served, failures["unavailable"], h.as.TokenRequests())
 	deadline := time.Now().Add(10 * time.Second)
 	for masterAddr() != g.Replica.Addr() {
 		if time.Now().After(deadline) {
 			t.Fatalf("no failover happened: master is still %s", masterAddr())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestRedisKilledDuringLoad(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	_, clients := replicas(h, 3)
+	_, failures := churn(t, h, clients, 3*time.Second, func() {
+		time.Sleep(time.Second)
+		rs.Kill()
+	})
+	// Fail-open: with a healthy token endpoint, no call fails at all.
+	if len(failures) > 0 {
+		t.Errorf("calls failed while Redis died: %v", failures)
 	}
 }
