@@ -2,9 +2,12 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store"
@@ -435,5 +439,49 @@ func TestRedisKilledDuringLoad(t *testing.T) {
 	// Fail-open: with a healthy token endpoint, no call fails at all.
 	if len(failures) > 0 {
 		t.Errorf("calls failed while Redis died: %v", failures)
+	}
+}
+
+func TestRedisOverTLSWithPassword(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := devpki.NewCA("redis CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := ca.Server(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile, caFile := filepath.Join(dir, "redis.pem"), filepath.Join(dir, "redis-key.pem"), filepath.Join(dir, "ca.pem")
+	if err := pair.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(caFile, ca.CertPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const password = "redis-pw-3f9a"
+	pwFile := filepath.Join(dir, "password")
+	if err := os.WriteFile(pwFile, []byte(password+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rs := redistest.StartWith(t, redistest.Options{Password: password, CertFile: certFile, KeyFile: keyFile,
+		ClientTLS: &tls.Config{RootCAs: ca.Pool(), MinVersion: tls.VersionTLS12}})
+
+	h := newHarness(t, func(c *config.Config) {
+		withRedis("", rs.Addr())(c)
+		c.Store.Redis.PasswordFile = pwFile
+		c.Store.Redis.TLS.CAFile = caFile
+	})
+	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if keys := entryKeys(t, rs.Client()); len(keys) != 1 {
+		t.Errorf("entries stored over TLS = %v, want 1", keys)
+	}
+	if h.srv.store.State() != "ok" {
+		t.Errorf("store state = %s, want ok", h.srv.store.State())
+	}
+	if strings.Contains(h.logs.String(), password) {
+		t.Error("the Redis password appears in the log")
 	}
 }

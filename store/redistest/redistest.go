@@ -9,6 +9,7 @@ package redistest
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
@@ -29,6 +30,20 @@ type Server struct {
 	Dir  string
 	args []string
 	cmd  *exec.Cmd
+	opts Options
+}
+
+// Options configure a standalone server beyond the defaults.
+type Options struct {
+	// Password sets requirepass.
+	Password string
+	// TLS, when set, makes the server speak TLS only, with this certificate
+	// and key (PEM files); clients are not asked for certificates.
+	CertFile, KeyFile string
+	// ClientTLS is what Client and the readiness check use to reach a TLS server.
+	ClientTLS *tls.Config
+	// Args are extra redis-server arguments.
+	Args []string
 }
 
 // need fails (or, with -short, skips) the test when redis-server is missing.
@@ -56,16 +71,32 @@ func FreePort(t testing.TB) int {
 // Start runs a standalone redis-server with extra arguments and waits for it.
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
+	return StartWith(t, Options{Args: extra})
+}
+
+// StartWith runs a standalone redis-server configured by o and waits for it.
+func StartWith(t testing.TB, o Options) *Server {
+	t.Helper()
 	need(t)
-	s := &Server{t: t, Port: FreePort(t), Dir: t.TempDir()}
-	s.args = append([]string{
-		"--port", strconv.Itoa(s.Port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", s.Dir,
-		"--logfile", filepath.Join(s.Dir, "redis.log"),
-	}, extra...)
+	s := &Server{t: t, Port: FreePort(t), Dir: t.TempDir(), opts: o}
+	port := []string{"--port", strconv.Itoa(s.Port)}
+	if o.CertFile != "" {
+		port = []string{"--port", "0", "--tls-port", strconv.Itoa(s.Port),
+			"--tls-cert-file", o.CertFile, "--tls-key-file", o.KeyFile, "--tls-auth-clients", "no"}
+	}
+	s.args = append(port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", s.Dir,
+		"--logfile", filepath.Join(s.Dir, "redis.log"))
+	if o.Password != "" {
+		s.args = append(s.args, "--requirepass", o.Password)
+	}
+	s.args = append(s.args, o.Args...)
 	s.start()
 	t.Cleanup(s.Kill)
 	return s
+}
+
+func (s *Server) clientOptions() *redis.Options {
+	return &redis.Options{Addr: s.Addr(), Password: s.opts.Password, TLSConfig: s.opts.ClientTLS}
 }
 
 func (s *Server) start() {
@@ -79,7 +110,9 @@ func (s *Server) start() {
 
 func (s *Server) waitPing() {
 	s.t.Helper()
-	c := redis.NewClient(&redis.Options{Addr: s.Addr(), MaxRetries: -1})
+	o := s.clientOptions()
+	o.MaxRetries = -1
+	c := redis.NewClient(o)
 	defer c.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -102,7 +135,7 @@ func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
 
 // Client returns a plain client for inspecting the server; it is closed at cleanup.
 func (s *Server) Client() *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: s.Addr()})
+	c := redis.NewClient(s.clientOptions())
 	s.t.Cleanup(func() { _ = c.Close() })
 	return c
 }
