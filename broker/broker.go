@@ -219,7 +219,7 @@ func (b *Broker) authorize(caller policy.Identity, name string) (*credential, er
 	if name == "" {
 		return nil, fmt.Errorf("%w: credential is required", ErrInvalidArgument)
 	}
-	if len(name) > config.MaxNameLen || !config.NamePattern.MatchString(name) {
+	if !config.ValidName(name) {
 		return nil, fmt.Errorf("%w: credential must be 1 to %d characters of A-Z a-z 0-9 . _ -", ErrInvalidArgument, config.MaxNameLen)
 	}
 	c := (*b.creds.Load())[name]

@@ -146,6 +146,17 @@ func TestParseInvalid(t *testing.T) {
 	}
 }
 
+func TestValidName(t *testing.T) {
+	for name, want := range map[string]bool{
+		"identity": true, "a.b_c-D9": true, strings.Repeat("a", 128): true,
+		"": false, strings.Repeat("a", 129): false, "a b": false, "a/b": false, "é": false, "a\x00": false,
+	} {
+		if got := ValidName(name); got != want {
+			t.Errorf("ValidName(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
+
 func TestCheckFiles(t *testing.T) {
 	c, err := Parse([]byte(valid))
 	if err != nil {
