@@ -138,6 +138,11 @@ func New(opts Options) (*Broker, error) {
 	return b, nil
 }
 
+// EvictLocal drops this process's copies of every token; the next GetToken
+// for each reads the shared store (or, with the memory store, fetches anew).
+// Tokens in the shared store are untouched.
+func (b *Broker) EvictLocal() { b.l1.Clear() }
+
 // Close stops listening to the store's announcements.
 func (b *Broker) Close() { b.stop() }
 

@@ -8,15 +8,21 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
-// BenchmarkServer compares GetToken served from the in-process cache with
-// grpc.health.v1.Health/Check on the same mTLS server and client connection:
-// the health check is the floor set by gRPC over TLS on loopback.
+// BenchmarkServer compares, on one mTLS server and client connection backed
+// by a real Redis: GetToken served from the in-process cache, GetToken served
+// from Redis after an in-process miss, and grpc.health.v1.Health/Check, the
+// floor set by gRPC over TLS on loopback.
 //
 //	go test -run '^$' -bench BenchmarkServer -benchmem -count 5 ./broker/server/
 func BenchmarkServer(b *testing.B) {
-	h := newHarness(b, func(c *config.Config) { c.Log.Level = "info" })
+	rs := redistest.Start(b)
+	h := newHarness(b, func(c *config.Config) {
+		c.Log.Level = "info"
+		withRedis("", rs.Addr())(c)
+	})
 	conn := h.conn(nil, payments)
 	tb := pb.NewTokenBrokerClient(conn)
 	hc := healthpb.NewHealthClient(conn)
@@ -29,9 +35,14 @@ func BenchmarkServer(b *testing.B) {
 
 	calls := map[string]func() error{
 		"GetToken": func() error { _, err := tb.GetToken(ctx, getReq); return err },
-		"Health":   func() error { _, err := hc.Check(ctx, healthReq); return err },
+		"GetTokenFromRedis": func() error {
+			h.srv.broker.EvictLocal()
+			_, err := tb.GetToken(ctx, getReq)
+			return err
+		},
+		"Health": func() error { _, err := hc.Check(ctx, healthReq); return err },
 	}
-	for _, name := range []string{"GetToken", "Health"} {
+	for _, name := range []string{"GetToken", "GetTokenFromRedis", "Health"} {
 		call := calls[name]
 		b.Run(name+"/serial", func(b *testing.B) {
 			b.ReportAllocs()
