@@ -209,6 +209,27 @@ func TestRestartedBrokersReadFromRedis(t *testing.T) {
 	checkRedisClean(t, h, rs.Client())
 }
 
+func TestEvictLocalReadsRedis(t *testing.T) {
+	h := newHarness(t, withRedis("", redistest.Start(t).Addr()))
+	c := h.client(payments)
+	first, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(h.logs.String(), `"source":"redis"`) {
+		t.Fatal("a token was served from Redis before any eviction")
+	}
+	h.srv.broker.EvictLocal()
+	again, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil || again.GetFingerprint() != first.GetFingerprint() || h.as.TokenRequests() != 1 {
+		t.Fatalf("after EvictLocal: %v, same %v, requests %d; want the stored token, no fetch",
+			err, again.GetFingerprint() == first.GetFingerprint(), h.as.TokenRequests())
+	}
+	if !strings.Contains(h.logs.String(), `"source":"redis"`) {
+		t.Error("after EvictLocal the token was not served from Redis")
+	}
+}
+
 func TestRedisOutageFailsOpen(t *testing.T) {
 	rs := redistest.Start(t)
 	h := newHarness(t, withRedis("", rs.Addr()))
