@@ -7,7 +7,6 @@ import (
 	"os"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -153,48 +152,23 @@ func TestConcurrentColdCacheFetchesOnce(t *testing.T) {
 	h := newHarness(t, nil)
 	// Latency keeps the fetch in flight while every caller arrives.
 	h.as.SetFaults(oauthtest.Faults{Latency: 200 * time.Millisecond})
-	c := h.client(payments)
+	clients := []pb.TokenBrokerClient{h.client(payments)}
+	req := &pb.GetTokenRequest{Credential: "identity"}
 	const callers = 256
-	round := func() map[string]int {
-		var mu sync.Mutex
-		seen := map[string]int{}
-		var wg sync.WaitGroup
-		for range callers {
-			wg.Go(func() {
-				tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					seen["error: "+status.Convert(err).Message()]++
-					return
-				}
-				seen[tok.GetFingerprint()]++
-			})
-		}
-		wg.Wait()
-		return seen
-	}
-	first := round()
-	if len(first) != 1 {
-		t.Fatalf("callers got %d distinct results, want 1 token for all", len(first))
+	first := load(h, clients, callers, req)
+	if len(first) != 1 || len(errorsIn(first)) > 0 {
+		t.Fatalf("callers got %d distinct results (errors %v), want 1 token for all", len(first), errorsIn(first))
 	}
 	if got := h.as.TokenRequests(); got != 1 {
 		t.Errorf("cold round: token requests = %d, want 1", got)
 	}
-	second := round()
+	second := load(h, clients, callers, req)
 	if len(second) != 1 || second[firstKey(first)] != callers {
 		t.Errorf("warm round: %d distinct results, want the first token for all %d callers", len(second), callers)
 	}
 	if got := h.as.TokenRequests(); got != 1 {
 		t.Errorf("warm round: token requests = %d, want still 1", got)
 	}
-}
-
-func firstKey(m map[string]int) string {
-	for k := range m {
-		return k
-	}
-	return ""
 }
 
 func TestUpstreamFailures(t *testing.T) {

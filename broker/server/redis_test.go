@@ -73,6 +73,14 @@ func load(h *harness, clients []pb.TokenBrokerClient, callers int, req *pb.GetTo
 	return seen
 }
 
+// firstKey returns some key of m (the only one, when m has one).
+func firstKey(m map[string]int) string {
+	for k := range m {
+		return k
+	}
+	return ""
+}
+
 func errorsIn(results map[string]int) []string {
 	var out []string
 	for k := range results {
