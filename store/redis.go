@@ -89,6 +89,7 @@ type Redis struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 
+	outages        atomic.Int64
 	unsealable     atomic.Int64
 	unsealableOnce sync.Once
 }
@@ -139,6 +140,7 @@ func (r *Redis) observe(err error) error {
 		return err
 	}
 	if r.healthy.CompareAndSwap(true, false) {
+		r.outages.Add(1)
 		r.downSince.Store(time.Now().UnixNano())
 		r.log.Warn("redis unavailable; serving from memory and the token endpoint until it returns", zap.Error(err))
 		go r.probeUntilBack()
@@ -176,6 +178,9 @@ func (r *Redis) State() string {
 	}
 	return "degraded"
 }
+
+// Outages counts the times Redis became unreachable since start.
+func (r *Redis) Outages() int64 { return r.outages.Load() }
 
 // Unsealable counts values that failed to open since start.
 func (r *Redis) Unsealable() int64 { return r.unsealable.Load() }

@@ -146,7 +146,7 @@ func checkRedisClean(t *testing.T, h *harness, c *redis.Client) {
 type readyzBody struct {
 	Status string            `json:"status"`
 	Checks map[string]string `json:"checks"`
-	Store  map[string]string `json:"store"`
+	Store  map[string]any    `json:"store"`
 }
 
 func (h *harness) readyz(t *testing.T) (int, readyzBody) {
@@ -255,8 +255,9 @@ func TestRedisOutageFailsOpen(t *testing.T) {
 			t.Errorf("during the outage, calls for %v failed: %v", req.GetScopes(), errs)
 		}
 	}
-	if code, body := h.readyz(t); code != http.StatusOK || body.Store["state"] != "degraded" || body.Store["backend"] != "redis" {
-		t.Errorf("/readyz during the outage = %d %+v, want 200 with the redis store degraded", code, body)
+	if code, body := h.readyz(t); code != http.StatusOK || body.Store["state"] != "degraded" || body.Store["backend"] != "redis" ||
+		body.Store["outages"] != float64(1) {
+		t.Errorf("/readyz during the outage = %d %+v, want 200 with the redis store degraded after 1 outage", code, body)
 	}
 
 	rs.Restart()
@@ -468,6 +469,32 @@ func TestRedisKilledDuringLoad(t *testing.T) {
 	// Fail-open: with a healthy token endpoint, no call fails at all.
 	if len(failures) > 0 {
 		t.Errorf("calls failed while Redis died: %v", failures)
+	}
+}
+
+func TestRedisACLUserAndDB(t *testing.T) {
+	rs := redistest.StartWith(t, redistest.Options{Args: []string{"--user", "broker", "on", ">broker-pw", "~*", "&*", "+@all"}})
+	pwFile := filepath.Join(t.TempDir(), "password")
+	if err := os.WriteFile(pwFile, []byte("broker-pw"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		withRedis("", rs.Addr())(c)
+		c.Store.Redis.Username = "broker"
+		c.Store.Redis.PasswordFile = pwFile
+		c.Store.Redis.DB = 3
+	})
+	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	db3 := redis.NewClient(&redis.Options{Addr: rs.Addr(), DB: 3})
+	defer db3.Close()
+	ctx := context.Background()
+	if n := len(db3.Keys(ctx, "tb-test:*").Val()); n != 1 || len(rs.Client().Keys(ctx, "*").Val()) != 0 {
+		t.Errorf("keys in db 3 = %d (want 1), in db 0 = %v (want none)", n, rs.Client().Keys(ctx, "*").Val())
+	}
+	if who := rs.Client().Do(ctx, "CLIENT", "LIST").String(); !strings.Contains(who, "user=broker") {
+		t.Errorf("no connection as ACL user broker: %s", who)
 	}
 }
 

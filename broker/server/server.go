@@ -284,8 +284,12 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	}
 	// The store's state is shown but never fails readiness: a Redis outage is
 	// shared by every replica, and the broker serves through it (fail-open).
-	writeJSON(w, code, map[string]any{"status": st, "checks": checks,
-		"store": map[string]string{"backend": s.store.Name(), "state": s.store.State()}})
+	storeInfo := map[string]any{"backend": s.store.Name(), "state": s.store.State()}
+	if r, ok := s.store.(*store.Redis); ok {
+		storeInfo["outages"] = r.Outages()
+		storeInfo["unsealable_values"] = r.Unsealable()
+	}
+	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": storeInfo})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
