@@ -105,6 +105,7 @@ type Broker struct {
 	l1      sync.Map // cache key → *store.Entry; an entry is never modified once stored
 	flights singleflight.Group
 	waiters waiters
+	limits  limiters // InvalidateToken, per caller
 	stop    context.CancelFunc
 }
 

@@ -24,6 +24,7 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("%w: x", ErrPermissionDenied), codes.PermissionDenied, "permission denied: x"},
 		{fmt.Errorf("%w: x", ErrInvalidArgument), codes.InvalidArgument, "invalid argument: x"},
 		{fmt.Errorf("%w: x", ErrUnavailable), codes.Unavailable, "unavailable: x"},
+		{fmt.Errorf("%w: x", ErrResourceExhausted), codes.ResourceExhausted, "resource exhausted: x"},
 		{fmt.Errorf("%w: x", ErrFailedPrecondition), codes.FailedPrecondition, "failed precondition: x"},
 		{context.DeadlineExceeded, codes.DeadlineExceeded, "deadline exceeded"},
 		{context.Canceled, codes.Canceled, "request canceled"},

@@ -11,6 +11,8 @@ var (
 	ErrPermissionDenied = errors.New("permission denied")
 	// ErrInvalidArgument: the request is malformed.
 	ErrInvalidArgument = errors.New("invalid argument")
+	// ErrResourceExhausted: the caller exceeded its rate limit.
+	ErrResourceExhausted = errors.New("resource exhausted")
 	// ErrUnavailable: no token with enough lifetime can be had now; retrying may help.
 	ErrUnavailable = errors.New("unavailable")
 	// ErrFailedPrecondition: the authorization server refuses the broker's own

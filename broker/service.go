@@ -63,6 +63,20 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	}}, nil
 }
 
+// InvalidateToken drops a token a resource server rejected, if it is still current.
+func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRequest) (*pb.InvalidateTokenResponse, error) {
+	caller, err := callerFrom(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	ok, err := s.broker.Invalidate(ctx, caller, InvalidateRequest{
+		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &pb.InvalidateTokenResponse{Invalidated: ok}, nil
+}
+
 // ListCredentials lists the credentials the caller may use.
 func (s *Service) ListCredentials(ctx context.Context, _ *pb.ListCredentialsRequest) (*pb.ListCredentialsResponse, error) {
 	caller, err := callerFrom(ctx)

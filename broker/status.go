@@ -22,6 +22,8 @@ func toStatus(err error) error {
 		code = codes.PermissionDenied
 	case errors.Is(err, ErrInvalidArgument):
 		code = codes.InvalidArgument
+	case errors.Is(err, ErrResourceExhausted):
+		code = codes.ResourceExhausted
 	case errors.Is(err, ErrUnavailable):
 		code = codes.Unavailable
 	case errors.Is(err, ErrFailedPrecondition):

@@ -3,10 +3,13 @@ package server
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -305,11 +308,100 @@ func TestListCredentials(t *testing.T) {
 	}
 }
 
-func TestUnimplementedUntilLifecycle(t *testing.T) {
+func TestInvalidateToken(t *testing.T) {
 	h := newHarness(t, nil)
-	_, err := h.client(payments).InvalidateToken(context.Background(), &pb.InvalidateTokenRequest{Credential: "identity"})
+	ctx := context.Background()
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	first, err := h.get(h.client(payments), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// 100 callers report the same rejected token at once: one report drops it.
+	const reporters = 100
+	clients := make([]pb.TokenBrokerClient, reporters)
+	for i := range clients {
+		clients[i] = h.client(fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/worker-%d", i))
+	}
+	var dropped atomic.Int32
+	var wg sync.WaitGroup
+	for _, c := range clients {
+		wg.Go(func() {
+			resp, err := c.InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: first.GetFingerprint()})
+			if err != nil {
+				t.Errorf("InvalidateToken: %v", err)
+				return
+			}
+			if resp.GetInvalidated() {
+				dropped.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if n := dropped.Load(); n != 1 {
+		t.Errorf("reports answered invalidated=true: %d, want 1", n)
+	}
+	// They all fetch again: exactly one request reaches the bank.
+	got := load(h, clients, 1, req)
+	if len(got) != 1 || firstKey(got) == first.GetFingerprint() {
+		t.Errorf("after invalidation callers got %v, want one new token", got)
+	}
+	if n := h.as.TokenRequests(); n != 2 {
+		t.Errorf("token requests = %d, want 2 (the first token and one replacement)", n)
+	}
+
+	// A stale report changes nothing and costs no fetch.
+	resp, err := h.client(payments).InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: first.GetFingerprint()})
+	if err != nil || resp.GetInvalidated() {
+		t.Errorf("stale report = %v, %v; want invalidated=false", resp.GetInvalidated(), err)
+	}
+	if _, err := h.get(h.client(payments), req); err != nil || h.as.TokenRequests() != 2 {
+		t.Errorf("after a stale report: %v, token requests %d; want 2", err, h.as.TokenRequests())
+	}
+
+	for _, tt := range []struct {
+		req  *pb.InvalidateTokenRequest
+		code codes.Code
+	}{
+		{&pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: "nothex"}, codes.InvalidArgument},
+		{&pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: strings.ToUpper(first.GetFingerprint())}, codes.InvalidArgument},
+		{&pb.InvalidateTokenRequest{Credential: "other", Fingerprint: first.GetFingerprint()}, codes.PermissionDenied},
+	} {
+		if _, err := h.client(payments).InvalidateToken(ctx, tt.req); status.Code(err) != tt.code {
+			t.Errorf("InvalidateToken(%v) = %v, want %v", tt.req, err, tt.code)
+		}
+	}
+}
+
+func TestInvalidateRateLimitedPerCaller(t *testing.T) {
+	h := newHarness(t, nil)
+	ctx := context.Background()
+	noisy, quiet := h.client(payments), h.client(kycWork)
+	stale := &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: strings.Repeat("0", 32)}
+	var limited int
+	for range 20 {
+		if _, err := noisy.InvalidateToken(ctx, stale); status.Code(err) == codes.ResourceExhausted {
+			limited++
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if limited == 0 {
+		t.Error("20 quick invalidations from one caller: none limited")
+	}
+	if _, err := quiet.InvalidateToken(ctx, stale); err != nil {
+		t.Errorf("another caller was limited too: %v", err)
+	}
+}
+
+func TestWatchTokenUnimplemented(t *testing.T) {
+	h := newHarness(t, nil)
+	stream, err := h.client(payments).WatchToken(context.Background(), &pb.WatchTokenRequest{Credential: "identity"})
+	if err == nil {
+		_, err = stream.Recv()
+	}
 	if status.Code(err) != codes.Unimplemented {
-		t.Errorf("InvalidateToken code = %v, want Unimplemented", status.Code(err))
+		t.Errorf("WatchToken code = %v, want Unimplemented", status.Code(err))
 	}
 }
 

@@ -6,6 +6,7 @@
 // Commands:
 //
 //	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
+//	invalidate CREDENTIAL --fingerprint F [--scope S]...     report a rejected token
 //	list [--json]                                            list usable credentials
 package main
 
@@ -55,6 +56,7 @@ const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-
 
 commands:
   token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
+  invalidate CREDENTIAL --fingerprint F [--scope S]...     report a token a resource server rejected
   list [--json]                                            list the credentials you may use
 
 global flags:
@@ -101,6 +103,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch fs.Arg(0) {
 	case "token":
 		cmd = tokenCmd
+	case "invalidate":
+		cmd = invalidateCmd
 	case "list":
 		cmd = listCmd
 	default:
@@ -159,6 +163,31 @@ func tokenCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout
 		return printJSON(stdout, resp.GetToken())
 	}
 	fmt.Fprintln(stdout, resp.GetToken().GetAccessToken())
+	return exitOK, nil
+}
+
+func invalidateCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("invalidate", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var scopes listFlag
+	fs.Var(&scopes, "scope", "scope the token was requested with (repeatable)")
+	fp := fs.String("fingerprint", "", "fingerprint of the rejected token")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) != 1 || *fp == "" {
+		return exitUsage, errors.New("usage: invalidate CREDENTIAL --fingerprint F [--scope S]...")
+	}
+	resp, err := c.InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: pos[0], Scopes: scopes, Fingerprint: *fp})
+	if err != nil {
+		return exitError, err
+	}
+	if resp.GetInvalidated() {
+		fmt.Fprintln(stdout, "invalidated: the next request fetches a new token")
+	} else {
+		fmt.Fprintln(stdout, "not invalidated: that token is no longer the current one")
+	}
 	return exitOK, nil
 }
 

@@ -124,6 +124,15 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("expire_time = %q, want about five minutes from now", got.ExpireTime)
 	}
 
+	code, out, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "invalidate", "identity", "--fingerprint", got.Fingerprint)
+	if code != 0 || !strings.HasPrefix(out, "invalidated") {
+		t.Errorf("tokenctl invalidate = %d, %q; want invalidated", code, out)
+	}
+	code, out, _ = s.tokenctl(t, "--dev", "--dev-dir", s.dir, "invalidate", "identity", "--fingerprint", got.Fingerprint)
+	if code != 0 || !strings.HasPrefix(out, "not invalidated") {
+		t.Errorf("second tokenctl invalidate = %d, %q; want not invalidated", code, out)
+	}
+
 	if code, out, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "list"); code != 0 || out != "identity\tIDENTITY\n" {
 		t.Errorf("tokenctl list = %d, %q; want identity\\tIDENTITY", code, out)
 	}

@@ -1,0 +1,114 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+// Invalidation limits per caller: a resource server rejecting tokens is rare,
+// and each invalidation can cost a request to the bank.
+const (
+	invalidateRate  = rate.Limit(1) // per second, sustained
+	invalidateBurst = 10
+)
+
+// InvalidateRequest reports a token that a resource server rejected.
+type InvalidateRequest struct {
+	// Credential and Scopes name the cache entry, as in GetToken.
+	Credential string
+	Scopes     []string
+	// Fingerprint is the rejected token's fingerprint.
+	Fingerprint string
+}
+
+// Invalidate drops the token with the request's fingerprint if it is still
+// the current one for its credential and scopes, here and (through the
+// store's announcements) on every replica, so that exactly one refresh
+// follows. It reports whether it dropped anything; a token already replaced
+// is left alone and no fetch follows.
+func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req InvalidateRequest) (bool, error) {
+	c, err := b.authorize(caller, req.Credential)
+	if err != nil {
+		return false, err
+	}
+	_, key, err := c.resolve(req.Scopes)
+	if err != nil {
+		return false, err
+	}
+	if !validFingerprint(req.Fingerprint) {
+		return false, fmt.Errorf("%w: fingerprint must be 32 lowercase hex digits", ErrInvalidArgument)
+	}
+	if !b.limits.allow(caller) {
+		return false, fmt.Errorf("%w: too many invalidations from caller %s; slow down", ErrResourceExhausted, caller)
+	}
+	dropped := false
+	if v, ok := b.l1.Load(key); ok && v.(*store.Entry).Fingerprint == req.Fingerprint {
+		dropped = b.l1.CompareAndDelete(key, v)
+	}
+	deleted, err := b.store.DeleteIfCurrent(ctx, key, req.Fingerprint)
+	if err != nil && !errors.Is(err, store.ErrUnavailable) {
+		b.log.Debug("store delete failed", zap.String("credential", c.Name), zap.Error(err))
+	}
+	if dropped || deleted {
+		b.log.Info("token invalidated", zap.String("credential", c.Name), zap.String("caller", string(caller)),
+			zap.String("fingerprint", req.Fingerprint))
+	}
+	return dropped || deleted, nil
+}
+
+func validFingerprint(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// limiters holds a token bucket per caller, forgetting callers idle for long.
+type limiters struct {
+	mu    sync.Mutex
+	m     map[policy.Identity]*limiter
+	sweep time.Time
+}
+
+type limiter struct {
+	*rate.Limiter
+	last time.Time
+}
+
+func (l *limiters) allow(id policy.Identity) bool {
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[policy.Identity]*limiter{}
+	}
+	if now.Sub(l.sweep) > 10*time.Minute {
+		for k, v := range l.m {
+			if now.Sub(v.last) > 10*time.Minute {
+				delete(l.m, k)
+			}
+		}
+		l.sweep = now
+	}
+	lim, ok := l.m[id]
+	if !ok {
+		lim = &limiter{Limiter: rate.NewLimiter(invalidateRate, invalidateBurst)}
+		l.m[id] = lim
+	}
+	lim.last = now
+	return lim.AllowN(now, 1)
+}
