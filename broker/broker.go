@@ -106,6 +106,7 @@ type Broker struct {
 	flights singleflight.Group
 	waiters waiters
 	limits  limiters // InvalidateToken, per caller
+	gates   sync.Map // credential name → *gate; kept across SetCredentials
 	stop    context.CancelFunc
 }
 
@@ -329,7 +330,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
 				return f, nil
 			}
-			return b.fetch(ctx, c, key, scopes, minTTL)
+			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
 			wake := b.waiters.wait(key)
 			t := time.NewTimer(pollInterval)
@@ -347,7 +348,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			// No result yet: the holder is still fetching, failed, or died; try the lease again.
 		default:
 			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
-			return b.fetch(ctx, c, key, scopes, minTTL)
+			return b.fetch(ctx, c, key, scopes)
 		}
 	}
 }
@@ -365,13 +366,23 @@ func (b *Broker) fromStore(ctx context.Context, c *credential, key string, minTT
 	return flight{}, false
 }
 
-// fetch gets a new token from the authorization server and stores it.
-func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
+// fetch gets a new token from the authorization server, if the credential's
+// gate lets it, and stores it.
+func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string) (flight, error) {
+	g := b.gate(c.Name)
+	if err := g.admit(b.now(), c.LockTTL); err != nil {
+		return flight{}, err
+	}
 	start := b.now()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
 	if err != nil {
-		return flight{}, b.upstreamFailed(c, minTTL, err)
+		berr := b.upstreamFailed(c, err)
+		var ue *upstream.Error
+		errors.As(err, &ue)
+		g.failed(b.now(), berr, ue)
+		return flight{}, berr
 	}
+	g.succeeded()
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,
@@ -400,9 +411,26 @@ func newOwner() string {
 	return hex.EncodeToString(b[:])
 }
 
+func (b *Broker) gate(name string) *gate {
+	if g, ok := b.gates.Load(name); ok {
+		return g.(*gate)
+	}
+	g, _ := b.gates.LoadOrStore(name, &gate{})
+	return g.(*gate)
+}
+
+// Health returns the upstream state of every credential.
+func (b *Broker) Health() map[string]CredentialHealth {
+	out := map[string]CredentialHealth{}
+	for name := range *b.creds.Load() {
+		out[name] = b.gate(name).health()
+	}
+	return out
+}
+
 // upstreamFailed logs a failed fetch and turns it into a Broker error. The
 // message names the failure class only: never the response body.
-func (b *Broker) upstreamFailed(c *credential, minTTL time.Duration, err error) error {
+func (b *Broker) upstreamFailed(c *credential, err error) error {
 	var ue *upstream.Error
 	if !errors.As(err, &ue) {
 		b.log.Error("token fetch failed", zap.String("credential", c.Name), zap.Error(err))
@@ -420,8 +448,8 @@ func (b *Broker) upstreamFailed(c *credential, minTTL time.Duration, err error) 
 	}
 	switch {
 	case ue.Temporary:
-		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has min_ttl %s left; retry",
-			ErrUnavailable, c.Name, what, minTTL)
+		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has the min_ttl asked for left; retry",
+			ErrUnavailable, c.Name, what)
 	case ue.Reason == upstream.ReasonNoSecret:
 		return fmt.Errorf("%w: the broker cannot read the client secret of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
 	case ue.Reason == upstream.ReasonScopeNotGranted:

@@ -245,7 +245,7 @@ func TestServesCachedTokenWhileUpstreamFails(t *testing.T) {
 	}
 	// Asking for more than is left needs a fresh token, which cannot be had.
 	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(30 * time.Minute)})
-	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "no cached token has min_ttl 30m0s left") {
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "is failing (server_error) and no cached token has the min_ttl asked for left") {
 		t.Errorf("GetToken with min_ttl above what is left = %v %q, want Unavailable naming min_ttl", st.Code(), st.Message())
 	}
 	// Past expiry the token is never served, even with min_ttl 0.
@@ -254,13 +254,17 @@ func TestServesCachedTokenWhileUpstreamFails(t *testing.T) {
 	if status.Code(err) != codes.Unavailable {
 		t.Errorf("GetToken after expiry during outage = %v, want Unavailable", status.Code(err))
 	}
-	// Recovery: the next call fetches a fresh token.
+	// Recovery: once the backoff has passed, the next call fetches a fresh token.
 	h.as.SetFaults(oauthtest.Faults{})
+	h.clock.Add(breakerWait)
 	fresh, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
 	if err != nil || fresh.GetFingerprint() == first.GetFingerprint() {
 		t.Errorf("after recovery: err = %v, same token = %v; want a fresh token", err, fresh.GetFingerprint() == first.GetFingerprint())
 	}
 }
+
+// breakerWait outlasts any backoff or breaker delay after a transient failure.
+const breakerWait = 40 * time.Second
 
 func TestSecretReadAtEachFetch(t *testing.T) {
 	h := newHarness(t, nil)
@@ -277,6 +281,7 @@ func TestSecretReadAtEachFetch(t *testing.T) {
 	}
 	h.write("secret", rotated)
 	h.secret = rotated // the log scan now looks for the new one too
+	h.clock.Add(time.Minute) // a refused registration is probed once a minute
 	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}); err != nil {
 		t.Errorf("after writing the new secret to the file: %v", err)
 	}

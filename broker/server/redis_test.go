@@ -138,9 +138,10 @@ func checkRedisClean(t *testing.T, h *harness, c *redis.Client) {
 }
 
 type readyzBody struct {
-	Status string            `json:"status"`
-	Checks map[string]string `json:"checks"`
-	Store  map[string]any    `json:"store"`
+	Status      string            `json:"status"`
+	Checks      map[string]string `json:"checks"`
+	Store       map[string]any    `json:"store"`
+	Credentials map[string]any    `json:"credentials"`
 }
 
 func (h *harness) readyz(t *testing.T) (int, readyzBody) {

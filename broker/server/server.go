@@ -289,7 +289,10 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 		storeInfo["outages"] = r.Outages()
 		storeInfo["unsealable_values"] = r.Unsealable()
 	}
-	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": storeInfo})
+	// Credential health is shown too, and does not fail readiness either: a
+	// refused registration or a failing token endpoint is the same for all replicas.
+	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": storeInfo,
+		"credentials": s.broker.Health()})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
