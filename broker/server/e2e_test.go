@@ -280,7 +280,7 @@ func TestSecretReadAtEachFetch(t *testing.T) {
 		t.Fatalf("with the old secret on file: code = %v, want FailedPrecondition", status.Code(err))
 	}
 	h.write("secret", rotated)
-	h.secret = rotated // the log scan now looks for the new one too
+	h.secret = rotated       // the log scan now looks for the new one too
 	h.clock.Add(time.Minute) // a refused registration is probed once a minute
 	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}); err != nil {
 		t.Errorf("after writing the new secret to the file: %v", err)
