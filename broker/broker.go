@@ -29,8 +29,12 @@ const (
 	SourceUpstream = "upstream"
 )
 
-// DefaultLockTTL is the fetch lease when a Credential sets none.
-const DefaultLockTTL = 15 * time.Second
+// Defaults for zero Credential fields.
+const (
+	DefaultLockTTL     = 15 * time.Second
+	DefaultRefreshAt   = 0.6
+	DefaultIdleTimeout = 30 * time.Minute
+)
 
 // pollInterval is how often a replica waiting for another's fetch re-reads the
 // store in case the announcement was lost or the holder died.
@@ -57,6 +61,12 @@ type Credential struct {
 	// should outlast one fetch (the upstream timeout) so that a replica that
 	// dies mid-fetch is replaced soon after. Zero means DefaultLockTTL.
 	LockTTL time.Duration
+	// RefreshAt is the fraction of a token's lifetime after which it is
+	// replaced in the background (jittered by ±0.1). Zero means DefaultRefreshAt.
+	RefreshAt float64
+	// IdleTimeout stops refreshing tokens nobody asked for in this long.
+	// Zero means DefaultIdleTimeout.
+	IdleTimeout time.Duration
 	// TokenURL, ClientID and EndpointParams identify the upstream registration;
 	// they are part of the cache key.
 	TokenURL       string
@@ -74,6 +84,10 @@ type Options struct {
 	Logger *zap.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// RefreshInterval is how often the background refresher looks for tokens
+	// to replace; zero means one second, negative turns it off (tests then
+	// call RefreshDue themselves).
+	RefreshInterval time.Duration
 }
 
 // Request asks for a token.
@@ -102,7 +116,7 @@ type Broker struct {
 	now   func() time.Time
 
 	creds   atomic.Pointer[map[string]*credential]
-	l1      sync.Map // cache key → *store.Entry; an entry is never modified once stored
+	l1      sync.Map // cache key → *slot
 	flights singleflight.Group
 	waiters waiters
 	limits  limiters // InvalidateToken, per caller
@@ -137,6 +151,12 @@ func New(opts Options) (*Broker, error) {
 	if n, ok := b.store.(store.Notifier); ok {
 		n.Subscribe(ctx, b.onEvent)
 	}
+	switch {
+	case opts.RefreshInterval == 0:
+		go b.refreshLoop(ctx, time.Second)
+	case opts.RefreshInterval > 0:
+		go b.refreshLoop(ctx, opts.RefreshInterval)
+	}
 	return b, nil
 }
 
@@ -145,16 +165,14 @@ func New(opts Options) (*Broker, error) {
 // Tokens in the shared store are untouched.
 func (b *Broker) EvictLocal() { b.l1.Clear() }
 
-// Close stops listening to the store's announcements.
+// Close stops the refresher and stops listening to the store's announcements.
 func (b *Broker) Close() { b.stop() }
 
 // onEvent reacts to another replica's change: a stored token wakes the callers
 // waiting for it; a dropped token leaves this replica's cache too.
 func (b *Broker) onEvent(ev store.Event) {
 	if ev.Kind == store.EventDelete {
-		if v, ok := b.l1.Load(ev.Key); ok && v.(*store.Entry).Fingerprint == ev.Fingerprint {
-			b.l1.CompareAndDelete(ev.Key, v)
-		}
+		b.drop(ev.Key, ev.Fingerprint)
 	}
 	b.waiters.wake(ev.Key)
 }
@@ -179,6 +197,12 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		}
 		if cr.LockTTL <= 0 {
 			cr.LockTTL = DefaultLockTTL
+		}
+		if cr.RefreshAt <= 0 {
+			cr.RefreshAt = DefaultRefreshAt
+		}
+		if cr.IdleTimeout <= 0 {
+			cr.IdleTimeout = DefaultIdleTimeout
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
@@ -206,14 +230,18 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 		minTTL = req.MinTTL
 	}
 	if v, ok := b.l1.Load(key); ok {
-		e := v.(*store.Entry)
-		if b.usable(e, minTTL) {
-			return Issued{Entry: e, Source: SourceMemory}, nil
-		}
-		// The last token shows what the server grants; asking it again for a
-		// lifetime it does not give would only add load on the bank.
-		if lt := e.Lifetime(); lt < minTTL {
-			return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
+		s := v.(*slot)
+		now := b.now()
+		s.touch(now)
+		if e := s.entry.Load(); e != nil {
+			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
+				return Issued{Entry: e, Source: SourceMemory}, nil
+			}
+			// The last token shows what the server grants; asking it again for a
+			// lifetime it does not give would only add load on the bank.
+			if lt := e.Lifetime(); lt < minTTL {
+				return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
+			}
 		}
 	}
 	return b.obtain(ctx, c, key, scopes, minTTL)
@@ -317,7 +345,7 @@ func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
 func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*c.LockTTL)
 	defer cancel()
-	if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+	if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
 		return f, nil
 	}
 	owner := newOwner()
@@ -327,7 +355,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		case err == nil:
 			defer func() { _ = b.store.Unlock(context.WithoutCancel(ctx), key, owner) }()
 			// Another replica may have stored a token between the read and the lease.
-			if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
 				return f, nil
 			}
 			return b.fetch(ctx, c, key, scopes)
@@ -342,7 +370,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 				return flight{}, fmt.Errorf("%w: another replica's fetch for credential %q did not finish in time; retry", ErrUnavailable, c.Name)
 			}
 			t.Stop()
-			if f, ok := b.fromStore(ctx, c, key, minTTL); ok {
+			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
 				return f, nil
 			}
 			// No result yet: the holder is still fetching, failed, or died; try the lease again.
@@ -354,11 +382,11 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 }
 
 // fromStore returns the stored token for key if it has minTTL left.
-func (b *Broker) fromStore(ctx context.Context, c *credential, key string, minTTL time.Duration) (flight, bool) {
+func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
 	e, err := b.store.Get(ctx, key)
 	switch {
 	case err == nil && b.usable(e, minTTL):
-		b.keep(key, e)
+		b.keep(key, c, scopes, e)
 		return flight{entry: e, source: b.store.Name()}, true
 	case err != nil && !errors.Is(err, store.ErrNotFound) && !errors.Is(err, store.ErrUnavailable):
 		b.log.Debug("store get failed", zap.String("credential", c.Name), zap.Error(err))
@@ -394,7 +422,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil && !errors.Is(err, store.ErrUnavailable) {
 		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
-	b.keep(key, e)
+	b.keep(key, c, scopes, e)
 	b.log.Info("token fetched",
 		zap.String("credential", c.Name),
 		zap.Strings("scopes", e.Scopes),
@@ -459,19 +487,6 @@ func (b *Broker) upstreamFailed(c *credential, err error) error {
 	default:
 		return fmt.Errorf("%w: token endpoint refused credential %q (%s); the broker's registration needs attention",
 			ErrFailedPrecondition, c.Name, what)
-	}
-}
-
-// keep puts e in the in-process cache unless a later-expiring token is there.
-func (b *Broker) keep(key string, e *store.Entry) {
-	for {
-		cur, loaded := b.l1.LoadOrStore(key, e)
-		if !loaded || !e.Expiry.After(cur.(*store.Entry).Expiry) {
-			return
-		}
-		if b.l1.CompareAndSwap(key, cur, e) {
-			return
-		}
 	}
 }
 

@@ -50,10 +50,7 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 	if !b.limits.allow(caller) {
 		return false, fmt.Errorf("%w: too many invalidations from caller %s; slow down", ErrResourceExhausted, caller)
 	}
-	dropped := false
-	if v, ok := b.l1.Load(key); ok && v.(*store.Entry).Fingerprint == req.Fingerprint {
-		dropped = b.l1.CompareAndDelete(key, v)
-	}
+	dropped := b.drop(key, req.Fingerprint)
 	deleted, err := b.store.DeleteIfCurrent(ctx, key, req.Fingerprint)
 	if err != nil && !errors.Is(err, store.ErrUnavailable) {
 		b.log.Debug("store delete failed", zap.String("credential", c.Name), zap.Error(err))

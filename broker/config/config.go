@@ -152,6 +152,11 @@ type Credential struct {
 	MinTTL Duration `yaml:"min_ttl"`
 	// Timeout bounds one request to the token endpoint.
 	Timeout Duration `yaml:"timeout"`
+	// RefreshAt is the fraction of a token's lifetime after which a
+	// replacement is fetched in the background (jittered by ±0.1).
+	RefreshAt float64 `yaml:"refresh_at"`
+	// IdleTimeout stops refreshing a token nobody asked for in this long.
+	IdleTimeout Duration `yaml:"idle_timeout"`
 	// AllowedCallers are the caller patterns admitted; none means nobody.
 	AllowedCallers []string `yaml:"allowed_callers"`
 }
@@ -187,6 +192,8 @@ const (
 	DefaultMaxTTL     = 24 * time.Hour
 	DefaultMinTTL     = 30 * time.Second
 	DefaultTimeout    = 10 * time.Second
+	DefaultRefreshAt  = 0.6
+	DefaultIdle       = 30 * time.Minute
 )
 
 // Load reads and parses the file at path.
@@ -250,6 +257,10 @@ func (c *Config) applyDefaults() {
 		setDefault(&cr.MaxTTL, DefaultMaxTTL)
 		setDefault(&cr.MinTTL, DefaultMinTTL)
 		setDefault(&cr.Timeout, DefaultTimeout)
+		setDefault(&cr.IdleTimeout, DefaultIdle)
+		if cr.RefreshAt == 0 {
+			cr.RefreshAt = DefaultRefreshAt
+		}
 	}
 }
 
@@ -403,6 +414,12 @@ func (cr *Credential) validate(p string) error {
 	}
 	if cr.Timeout <= 0 || cr.Timeout.D() > 5*time.Minute {
 		return fieldErr(p+".timeout", "must be between 1ms and 5m")
+	}
+	if !(cr.RefreshAt >= 0.2 && cr.RefreshAt <= 0.85) {
+		return fieldErr(p+".refresh_at", "must be a fraction of the token lifetime between 0.2 and 0.85")
+	}
+	if cr.IdleTimeout <= 0 {
+		return fieldErr(p+".idle_timeout", "must be positive")
 	}
 	for j, a := range cr.AllowedCallers {
 		if err := policy.CheckPattern(a); err != nil {

@@ -33,7 +33,7 @@ func TestParseValid(t *testing.T) {
 		t.Errorf("top-level defaults not applied: %+v", c)
 	}
 	if cr.AuthMethod != "client_secret_basic" || cr.DefaultTTL.D() != DefaultTTL || cr.MaxTTL.D() != DefaultMaxTTL ||
-		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout {
+		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout || cr.RefreshAt != DefaultRefreshAt || cr.IdleTimeout.D() != DefaultIdle {
 		t.Errorf("credential defaults not applied: %+v", cr)
 	}
 	c2, err := Parse([]byte(valid + "    default_ttl: 90s\n    min_ttl: 1m\n"))
@@ -129,6 +129,9 @@ func TestParseInvalid(t *testing.T) {
 		{"max below default", valid + "    default_ttl: 1h\n    max_ttl: 5m\n", "credentials[0].max_ttl: must be at least default_ttl (1h0m0s)"},
 		{"negative min_ttl", valid + "    min_ttl: -1s\n", "credentials[0].min_ttl: must be between 0s and max_ttl"},
 		{"timeout too long", valid + "    timeout: 1h\n", "credentials[0].timeout: must be between 1ms and 5m"},
+		{"refresh_at too late", valid + "    refresh_at: 0.95\n", "credentials[0].refresh_at: must be a fraction of the token lifetime between 0.2 and 0.85"},
+		{"refresh_at percent", valid + "    refresh_at: 60\n", "credentials[0].refresh_at: must be a fraction"},
+		{"idle_timeout negative", valid + "    idle_timeout: -1m\n", "credentials[0].idle_timeout: must be positive"},
 		{"bad caller", strings.Replace(valid, "spiffe://bank.internal/ns/kyc/*", "spiffe://bank.internal/*/kyc", 1), "credentials[0].allowed_callers[0]:"},
 		{"duplicate name", valid + strings.Split(valid, "credentials:\n")[1], "credentials[1].name: \"identity\" is used by an earlier credential"},
 		{"not yaml", "listen_addr: [", "config: yaml:"},

@@ -140,6 +140,8 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 			MaxTTL:           config.Duration(24 * time.Hour),
 			MinTTL:           config.Duration(30 * time.Second),
 			Timeout:          config.Duration(2 * time.Second),
+			RefreshAt:        config.DefaultRefreshAt,
+			IdleTimeout:      config.Duration(config.DefaultIdle),
 			AllowedCallers:   []string{payments, "spiffe://bank.internal/ns/kyc/*", "dns:reporting.internal"},
 		}},
 	}
@@ -168,7 +170,8 @@ func (h *harness) startBroker() (srv *Server, stop func() error) {
 	if err != nil {
 		h.t.Fatal(err)
 	}
-	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now})
+	// The tests drive the refresher themselves, on the fake clock.
+	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now, RefreshInterval: -1})
 	if err != nil {
 		h.t.Fatal(err)
 	}

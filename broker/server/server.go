@@ -54,6 +54,8 @@ type Options struct {
 	Logger *zap.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// RefreshInterval is passed to the Broker (negative: no background refresher).
+	RefreshInterval time.Duration
 }
 
 // Server is a running tokenbroker. Create it with New, then call Run (or
@@ -95,7 +97,8 @@ func New(opts Options) (*Server, error) {
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now); err != nil {
 		return nil, err
 	}
-	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now})
+	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
+		RefreshInterval: opts.RefreshInterval})
 	if err != nil {
 		return nil, err
 	}
@@ -150,8 +153,10 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 		}
 		out = append(out, broker.Credential{
 			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,
-			LockTTL:  c.Timeout.D() + 2*time.Second, // one fetch, plus slack for the store round trips
-			TokenURL: c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
+			LockTTL:     c.Timeout.D() + 2*time.Second, // one fetch, plus slack for the store round trips
+			RefreshAt:   c.RefreshAt,
+			IdleTimeout: c.IdleTimeout.D(),
+			TokenURL:    c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
 		})
 	}
 	return out, nil
