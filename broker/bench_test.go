@@ -3,14 +3,9 @@ package broker
 import (
 	"context"
 	"crypto/rand"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
-	"github.com/tokenbroker/tokenbroker/broker/policy"
-	"github.com/tokenbroker/tokenbroker/broker/upstream"
 	"github.com/tokenbroker/tokenbroker/store"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
@@ -22,20 +17,6 @@ import (
 //	go test -run '^$' -bench BenchmarkGetTokenSource -benchmem ./broker/
 func BenchmarkGetTokenSource(b *testing.B) {
 	rs := redistest.Start(b)
-	as := oauthtest.New(oauthtest.Options{ExpiresIn: time.Hour})
-	as.AddClient(oauthtest.Client{ID: "app", Secret: "bench-secret", Scopes: []string{"IDENTITY"}})
-	if err := as.Start("127.0.0.1:0"); err != nil {
-		b.Fatal(err)
-	}
-	defer as.Close()
-	secretFile := filepath.Join(b.TempDir(), "secret")
-	if err := os.WriteFile(secretFile, []byte("bench-secret"), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	up, err := upstream.New(upstream.Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile})
-	if err != nil {
-		b.Fatal(err)
-	}
 	key := make([]byte, store.KeySize)
 	_, _ = rand.Read(key)
 	sealer, err := store.NewSealer(key)
@@ -47,29 +28,18 @@ func BenchmarkGetTokenSource(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	br, err := New(Options{Store: rst, Credentials: []Credential{{Name: "identity", Scopes: []string{"IDENTITY"},
-		MinTTL: 30 * time.Second, Callers: callers, Fetcher: up, TokenURL: as.TokenURL(), ClientID: "app"}}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer br.Close()
 	defer rst.Close()
+	br, as, _ := newTestBroker(b, rst, time.Hour)
 
 	ctx := context.Background()
-	caller := policy.Identity("spiffe://bank.internal/ns/kyc/sa/worker")
 	req := Request{Credential: "identity"}
-	if _, err := br.GetToken(ctx, caller, req); err != nil {
+	if _, err := br.GetToken(ctx, testCaller, req); err != nil {
 		b.Fatal(err)
 	}
-
 	b.Run("memory", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			if is, err := br.GetToken(ctx, caller, req); err != nil || is.Source != SourceMemory {
+			if is, err := br.GetToken(ctx, testCaller, req); err != nil || is.Source != SourceMemory {
 				b.Fatalf("source %q, err %v", is.Source, err)
 			}
 		}
@@ -78,7 +48,7 @@ func BenchmarkGetTokenSource(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			br.EvictLocal()
-			if is, err := br.GetToken(ctx, caller, req); err != nil || is.Source != "redis" {
+			if is, err := br.GetToken(ctx, testCaller, req); err != nil || is.Source != "redis" {
 				b.Fatalf("source %q, err %v", is.Source, err)
 			}
 		}

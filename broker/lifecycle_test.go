@@ -1,0 +1,128 @@
+package broker
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/broker/upstream"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+// fakeClock is a settable clock shared by the broker, its upstream client and oauthtest.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+const testCaller = policy.Identity("spiffe://bank.internal/ns/kyc/sa/worker")
+
+// newTestBroker returns a Broker on st (nil: a memory store) in front of a real
+// oauthtest server issuing tokens of lifetime ttl, with no background refresher.
+func newTestBroker(t testing.TB, st store.Store, ttl time.Duration) (*Broker, *oauthtest.Server, *fakeClock) {
+	t.Helper()
+	clock := &fakeClock{t: time.Now()} // real time at first, so a store on the real clock agrees
+	as := oauthtest.New(oauthtest.Options{ExpiresIn: ttl, Now: clock.Now})
+	as.AddClient(oauthtest.Client{ID: "app", Secret: "test-secret", Scopes: []string{"IDENTITY"}})
+	if err := as.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = as.Close() })
+	secretFile := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	up, err := upstream.New(upstream.Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile, Now: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st == nil {
+		st = store.NewMemory(clock.Now)
+	}
+	b, err := New(Options{Store: st, Now: clock.Now, RefreshInterval: -1, Credentials: []Credential{{
+		Name: "identity", Scopes: []string{"IDENTITY"}, MinTTL: 30 * time.Second, Callers: callers, Fetcher: up,
+		TokenURL: as.TokenURL(), ClientID: "app"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	return b, as, clock
+}
+
+// TestSteadyStateDay: a caller every second for 24 simulated hours, 5-minute
+// tokens. Nobody ever gets a token below min_ttl, nobody waits on the bank
+// after the first call, and the bank sees one request per refresh interval.
+func TestSteadyStateDay(t *testing.T) {
+	const ttl = 5 * time.Minute
+	b, as, clock := newTestBroker(t, nil, ttl)
+	ctx := context.Background()
+	req := Request{Credential: "identity", MinTTL: 30 * time.Second, MinTTLSet: true}
+	const day = 24 * 60 * 60
+	for i := range day {
+		b.RefreshDue(ctx) // what the background refresher does each second
+		before := as.TokenRequests()
+		is, err := b.GetToken(ctx, testCaller, req)
+		if err != nil {
+			t.Fatalf("second %d: %v", i, err)
+		}
+		if left := is.Expiry.Sub(clock.Now()); left < req.MinTTL {
+			t.Fatalf("second %d: a token with %v left, below min_ttl", i, left)
+		}
+		if i > 0 && (as.TokenRequests() != before || is.Source != SourceMemory) {
+			t.Fatalf("second %d: the caller waited on the token endpoint (source %s)", i, is.Source)
+		}
+		clock.Add(time.Second)
+	}
+	// Each token is replaced after 50% to 70% of its 300s lifetime: between
+	// one request per 210s and one per 150s.
+	n := as.TokenRequests()
+	lo, hi := int64(day/210), int64(day/150)+1
+	if n < lo || n > hi {
+		t.Errorf("token requests over 24h = %d, want between %d and %d", n, lo, hi)
+	}
+	t.Logf("24h with 5-minute tokens: %d token requests (bounds %d..%d)", n, lo, hi)
+}
+
+// TestIdleTokensAreNotRefreshed: a key nobody asks for stops being refreshed
+// after the idle timeout, and its slot is forgotten once the token expires.
+func TestIdleTokensAreNotRefreshed(t *testing.T) {
+	b, as, clock := newTestBroker(t, nil, 5*time.Minute)
+	ctx := context.Background()
+	if _, err := b.GetToken(ctx, testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 * 60 * 60 { // two hours of silence
+		clock.Add(time.Second)
+		b.RefreshDue(ctx)
+	}
+	// Refreshed while asked for within 30 minutes: at most 30m/150s + 1 = 13 requests.
+	if n := as.TokenRequests(); n > 13 {
+		t.Errorf("token requests for an idle key = %d, want at most 13", n)
+	}
+	empty := true
+	b.l1.Range(func(any, any) bool { empty = false; return false })
+	if !empty {
+		t.Error("the idle key's slot was not forgotten")
+	}
+}
