@@ -214,37 +214,59 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 
 // GetToken returns a token for caller that has at least the requested min_ttl left.
 func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Request) (Issued, error) {
-	c, err := b.authorize(caller, req.Credential)
+	p, err := b.prepare(caller, req)
 	if err != nil {
 		return Issued{}, err
 	}
+	return b.get(ctx, p)
+}
+
+// prepared is a checked request.
+type prepared struct {
+	c      *credential
+	scopes []string
+	key    string
+	minTTL time.Duration
+}
+
+// prepare checks a request and the caller's right to it.
+func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) {
+	c, err := b.authorize(caller, req.Credential)
+	if err != nil {
+		return prepared{}, err
+	}
 	scopes, key, err := c.resolve(req.Scopes)
 	if err != nil {
-		return Issued{}, err
+		return prepared{}, err
 	}
 	minTTL := c.MinTTL
 	if req.MinTTLSet {
 		if req.MinTTL < 0 || req.MinTTL > config.MaxMinTTL {
-			return Issued{}, fmt.Errorf("%w: min_ttl must be between 0s and 24h, got %s", ErrInvalidArgument, req.MinTTL)
+			return prepared{}, fmt.Errorf("%w: min_ttl must be between 0s and 24h, got %s", ErrInvalidArgument, req.MinTTL)
 		}
 		minTTL = req.MinTTL
 	}
-	if v, ok := b.l1.Load(key); ok {
+	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL}, nil
+}
+
+// get serves a prepared request from the in-process cache, or obtains a token.
+func (b *Broker) get(ctx context.Context, p prepared) (Issued, error) {
+	if v, ok := b.l1.Load(p.key); ok {
 		s := v.(*slot)
 		now := b.now()
 		s.touch(now)
 		if e := s.entry.Load(); e != nil {
-			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
+			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
 			// lifetime it does not give would only add load on the bank.
-			if lt := e.Lifetime(); lt < minTTL {
-				return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
+			if lt := e.Lifetime(); lt < p.minTTL {
+				return Issued{}, lifetimeTooShort(p.c.Name, p.minTTL, lt)
 			}
 		}
 	}
-	return b.obtain(ctx, c, key, scopes, minTTL)
+	return b.obtain(ctx, p.c, p.key, p.scopes, p.minTTL)
 }
 
 // authorize checks the request's credential name and the caller's right to it.

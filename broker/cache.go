@@ -19,6 +19,7 @@ type slot struct {
 	refreshAt  atomic.Int64                // Unix nanoseconds
 	lastUsed   atomic.Int64                // Unix seconds
 	refreshing atomic.Bool
+	watchers   atomic.Int32 // open WatchToken streams on this key
 	cred       string
 	scopes     []string
 }
@@ -94,7 +95,7 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		key, s := k.(string), v.(*slot)
 		c := creds[s.cred]
 		e := s.entry.Load()
-		idle := c == nil || now.Sub(time.Unix(s.lastUsed.Load(), 0)) > c.IdleTimeout
+		idle := c == nil || s.watchers.Load() == 0 && now.Sub(time.Unix(s.lastUsed.Load(), 0)) > c.IdleTimeout
 		switch {
 		case idle && (e == nil || !now.Before(e.Expiry)):
 			b.l1.CompareAndDelete(key, s)

@@ -36,14 +36,11 @@ type InvalidateRequest struct {
 // follows. It reports whether it dropped anything; a token already replaced
 // is left alone and no fetch follows.
 func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req InvalidateRequest) (bool, error) {
-	c, err := b.authorize(caller, req.Credential)
+	p, err := b.prepare(caller, Request{Credential: req.Credential, Scopes: req.Scopes})
 	if err != nil {
 		return false, err
 	}
-	_, key, err := c.resolve(req.Scopes)
-	if err != nil {
-		return false, err
-	}
+	c, key := p.c, p.key
 	if !validFingerprint(req.Fingerprint) {
 		return false, fmt.Errorf("%w: fingerprint must be 32 lowercase hex digits", ErrInvalidArgument)
 	}

@@ -2,15 +2,19 @@ package broker
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store"
 )
 
 // Service serves the TokenBroker gRPC API from a Broker. The server must
@@ -18,8 +22,10 @@ import (
 // from the verified leaf.
 type Service struct {
 	pb.UnimplementedTokenBrokerServer
-	broker *Broker
-	log    *zap.Logger
+	broker   *Broker
+	log      *zap.Logger
+	draining chan struct{}
+	drain    sync.Once
 }
 
 var _ pb.TokenBrokerServer = (*Service)(nil)
@@ -29,8 +35,15 @@ func NewService(b *Broker, log *zap.Logger) *Service {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Service{broker: b, log: log}
+	return &Service{broker: b, log: log, draining: make(chan struct{})}
 }
+
+// errDraining ends watch streams at shutdown; clients reconnect elsewhere.
+var errDraining = fmt.Errorf("%w: server shutting down; reconnect", ErrUnavailable)
+
+// Drain ends every WatchToken stream with UNAVAILABLE, so that a graceful
+// stop need not wait for streams that would never end by themselves.
+func (s *Service) Drain() { s.drain.Do(func() { close(s.draining) }) }
 
 // GetToken returns a token for the requested credential.
 func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
@@ -54,13 +67,53 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 		ce.Write(zap.String("caller", string(caller)), zap.String("credential", r.Credential),
 			zap.String("source", is.Source), zap.String("fingerprint", is.Fingerprint))
 	}
-	return &pb.GetTokenResponse{Token: &pb.Token{
-		AccessToken: is.AccessToken,
-		TokenType:   is.TokenType,
-		ExpireTime:  timestamppb.New(is.Expiry),
-		Scopes:      is.Scopes,
-		Fingerprint: is.Fingerprint,
-	}}, nil
+	return &pb.GetTokenResponse{Token: tokenProto(is.Entry)}, nil
+}
+
+// WatchToken streams the current token and each replacement.
+func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_WatchTokenServer) error {
+	caller, err := callerFrom(stream.Context())
+	if err != nil {
+		return toStatus(err)
+	}
+	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
+	if d := req.GetMinTtl(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			return toStatus(fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+		}
+		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
+	}
+	ctx, cancel := context.WithCancelCause(stream.Context())
+	defer cancel(nil)
+	go func() {
+		select {
+		case <-s.draining:
+			cancel(errDraining)
+		case <-ctx.Done():
+		}
+	}()
+	err = s.broker.Watch(ctx, caller, r, func(e *store.Entry) error {
+		s.log.Debug("token sent to watcher", zap.String("caller", string(caller)), zap.String("credential", r.Credential),
+			zap.String("fingerprint", e.Fingerprint))
+		return stream.Send(&pb.WatchTokenResponse{Token: tokenProto(e)})
+	})
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errDraining):
+		return toStatus(cause)
+	case stream.Context().Err() != nil:
+		return status.FromContextError(stream.Context().Err()).Err()
+	}
+	return toStatus(err)
+}
+
+func tokenProto(e *store.Entry) *pb.Token {
+	return &pb.Token{
+		AccessToken: e.AccessToken,
+		TokenType:   e.TokenType,
+		ExpireTime:  timestamppb.New(e.Expiry),
+		Scopes:      e.Scopes,
+		Fingerprint: e.Fingerprint,
+	}
 }
 
 // InvalidateToken drops a token a resource server rejected, if it is still current.

@@ -399,17 +399,6 @@ func TestInvalidateRateLimitedPerCaller(t *testing.T) {
 	}
 }
 
-func TestWatchTokenUnimplemented(t *testing.T) {
-	h := newHarness(t, nil)
-	stream, err := h.client(payments).WatchToken(context.Background(), &pb.WatchTokenRequest{Credential: "identity"})
-	if err == nil {
-		_, err = stream.Recv()
-	}
-	if status.Code(err) != codes.Unimplemented {
-		t.Errorf("WatchToken code = %v, want Unimplemented", status.Code(err))
-	}
-}
-
 func TestHealthAndAdmin(t *testing.T) {
 	h := newHarness(t, nil)
 	hc := healthpb.NewHealthClient(h.conn(nil, payments))

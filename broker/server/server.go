@@ -66,6 +66,7 @@ type Server struct {
 	now    func() time.Time
 	store  store.Store
 	broker *broker.Broker
+	svc    *broker.Service
 	grpc   *grpc.Server
 	health *health.Server
 	admin  *http.Server
@@ -108,7 +109,8 @@ func New(opts Options) (*Server, error) {
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
-	pb.RegisterTokenBrokerServer(s.grpc, broker.NewService(s.broker, s.log))
+	s.svc = broker.NewService(s.broker, s.log)
+	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
 	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	if s.cfg.Reflection {
@@ -254,6 +256,7 @@ func (s *Server) shutdown() {
 	s.log.Info("shutting down", zap.Duration("grace_period", GracePeriod))
 	s.serving.Store(false)
 	s.health.Shutdown() // NOT_SERVING first, so balancers stop sending
+	s.svc.Drain()       // watch streams end with UNAVAILABLE; their clients reconnect elsewhere
 	done := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(done) }()
 	select {

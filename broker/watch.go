@@ -1,0 +1,76 @@
+package broker
+
+import (
+	"context"
+	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/store"
+)
+
+// Watch sends the current token for req, then each replacement, always before
+// the previous one falls below req's min_ttl. Replacements come from the
+// refresher (or another replica, through the store); if none has come when the
+// previous token nears min_ttl, Watch asks for a newer one itself. Upstream
+// failures do not end the watch while the last token sent is still good; then
+// the failure is returned. Watch returns when ctx ends or send fails.
+func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request, send func(*store.Entry) error) error {
+	p, err := b.prepare(caller, req)
+	if err != nil {
+		return err
+	}
+	is, err := b.get(ctx, p)
+	if err != nil {
+		return err
+	}
+	if err := send(is.Entry); err != nil {
+		return err
+	}
+	last := is.Entry
+	s := b.slotFor(p.key, p.c, p.scopes)
+	s.watchers.Add(1) // a watched key is never idle
+	defer s.watchers.Add(-1)
+
+	retry := time.Second // after a failed attempt, the next is not sooner
+	var failedAt time.Time
+	for {
+		changed := b.waiters.wait(p.key)
+		// At the latest, replace last when it has min_ttl plus a lead left.
+		lead := min(last.Lifetime()/10, 30*time.Second)
+		due := last.Expiry.Add(-p.minTTL - lead)
+		wait := due.Sub(b.now())
+		if !failedAt.IsZero() {
+			wait = max(wait, failedAt.Add(retry).Sub(b.now()))
+		}
+		t := time.NewTimer(max(wait, 0))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-changed:
+		case <-t.C:
+		}
+		t.Stop()
+
+		q := p
+		if now := b.now(); !now.Before(due) {
+			// Anything with more time left than last will do.
+			q.minTTL = max(p.minTTL, last.Expiry.Sub(now)+time.Second)
+		}
+		is, err := b.get(ctx, q)
+		if err != nil {
+			if left := last.Expiry.Sub(b.now()); left > 0 && left >= p.minTTL {
+				failedAt, retry = b.now(), min(2*retry, 30*time.Second)
+				continue // a blip: last is still good
+			}
+			return err
+		}
+		failedAt, retry = time.Time{}, time.Second
+		if is.Fingerprint != last.Fingerprint && is.Expiry.After(last.Expiry) {
+			if err := send(is.Entry); err != nil {
+				return err
+			}
+			last = is.Entry
+		}
+	}
+}
