@@ -157,6 +157,9 @@ type Credential struct {
 	RefreshAt float64 `yaml:"refresh_at"`
 	// IdleTimeout stops refreshing a token nobody asked for in this long.
 	IdleTimeout Duration `yaml:"idle_timeout"`
+	// ExpiryMargin is taken off every granted lifetime (at most half of it)
+	// against clock skew and transit time.
+	ExpiryMargin Duration `yaml:"expiry_margin"`
 	// AllowedCallers are the caller patterns admitted; none means nobody.
 	AllowedCallers []string `yaml:"allowed_callers"`
 }
@@ -194,6 +197,7 @@ const (
 	DefaultTimeout    = 10 * time.Second
 	DefaultRefreshAt  = 0.6
 	DefaultIdle       = 30 * time.Minute
+	DefaultMargin     = 10 * time.Second
 )
 
 // Load reads and parses the file at path.
@@ -258,6 +262,7 @@ func (c *Config) applyDefaults() {
 		setDefault(&cr.MinTTL, DefaultMinTTL)
 		setDefault(&cr.Timeout, DefaultTimeout)
 		setDefault(&cr.IdleTimeout, DefaultIdle)
+		setDefault(&cr.ExpiryMargin, DefaultMargin)
 		if cr.RefreshAt == 0 {
 			cr.RefreshAt = DefaultRefreshAt
 		}
@@ -420,6 +425,9 @@ func (cr *Credential) validate(p string) error {
 	}
 	if cr.IdleTimeout <= 0 {
 		return fieldErr(p+".idle_timeout", "must be positive")
+	}
+	if cr.ExpiryMargin < 0 || cr.ExpiryMargin.D() > 5*time.Minute {
+		return fieldErr(p+".expiry_margin", "must be between 0s and 5m")
 	}
 	for j, a := range cr.AllowedCallers {
 		if err := policy.CheckPattern(a); err != nil {

@@ -132,6 +132,7 @@ func TestParseInvalid(t *testing.T) {
 		{"refresh_at too late", valid + "    refresh_at: 0.95\n", "credentials[0].refresh_at: must be a fraction of the token lifetime between 0.2 and 0.85"},
 		{"refresh_at percent", valid + "    refresh_at: 60\n", "credentials[0].refresh_at: must be a fraction"},
 		{"idle_timeout negative", valid + "    idle_timeout: -1m\n", "credentials[0].idle_timeout: must be positive"},
+		{"expiry_margin large", valid + "    expiry_margin: 1h\n", "credentials[0].expiry_margin: must be between 0s and 5m"},
 		{"bad caller", strings.Replace(valid, "spiffe://bank.internal/ns/kyc/*", "spiffe://bank.internal/*/kyc", 1), "credentials[0].allowed_callers[0]:"},
 		{"duplicate name", valid + strings.Split(valid, "credentials:\n")[1], "credentials[1].name: \"identity\" is used by an earlier credential"},
 		{"not yaml", "listen_addr: [", "config: yaml:"},

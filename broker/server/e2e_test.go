@@ -45,7 +45,8 @@ func TestGetTokenMintedByAuthorizationServer(t *testing.T) {
 	if tok.GetTokenType() != "Bearer" {
 		t.Errorf("token_type = %q, want Bearer", tok.GetTokenType())
 	}
-	if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(tokenTTL); got.Sub(want).Abs() > time.Second {
+	// The broker takes expiry_margin (10s) off the granted lifetime.
+	if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(tokenTTL-10*time.Second); got.Sub(want).Abs() > time.Second {
 		t.Errorf("expire_time = %v, want %v", got, want)
 	}
 	if got := h.as.TokenRequests(); got != 1 {
@@ -93,7 +94,7 @@ func TestStatusCodes(t *testing.T) {
 		{"min_ttl over 24h", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(25 * time.Hour)},
 			codes.InvalidArgument, "min_ttl must be between 0s and 24h, got 25h0m0s"},
 		{"min_ttl over granted lifetime", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(2 * time.Hour)},
-			codes.FailedPrecondition, `min_ttl 2h0m0s is longer than the 1h0m0s lifetime the authorization server grants for credential "identity"`},
+			codes.FailedPrecondition, `min_ttl 2h0m0s is longer than the 59m50s lifetime the authorization server grants for credential "identity"`},
 		{"min_ttl within lifetime", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(59 * time.Minute)},
 			codes.OK, ""},
 	}
@@ -215,8 +216,8 @@ func TestUpstreamFailures(t *testing.T) {
 				}
 			}
 			if tt.name == "no expires_in" {
-				if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(5*time.Minute); got.Sub(want).Abs() > time.Second {
-					t.Errorf("expire_time = %v, want default_ttl 5m from now (%v)", got, want)
+				if got, want := tok.GetExpireTime().AsTime(), h.clock.Now().Add(5*time.Minute-10*time.Second); got.Sub(want).Abs() > time.Second {
+					t.Errorf("expire_time = %v, want default_ttl 5m less the 10s margin from now (%v)", got, want)
 				}
 			}
 		})

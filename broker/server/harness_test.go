@@ -142,6 +142,7 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 			Timeout:          config.Duration(2 * time.Second),
 			RefreshAt:        config.DefaultRefreshAt,
 			IdleTimeout:      config.Duration(config.DefaultIdle),
+			ExpiryMargin:     config.Duration(config.DefaultMargin),
 			AllowedCallers:   []string{payments, "spiffe://bank.internal/ns/kyc/*", "dns:reporting.internal"},
 		}},
 	}

@@ -143,6 +143,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 			EndpointParams:   params,
 			DefaultTTL:       c.DefaultTTL.D(),
 			MaxTTL:           c.MaxTTL.D(),
+			ExpiryMargin:     c.ExpiryMargin.D(),
 			Timeout:          c.Timeout.D(),
 			Now:              now,
 		})

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -51,6 +53,7 @@ func newStore(c config.Store, log *zap.Logger, now func() time.Time) (store.Stor
 			return nil, err
 		}
 	}
+	redis.SetLogger(redisLog{log.With(zap.String("component", "go-redis"))})
 	return store.NewRedis(store.RedisOptions{
 		Client: store.NewRedisClient(rc),
 		Prefix: c.Redis.KeyPrefix,
@@ -58,6 +61,17 @@ func newStore(c config.Store, log *zap.Logger, now func() time.Time) (store.Stor
 		Logger: log.With(zap.String("component", "store")),
 		Now:    now,
 	})
+}
+
+// redisLog sends go-redis's own messages (reconnects, Sentinel switches) to
+// the process log at debug level instead of unstructured lines on stderr;
+// the store logs the state changes that matter once each.
+type redisLog struct{ log *zap.Logger }
+
+func (l redisLog) Printf(_ context.Context, format string, v ...any) {
+	if ce := l.log.Check(zap.DebugLevel, "go-redis"); ce != nil {
+		ce.Write(zap.String("detail", fmt.Sprintf(format, v...)))
+	}
 }
 
 func readKey(key, path string) ([]byte, error) {

@@ -62,6 +62,10 @@ type Config struct {
 	DefaultTTL time.Duration
 	// MaxTTL caps the lifetime the response declares.
 	MaxTTL time.Duration
+	// ExpiryMargin is taken off every lifetime (at most half of it), so that
+	// clock skew and transit time never make the broker serve a token the
+	// authorization server already considers expired.
+	ExpiryMargin time.Duration
 	// Timeout bounds one fetch, from connect to the end of the response body.
 	Timeout time.Duration
 	// ConnectTimeout bounds establishing the connection; it is at most Timeout.
@@ -183,6 +187,7 @@ func (c *Client) validate(t *oauth2.Token, asked []string, arrived time.Time) (*
 	if err != nil {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: err.Error()}
 	}
+	ttl -= min(max(c.cfg.ExpiryMargin, 0), ttl/2)
 	granted := asked
 	if s, ok := t.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
 		granted = strings.Fields(s)
@@ -198,6 +203,10 @@ func (c *Client) validate(t *oauth2.Token, asked []string, arrived time.Time) (*
 		Expiry:      arrived.Add(ttl),
 	}, nil
 }
+
+// absurdTTL is a lifetime no access token has: a response declaring more is
+// broken, not merely generous.
+const absurdTTL = 10 * 365 * 24 * time.Hour
 
 // lifetime reads expires_in (a JSON number, or a string as some servers and
 // form-encoded bodies send it) and applies the default and the cap.
@@ -224,6 +233,9 @@ func lifetime(v any, def, maxTTL time.Duration) (time.Duration, error) {
 	}
 	if !(secs >= 1) { // also rejects NaN
 		return 0, errors.New("expires_in is not positive")
+	}
+	if secs > absurdTTL.Seconds() {
+		return 0, errors.New("expires_in is absurdly large (over ten years)")
 	}
 	if secs >= maxTTL.Seconds() {
 		return maxTTL, nil
