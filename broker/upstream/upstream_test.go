@@ -28,6 +28,15 @@ func newServer(t *testing.T) *oauthtest.Server {
 	return as
 }
 
+// secretFileFor writes the test secret for a fuzz target.
+func secretFileFor(f *testing.F) string {
+	p := filepath.Join(f.TempDir(), "secret")
+	if err := os.WriteFile(p, []byte(testSecret), 0o600); err != nil {
+		f.Fatal(err)
+	}
+	return p
+}
+
 func secretFile(t *testing.T, content string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "secret")
