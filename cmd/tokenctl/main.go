@@ -7,6 +7,7 @@
 //
 //	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
 //	invalidate CREDENTIAL --fingerprint F [--scope S]...     report a rejected token
+//	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
 //	list [--json]                                            list usable credentials
 package main
 
@@ -57,6 +58,7 @@ const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-
 commands:
   token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
   invalidate CREDENTIAL --fingerprint F [--scope S]...     report a token a resource server rejected
+  watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
   list [--json]                                            list the credentials you may use
 
 global flags:
@@ -105,6 +107,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		cmd = tokenCmd
 	case "invalidate":
 		cmd = invalidateCmd
+	case "watch":
+		cmd = watchCmd
 	case "list":
 		cmd = listCmd
 	default:
@@ -124,8 +128,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, *timeout)
-	defer cancel()
+	if fs.Arg(0) != "watch" { // a watch runs until interrupted
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *timeout)
+		defer cancel()
+	}
 	code, err := cmd(ctx, pb.NewTokenBrokerClient(conn), fs.Args()[1:], stdout)
 	if err != nil {
 		if st, ok := status.FromError(err); ok && st.Code() != 0 {
@@ -189,6 +196,51 @@ func invalidateCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, s
 		fmt.Fprintln(stdout, "not invalidated: that token is no longer the current one")
 	}
 	return exitOK, nil
+}
+
+func watchCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	var scopes listFlag
+	fs.Var(&scopes, "scope", "scope to request (repeatable; default: the credential's)")
+	minTTL := fs.Duration("min-ttl", 0, "each token is replaced before it has less than this left")
+	asJSON := fs.Bool("json", false, "print each token as one JSON line")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) != 1 {
+		return exitUsage, errors.New("usage: watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]")
+	}
+	req := &pb.WatchTokenRequest{Credential: pos[0], Scopes: scopes}
+	if *minTTL != 0 {
+		req.MinTtl = durationpb.New(*minTTL)
+	}
+	stream, err := c.WatchToken(ctx, req)
+	if err != nil {
+		return exitError, err
+	}
+	for {
+		resp, err := stream.Recv()
+		if err != nil {
+			if ctx.Err() != nil { // interrupted: a normal end
+				return exitOK, nil
+			}
+			return exitError, err
+		}
+		tok := resp.GetToken()
+		if *asJSON {
+			b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(tok)
+			if err != nil {
+				return exitError, err
+			}
+			fmt.Fprintln(stdout, string(b))
+			continue
+		}
+		// The fingerprint, not the token: a watch is for seeing rotations.
+		fmt.Fprintf(stdout, "%s\tfingerprint %s\texpires %s\n", time.Now().UTC().Format(time.RFC3339),
+			tok.GetFingerprint(), tok.GetExpireTime().AsTime().UTC().Format(time.RFC3339))
+	}
 }
 
 func listCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {

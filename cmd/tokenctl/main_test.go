@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -81,6 +82,24 @@ func startDevServer(t *testing.T, dir string, extra ...string) *devServer {
 	return s
 }
 
+// syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 // tokenctl runs tokenctl's code in process against the dev server.
 func (s *devServer) tokenctl(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
@@ -143,6 +162,20 @@ func TestDevModeEndToEnd(t *testing.T) {
 		"token", "identity")
 	if code != exitError || !strings.Contains(stderr, "PermissionDenied") {
 		t.Errorf("denied client: exit %d, stderr %q; want 1 and PermissionDenied", code, stderr)
+	}
+
+	// watch prints the current token's fingerprint, and ends cleanly when interrupted.
+	wctx, stop := context.WithCancel(context.Background())
+	var wout, werr syncBuffer
+	done := make(chan int)
+	go func() { done <- run(wctx, []string{"--addr", s.grpcAddr, "--dev", "--dev-dir", s.dir, "watch", "identity"}, &wout, &werr) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(wout.String(), "fingerprint ") && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
+	if code := <-done; code != 0 || !strings.Contains(wout.String(), "fingerprint ") || strings.Contains(wout.String(), tok) {
+		t.Errorf("tokenctl watch = %d, %q, %q; want a fingerprint line and no token", code, wout.String(), werr.String())
 	}
 
 	// Operators see the admin endpoints; then SIGTERM ends the process cleanly.
