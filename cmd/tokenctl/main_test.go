@@ -168,7 +168,9 @@ func TestDevModeEndToEnd(t *testing.T) {
 	wctx, stop := context.WithCancel(context.Background())
 	var wout, werr syncBuffer
 	done := make(chan int)
-	go func() { done <- run(wctx, []string{"--addr", s.grpcAddr, "--dev", "--dev-dir", s.dir, "watch", "identity"}, &wout, &werr) }()
+	go func() {
+		done <- run(wctx, []string{"--addr", s.grpcAddr, "--dev", "--dev-dir", s.dir, "watch", "identity"}, &wout, &werr)
+	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(wout.String(), "fingerprint ") && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
