@@ -191,6 +191,8 @@ func TestUpstreamFailures(t *testing.T) {
 		{"invalid_client", oauthtest.Faults{ErrorCode: "invalid_client"}, codes.FailedPrecondition, `refused credential "identity" (invalid_client)`},
 		{"unauthorized_client", oauthtest.Faults{ErrorCode: "unauthorized_client"}, codes.FailedPrecondition, "(unauthorized_client)"},
 		{"invalid_scope", oauthtest.Faults{ErrorCode: "invalid_scope"}, codes.FailedPrecondition, "(invalid_scope)"},
+		{"invalid_request", oauthtest.Faults{ErrorCode: "invalid_request"}, codes.FailedPrecondition, "(invalid_request)"},
+		{"unsupported_grant_type", oauthtest.Faults{ErrorCode: "unsupported_grant_type"}, codes.FailedPrecondition, "(unsupported_grant_type)"},
 		{"granted less", oauthtest.Faults{GrantScopes: []string{"IDENTITY"}}, codes.FailedPrecondition, "granted fewer scopes than asked"},
 		{"not bearer", oauthtest.Faults{TokenType: "mac"}, codes.FailedPrecondition, "issued a token that is not Bearer"},
 		{"lowercase bearer", oauthtest.Faults{TokenType: "bearer"}, codes.OK, ""},

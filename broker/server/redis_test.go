@@ -188,6 +188,33 @@ func TestReplicasShareOneFetch(t *testing.T) {
 	}
 }
 
+// TestOneReplicaRefreshes: three replicas past the refresh point refresh
+// together; the bank sees one request, and all three serve the new token.
+func TestOneReplicaRefreshes(t *testing.T) {
+	h := newHarness(t, withRedis("", redistest.Start(t).Addr()))
+	srvs, clients := replicas(h, 3)
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	if got := load(h, clients, 1, req); len(got) != 1 {
+		t.Fatalf("before: %v", got)
+	}
+	h.clock.Add(45 * time.Minute) // past every jittered refresh point of a 1h token
+	// Still in use on every replica (else idle_timeout would stop refreshing).
+	if got := load(h, clients, 1, req); len(got) != 1 || h.as.TokenRequests() != 1 {
+		t.Fatalf("cache hits at 45 minutes: %v, %d requests", got, h.as.TokenRequests())
+	}
+	var wg sync.WaitGroup
+	for _, srv := range srvs {
+		wg.Go(func() { srv.broker.RefreshDue(context.Background()) })
+	}
+	wg.Wait()
+	if n := h.as.TokenRequests(); n != 2 {
+		t.Errorf("token requests = %d, want 2: one replica refreshed for all", n)
+	}
+	if got := load(h, clients, 1, req); len(got) != 1 || h.as.TokenRequests() != 2 {
+		t.Errorf("after the refresh the replicas serve %d tokens with %d requests; want 1 and 2", len(got), h.as.TokenRequests())
+	}
+}
+
 func TestRestartedBrokersReadFromRedis(t *testing.T) {
 	rs := redistest.Start(t)
 	h := newHarness(t, withRedis("", rs.Addr()))
