@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 
@@ -121,6 +122,7 @@ type Broker struct {
 	waiters waiters
 	limits  limiters // InvalidateToken, per caller
 	gates   sync.Map // credential name → *gate; kept across SetCredentials
+	m       *metrics
 	stop    context.CancelFunc
 }
 
@@ -129,6 +131,7 @@ type credential struct {
 	scopeSet   map[string]bool
 	upstreamID string
 	defaultKey string
+	hits       prometheus.Counter // tokenbroker_token_source_total{source="memory"}, resolved once
 }
 
 // New returns a Broker for opts.
@@ -136,7 +139,7 @@ func New(opts Options) (*Broker, error) {
 	if opts.Store == nil {
 		return nil, errors.New("broker: Store is required")
 	}
-	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now}
+	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics()}
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
@@ -206,6 +209,7 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
+		cr.hits = b.m.source.WithLabelValues(c.Name, SourceMemory)
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
@@ -257,6 +261,7 @@ func (b *Broker) get(ctx context.Context, p prepared) (Issued, error) {
 		s.touch(now)
 		if e := s.entry.Load(); e != nil {
 			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
+				p.c.hits.Inc()
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
@@ -345,6 +350,7 @@ func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes [
 		}
 		f := r.Val.(flight)
 		if b.usable(f.entry, minTTL) {
+			b.m.source.WithLabelValues(c.Name, f.source).Inc()
 			return Issued{Entry: f.entry, Source: f.source}, nil
 		}
 		if f.source == SourceUpstream {
@@ -371,6 +377,12 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		return f, nil
 	}
 	owner := newOwner()
+	var waitStart time.Time
+	defer func() {
+		if !waitStart.IsZero() {
+			b.m.lockWait.Observe(time.Since(waitStart).Seconds())
+		}
+	}()
 	for {
 		err := b.store.Lock(ctx, key, owner, c.LockTTL)
 		switch {
@@ -382,6 +394,9 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			}
 			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
+			if waitStart.IsZero() {
+				waitStart = time.Now()
+			}
 			wake := b.waiters.wait(key)
 			t := time.NewTimer(pollInterval)
 			select {
@@ -397,6 +412,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			}
 			// No result yet: the holder is still fetching, failed, or died; try the lease again.
 		default:
+			b.storeFailed("lock", err)
 			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
 			return b.fetch(ctx, c, key, scopes)
 		}
@@ -410,7 +426,8 @@ func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scope
 	case err == nil && b.usable(e, minTTL):
 		b.keep(key, c, scopes, e)
 		return flight{entry: e, source: b.store.Name()}, true
-	case err != nil && !errors.Is(err, store.ErrNotFound) && !errors.Is(err, store.ErrUnavailable):
+	case err != nil && !errors.Is(err, store.ErrNotFound):
+		b.storeFailed("get", err)
 		b.log.Debug("store get failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	return flight{}, false
@@ -424,14 +441,21 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		return flight{}, err
 	}
 	start := b.now()
+	began := time.Now() // real time for the histogram, whatever the clock seam says
 	t, err := c.Fetcher.Fetch(ctx, scopes)
+	b.m.upstreamDur.WithLabelValues(c.Name).Observe(time.Since(began).Seconds())
 	if err != nil {
 		berr := b.upstreamFailed(c, err)
 		var ue *upstream.Error
-		errors.As(err, &ue)
+		outcome := "error"
+		if errors.As(err, &ue) {
+			outcome = string(ue.Reason)
+		}
+		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
+	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
 	g.succeeded()
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
@@ -441,7 +465,8 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		Expiry:      t.Expiry,
 		Fingerprint: Fingerprint(t.AccessToken),
 	}
-	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil && !errors.Is(err, store.ErrUnavailable) {
+	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil {
+		b.storeFailed("put", err)
 		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	b.keep(key, c, scopes, e)
@@ -452,6 +477,14 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		zap.Time("expire_time", e.Expiry),
 		zap.Duration("took", b.now().Sub(start)))
 	return flight{entry: e, source: SourceUpstream}, nil
+}
+
+// storeFailed counts a failed store operation, including those refused
+// fast while the store is down.
+func (b *Broker) storeFailed(op string, err error) {
+	if err != nil {
+		b.m.storeErrors.WithLabelValues(op).Inc()
+	}
 }
 
 // newOwner returns a unique lease owner token.

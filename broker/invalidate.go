@@ -2,7 +2,6 @@ package broker
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -11,7 +10,6 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
-	"github.com/tokenbroker/tokenbroker/store"
 )
 
 // Invalidation limits per caller: a resource server rejecting tokens is rare,
@@ -49,7 +47,8 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 	}
 	dropped := b.drop(key, req.Fingerprint)
 	deleted, err := b.store.DeleteIfCurrent(ctx, key, req.Fingerprint)
-	if err != nil && !errors.Is(err, store.ErrUnavailable) {
+	if err != nil {
+		b.storeFailed("delete", err)
 		b.log.Debug("store delete failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	if dropped || deleted {

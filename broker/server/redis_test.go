@@ -281,6 +281,9 @@ func TestRedisOutageFailsOpen(t *testing.T) {
 		body.Store["outages"] != float64(1) {
 		t.Errorf("/readyz during the outage = %d %+v, want 200 with the redis store degraded after 1 outage", code, body)
 	}
+	if n := h.metric(t, "tokenbroker_store_errors_total", "op=get"); n < 1 {
+		t.Errorf("store errors (get) during the outage = %v, want some", n)
+	}
 
 	rs.Restart()
 	deadline := time.Now().Add(10 * time.Second)

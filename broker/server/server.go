@@ -1,6 +1,6 @@
 // Package server runs tokenbroker: the TokenBroker gRPC API over mutual TLS
 // (with grpc.health.v1 and, when configured, reflection) and the admin HTTP
-// endpoints (/healthz, /readyz). It builds the Broker, its store and its
+// endpoints (/healthz, /readyz, /metrics). It builds the Broker, its store and its
 // upstream clients from a validated config.Config.
 //
 // Shutdown is graceful: health turns NOT_SERVING, new calls are refused,
@@ -19,9 +19,13 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strings"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
@@ -30,6 +34,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -74,6 +79,23 @@ type Server struct {
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
+
+	registry *prometheus.Registry
+	requests *prometheus.CounterVec // method, code
+}
+
+// countUnary counts unary calls by method and status code.
+func (s *Server) countUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	resp, err := h(ctx, req)
+	s.requests.WithLabelValues(strings.TrimPrefix(info.FullMethod, "/"), status.Code(err).String()).Inc()
+	return resp, err
+}
+
+// countStream counts streams by method and the status they ended with.
+func (s *Server) countStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	err := h(srv, ss)
+	s.requests.WithLabelValues(strings.TrimPrefix(info.FullMethod, "/"), status.Code(err).String()).Inc()
+	return err
 }
 
 // New builds a Server from opts. It reads the TLS material and checks every
@@ -104,8 +126,18 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 
+	s.registry = prometheus.NewRegistry()
+	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tokenbroker_requests_total",
+		Help: "gRPC calls, by method and status code.",
+	}, []string{"method", "code"})
+	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		s.requests, s.broker)
+
 	s.grpc = grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(tc)),
+		grpc.ChainUnaryInterceptor(s.countUnary),
+		grpc.ChainStreamInterceptor(s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
@@ -122,6 +154,7 @@ func New(opts Options) (*Server, error) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
 }

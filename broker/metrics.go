@@ -1,0 +1,93 @@
+package broker
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the Broker's Prometheus collectors. Labels carry credential
+// names and fixed words only, never caller identities (cardinality).
+type metrics struct {
+	source      *prometheus.CounterVec   // credential, source
+	upstream    *prometheus.CounterVec   // credential, outcome
+	upstreamDur *prometheus.HistogramVec // credential
+	storeErrors *prometheus.CounterVec   // op
+	lockWait    prometheus.Histogram
+}
+
+func newMetrics() *metrics {
+	return &metrics{
+		source: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_token_source_total",
+			Help: "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).",
+		}, []string{"credential", "source"}),
+		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_upstream_requests_total",
+			Help: "Requests to token endpoints, by credential and outcome (ok, or the failure class).",
+		}, []string{"credential", "outcome"}),
+		upstreamDur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "tokenbroker_upstream_duration_seconds",
+			Help:    "Duration of requests to token endpoints.",
+			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"credential"}),
+		storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_store_errors_total",
+			Help: "Failed store operations, by operation (the broker fails open).",
+		}, []string{"op"}),
+		lockWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "tokenbroker_lock_wait_seconds",
+			Help:    "Time spent waiting for another replica's fetch.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}),
+	}
+}
+
+var (
+	expiryDesc = prometheus.NewDesc("tokenbroker_token_expiry_seconds",
+		"Seconds until the soonest-expiring cached token of each credential expires.", []string{"credential"}, nil)
+	healthyDesc = prometheus.NewDesc("tokenbroker_credential_healthy",
+		"1 while the credential's token endpoint answers, 0 while it fails or refuses the broker.", []string{"credential"}, nil)
+)
+
+// Describe implements prometheus.Collector.
+func (b *Broker) Describe(ch chan<- *prometheus.Desc) {
+	b.m.source.Describe(ch)
+	b.m.upstream.Describe(ch)
+	b.m.upstreamDur.Describe(ch)
+	b.m.storeErrors.Describe(ch)
+	b.m.lockWait.Describe(ch)
+	ch <- expiryDesc
+	ch <- healthyDesc
+}
+
+// Collect implements prometheus.Collector; the gauges are computed at scrape time.
+func (b *Broker) Collect(ch chan<- prometheus.Metric) {
+	b.m.source.Collect(ch)
+	b.m.upstream.Collect(ch)
+	b.m.upstreamDur.Collect(ch)
+	b.m.storeErrors.Collect(ch)
+	b.m.lockWait.Collect(ch)
+
+	now := b.now()
+	soonest := map[string]time.Duration{}
+	b.l1.Range(func(_, v any) bool {
+		s := v.(*slot)
+		if e := s.entry.Load(); e != nil {
+			if left, ok := soonest[s.cred]; !ok || e.Expiry.Sub(now) < left {
+				soonest[s.cred] = e.Expiry.Sub(now)
+			}
+		}
+		return true
+	})
+	for name, left := range soonest {
+		ch <- prometheus.MustNewConstMetric(expiryDesc, prometheus.GaugeValue, left.Seconds(), name)
+	}
+	for name, h := range b.Health() {
+		v := 0.0
+		if h.State == "ok" {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(healthyDesc, prometheus.GaugeValue, v, name)
+	}
+}
