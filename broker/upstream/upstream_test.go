@@ -5,6 +5,8 @@ import (
 	"errors"
 	"math"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -170,5 +172,24 @@ func TestRetryAfter(t *testing.T) {
 		if got := retryAfter(in, now); got != want {
 			t.Errorf("retryAfter(%q) = %v, want %v", in, got, want)
 		}
+	}
+}
+
+func TestBodyIsCapped(t *testing.T) {
+	// A 2 MiB JSON body: read up to the 1 MiB cap, so it does not parse.
+	big := `{"access_token":"a","token_type":"Bearer","expires_in":60,"pad":"` + strings.Repeat("x", 2<<20) + `"}`
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(big))
+	}))
+	defer srv.Close()
+	c, err := New(Config{TokenURL: srv.URL, ClientID: "app", ClientSecretFile: secretFile(t, testSecret)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Fetch(context.Background(), nil)
+	var ue *Error
+	if !errors.As(err, &ue) || ue.Reason != ReasonMalformed {
+		t.Errorf("2 MiB body: %v, want a malformed-response error", err)
 	}
 }
