@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -83,6 +84,8 @@ type Options struct {
 	Store store.Store
 	// Logger receives operational logs; nil means none.
 	Logger *zap.Logger
+	// Audit receives the audit trail; nil means none.
+	Audit *audit.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// RefreshInterval is how often the background refresher looks for tokens
@@ -123,6 +126,7 @@ type Broker struct {
 	limits  limiters // InvalidateToken, per caller
 	gates   sync.Map // credential name → *gate; kept across SetCredentials
 	m       *metrics
+	audit   *audit.Logger
 	stop    context.CancelFunc
 }
 
@@ -139,7 +143,7 @@ func New(opts Options) (*Broker, error) {
 	if opts.Store == nil {
 		return nil, errors.New("broker: Store is required")
 	}
-	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics()}
+	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics(), audit: opts.Audit}
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
@@ -452,6 +456,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			outcome = string(ue.Reason)
 		}
 		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
+		_ = b.record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
@@ -470,6 +475,8 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	b.keep(key, c, scopes, e)
+	_ = b.record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: e.Scopes, Source: SourceUpstream,
+		Fingerprint: e.Fingerprint, ExpireTime: e.Expiry, Outcome: "ok"})
 	b.log.Info("token fetched",
 		zap.String("credential", c.Name),
 		zap.Strings("scopes", e.Scopes),
@@ -477,6 +484,13 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		zap.Time("expire_time", e.Expiry),
 		zap.Duration("took", b.now().Sub(start)))
 	return flight{entry: e, source: SourceUpstream}, nil
+}
+
+// record writes an audit event and counts it. Its error matters only when
+// the audit trail is fail-closed.
+func (b *Broker) record(e audit.Event) error {
+	b.m.audit.WithLabelValues(e.Event).Inc()
+	return b.audit.Write(e)
 }
 
 // storeFailed counts a failed store operation, including those refused

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"golang.org/x/time/rate"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
@@ -51,10 +53,14 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 		b.storeFailed("delete", err)
 		b.log.Debug("store delete failed", zap.String("credential", c.Name), zap.Error(err))
 	}
+	outcome := "not_current"
 	if dropped || deleted {
+		outcome = "invalidated"
 		b.log.Info("token invalidated", zap.String("credential", c.Name), zap.String("caller", string(caller)),
 			zap.String("fingerprint", req.Fingerprint))
 	}
+	_ = b.record(audit.Event{Event: audit.TokenInvalidated, RequestID: RequestID(ctx), Caller: string(caller),
+		Credential: c.Name, Scopes: p.scopes, Fingerprint: req.Fingerprint, Outcome: outcome})
 	return dropped || deleted, nil
 }
 

@@ -14,6 +14,7 @@ type metrics struct {
 	upstreamDur *prometheus.HistogramVec // credential
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
+	audit       *prometheus.CounterVec // event
 }
 
 func newMetrics() *metrics {
@@ -40,6 +41,10 @@ func newMetrics() *metrics {
 			Help:    "Time spent waiting for another replica's fetch.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}),
+		audit: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_audit_events_total",
+			Help: "Audit events recorded, by event.",
+		}, []string{"event"}),
 	}
 }
 
@@ -57,6 +62,7 @@ func (b *Broker) Describe(ch chan<- *prometheus.Desc) {
 	b.m.upstreamDur.Describe(ch)
 	b.m.storeErrors.Describe(ch)
 	b.m.lockWait.Describe(ch)
+	b.m.audit.Describe(ch)
 	ch <- expiryDesc
 	ch <- healthyDesc
 }
@@ -68,6 +74,7 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 	b.m.upstreamDur.Collect(ch)
 	b.m.storeErrors.Collect(ch)
 	b.m.lockWait.Collect(ch)
+	b.m.audit.Collect(ch)
 
 	now := b.now()
 	soonest := map[string]time.Duration{}

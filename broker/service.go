@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store"
@@ -47,43 +48,69 @@ func (s *Service) Drain() { s.drain.Do(func() { close(s.draining) }) }
 
 // GetToken returns a token for the requested credential.
 func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
+	ctx = withRequestID(ctx)
 	caller, err := callerFrom(ctx)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return nil, toStatus(fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+			return nil, s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
 	is, err := s.broker.GetToken(ctx, caller, r)
 	if err != nil {
-		s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", r.Credential), zap.Error(err))
-		return nil, toStatus(err)
+		return nil, s.deny(ctx, caller, r.Credential, r.Scopes, err)
 	}
-	if ce := s.log.Check(zap.DebugLevel, "token issued"); ce != nil {
-		ce.Write(zap.String("caller", string(caller)), zap.String("credential", r.Credential),
-			zap.String("source", is.Source), zap.String("fingerprint", is.Fingerprint))
+	if err := s.issued(ctx, caller, r.Credential, is); err != nil {
+		return nil, toStatus(err)
 	}
 	return &pb.GetTokenResponse{Token: tokenProto(is.Entry)}, nil
 }
 
+// issued records a token handed out. Under a fail-closed audit trail, a
+// failure to record it withholds the token.
+func (s *Service) issued(ctx context.Context, caller policy.Identity, credential string, is Issued) error {
+	err := s.broker.record(audit.Event{Event: audit.TokenIssued, RequestID: RequestID(ctx), Caller: string(caller),
+		Credential: credential, Scopes: is.Scopes, Source: is.Source, Fingerprint: is.Fingerprint,
+		ExpireTime: is.Expiry, Outcome: "ok"})
+	if err != nil {
+		s.log.Error("audit trail cannot be written; token withheld (audit.fail_closed)", zap.Error(err))
+		return fmt.Errorf("%w: the audit trail cannot be written", ErrUnavailable)
+	}
+	if ce := s.log.Check(zap.DebugLevel, "token issued"); ce != nil {
+		ce.Write(zap.String("caller", string(caller)), zap.String("credential", credential),
+			zap.String("source", is.Source), zap.String("fingerprint", is.Fingerprint))
+	}
+	return nil
+}
+
+// deny records a refused request and returns its status.
+func (s *Service) deny(ctx context.Context, caller policy.Identity, credential string, scopes []string, err error) error {
+	st := toStatus(err)
+	_ = s.broker.record(audit.Event{Event: audit.TokenDenied, RequestID: RequestID(ctx), Caller: string(caller),
+		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})
+	s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", credential), zap.Error(err))
+	return st
+}
+
 // WatchToken streams the current token and each replacement.
 func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_WatchTokenServer) error {
-	caller, err := callerFrom(stream.Context())
+	ctx := withRequestID(stream.Context())
+	caller, err := callerFrom(ctx)
 	if err != nil {
-		return toStatus(err)
+		return s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return toStatus(fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+			return s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
-	ctx, cancel := context.WithCancelCause(stream.Context())
+	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go func() {
 		select {
@@ -93,8 +120,9 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 		}
 	}()
 	err = s.broker.Watch(ctx, caller, r, func(e *store.Entry) error {
-		s.log.Debug("token sent to watcher", zap.String("caller", string(caller)), zap.String("credential", r.Credential),
-			zap.String("fingerprint", e.Fingerprint))
+		if err := s.issued(ctx, caller, r.Credential, Issued{Entry: e, Source: "watch"}); err != nil {
+			return err
+		}
 		return stream.Send(&pb.WatchTokenResponse{Token: tokenProto(e)})
 	})
 	switch cause := context.Cause(ctx); {
@@ -102,6 +130,9 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 		return toStatus(cause)
 	case stream.Context().Err() != nil:
 		return status.FromContextError(stream.Context().Err()).Err()
+	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrFailedPrecondition), errors.Is(err, ErrPermissionDenied),
+		errors.Is(err, ErrInvalidArgument):
+		return s.deny(ctx, caller, r.Credential, r.Scopes, err)
 	}
 	return toStatus(err)
 }
@@ -122,6 +153,7 @@ func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	ctx = withRequestID(ctx)
 	ok, err := s.broker.Invalidate(ctx, caller, InvalidateRequest{
 		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
 	if err != nil {

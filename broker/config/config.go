@@ -58,6 +58,8 @@ type Config struct {
 	TLS TLS `yaml:"tls"`
 	// Log configures the process log.
 	Log Log `yaml:"log"`
+	// Audit configures the audit trail.
+	Audit Audit `yaml:"audit"`
 	// Store selects the shared token store.
 	Store Store `yaml:"store"`
 	// Credentials are the client registrations the broker holds.
@@ -78,6 +80,14 @@ type TLS struct {
 type Log struct {
 	// Level is debug, info, warn or error.
 	Level string `yaml:"level"`
+}
+
+// Audit configures the audit trail (JSON lines).
+type Audit struct {
+	// Path is "stdout" (the default) or a file events are appended to.
+	Path string `yaml:"path"`
+	// FailClosed refuses to hand out a token whose issuance cannot be recorded.
+	FailClosed bool `yaml:"fail_closed"`
 }
 
 // Store selects the shared token store.
@@ -245,6 +255,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
+	}
+	if c.Audit.Path == "" {
+		c.Audit.Path = "stdout"
 	}
 	if c.Store.Backend == "" {
 		c.Store.Backend = "memory"

@@ -78,6 +78,7 @@ type harness struct {
 	srv    *Server
 	clock  *clock
 	logs   *logBuffer
+	audit  *logBuffer // the audit trail (audit.path: stdout)
 	secret string
 	dir    string
 
@@ -93,7 +94,7 @@ type harness struct {
 // newHarness starts a broker whose config mutate may adjust.
 func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	t.Helper()
-	h := &harness{t: t, clock: newClock(), logs: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
+	h := &harness{t: t, clock: newClock(), logs: &logBuffer{}, audit: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
 	var err error
 	if h.ca, err = devpki.NewCA("test CA", time.Hour); err != nil {
 		t.Fatal(err)
@@ -127,6 +128,7 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 		Reflection: true,
 		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile},
 		Log:        config.Log{Level: "debug"},
+		Audit:      config.Audit{Path: "stdout"},
 		Store: config.Store{Backend: "memory", EncryptionKeyFile: h.path("store-key"),
 			Redis: config.Redis{KeyPrefix: "tb-test:"}},
 		Credentials: []config.Credential{{
@@ -172,7 +174,7 @@ func (h *harness) startBroker() (srv *Server, stop func() error) {
 		h.t.Fatal(err)
 	}
 	// The tests drive the refresher themselves, on the fake clock.
-	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now, RefreshInterval: -1})
+	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now, RefreshInterval: -1, AuditStdout: h.audit})
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -265,6 +267,7 @@ func (h *harness) checkLogsClean() {
 	if !strings.Contains(logs, `"msg":"serving"`) {
 		h.t.Errorf("log capture is empty or broken: %q", logs)
 	}
+	logs += h.audit.String() // the audit trail is held to the same rule
 	if strings.Contains(logs, h.secret) {
 		h.t.Errorf("client secret found in logs")
 	}

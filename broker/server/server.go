@@ -37,6 +37,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker"
+	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -61,6 +62,8 @@ type Options struct {
 	Now func() time.Time
 	// RefreshInterval is passed to the Broker (negative: no background refresher).
 	RefreshInterval time.Duration
+	// AuditStdout receives the audit trail when audit.path is "stdout"; nil means os.Stdout.
+	AuditStdout io.Writer
 }
 
 // Server is a running tokenbroker. Create it with New, then call Run (or
@@ -72,6 +75,7 @@ type Server struct {
 	store  store.Store
 	broker *broker.Broker
 	svc    *broker.Service
+	audit  *audit.Logger
 	grpc   *grpc.Server
 	health *health.Server
 	admin  *http.Server
@@ -120,8 +124,12 @@ func New(opts Options) (*Server, error) {
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now); err != nil {
 		return nil, err
 	}
+	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout}); err != nil {
+		_ = s.store.Close()
+		return nil, err
+	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
-		RefreshInterval: opts.RefreshInterval})
+		RefreshInterval: opts.RefreshInterval, Audit: s.audit})
 	if err != nil {
 		return nil, err
 	}
@@ -303,6 +311,9 @@ func (s *Server) shutdown() {
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
 	s.broker.Close()
+	if err := s.audit.Close(); err != nil { // flushes buffered events
+		s.log.Warn("audit close failed", zap.Error(err))
+	}
 	if err := s.store.Close(); err != nil {
 		s.log.Warn("store close failed", zap.Error(err))
 	}
