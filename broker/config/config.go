@@ -74,6 +74,8 @@ type TLS struct {
 	KeyFile string `yaml:"key_file"`
 	// ClientCAFile holds the CA certificates that caller certificates must chain to (PEM).
 	ClientCAFile string `yaml:"client_ca_file"`
+	// MinVersion is "1.3" (the default) or "1.2", for callers that cannot speak TLS 1.3.
+	MinVersion string `yaml:"min_version"`
 }
 
 // Log configures the process log (JSON lines on stderr).
@@ -256,6 +258,9 @@ func (c *Config) applyDefaults() {
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}
+	if c.TLS.MinVersion == "" {
+		c.TLS.MinVersion = "1.3"
+	}
 	if c.Audit.Path == "" {
 		c.Audit.Path = "stdout"
 	}
@@ -314,6 +319,9 @@ func (c *Config) Validate() error {
 		if v == "" {
 			return fieldErr(key, "required")
 		}
+	}
+	if c.TLS.MinVersion != "1.3" && c.TLS.MinVersion != "1.2" {
+		return fieldErr("tls.min_version", "must be \"1.3\" or \"1.2\"; got %q", c.TLS.MinVersion)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -103,6 +103,7 @@ func TestParseInvalid(t *testing.T) {
 		{"bad listen_addr", strings.Replace(valid, "127.0.0.1:8443", "8443", 1), "listen_addr: must be host:port"},
 		{"no cert", strings.Replace(valid, "  cert_file: /tls/tls.crt\n", "", 1), "tls.cert_file: required"},
 		{"bad log level", valid + "log: {level: loud}\n", "log.level: must be one of"},
+		{"tls 1.1", strings.Replace(valid, "tls:\n", "tls:\n  min_version: \"1.1\"\n", 1), `tls.min_version: must be "1.3" or "1.2"`},
 		{"unknown backend", valid + "store: {backend: etcd}\n", "store.backend: must be memory or redis"},
 		{"redis without key", valid + "store: {backend: redis, redis: {addrs: [r:6379]}}\n", "store.encryption_key_file: required when store.backend is redis"},
 		{"redis without addrs", valid + "store: {backend: redis, encryption_key_file: /k}\n", "store.redis.addrs: at least one"},

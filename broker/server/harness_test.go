@@ -126,7 +126,7 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 		ListenAddr: "127.0.0.1:0",
 		AdminAddr:  "127.0.0.1:0",
 		Reflection: true,
-		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile},
+		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile, MinVersion: "1.3"},
 		Log:        config.Log{Level: "debug"},
 		Audit:      config.Audit{Path: "stdout"},
 		Store: config.Store{Backend: "memory", EncryptionKeyFile: h.path("store-key"),

@@ -10,7 +10,6 @@ package server
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,7 +17,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -40,6 +38,7 @@ import (
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/broker/tlsreload"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store"
@@ -47,6 +46,9 @@ import (
 
 // GracePeriod bounds how long shutdown waits for in-flight calls.
 const GracePeriod = 20 * time.Second
+
+// TLSReloadInterval is how often the TLS files are checked for changes.
+const TLSReloadInterval = 5 * time.Second
 
 // maxMessageSize caps request messages: requests are small, and a cap keeps a
 // misbehaving caller from making the server allocate.
@@ -79,7 +81,7 @@ type Server struct {
 	grpc   *grpc.Server
 	health *health.Server
 	admin  *http.Server
-	leaf   *x509.Certificate
+	tls    *tlsreload.Reloader
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
@@ -112,11 +114,16 @@ func New(opts Options) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	tc, leaf, err := serverTLS(s.cfg.TLS)
+	minVersion := uint16(tls.VersionTLS13)
+	if s.cfg.TLS.MinVersion == "1.2" {
+		minVersion = tls.VersionTLS12
+	}
+	var err error
+	s.tls, err = tlsreload.New(tlsreload.Files{CertFile: s.cfg.TLS.CertFile, KeyFile: s.cfg.TLS.KeyFile,
+		ClientCAFile: s.cfg.TLS.ClientCAFile}, minVersion)
 	if err != nil {
 		return nil, err
 	}
-	s.leaf = leaf
 	creds, err := brokerCredentials(s.cfg, s.now)
 	if err != nil {
 		return nil, err
@@ -143,7 +150,7 @@ func New(opts Options) (*Server, error) {
 		s.requests, s.broker)
 
 	s.grpc = grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tc)),
+		grpc.Creds(credentials.NewTLS(s.tls.ServerConfig())),
 		grpc.ChainUnaryInterceptor(s.countUnary),
 		grpc.ChainStreamInterceptor(s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
@@ -206,37 +213,6 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 	return out, nil
 }
 
-// serverTLS loads the server certificate and client CA: TLS 1.3, client
-// certificates required and verified, no session tickets (each connection
-// proves its certificate afresh).
-func serverTLS(c config.TLS) (*tls.Config, *x509.Certificate, error) {
-	cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
-	if err != nil {
-		return nil, nil, fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
-	}
-	leaf := cert.Leaf
-	if leaf == nil {
-		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
-			return nil, nil, fmt.Errorf("tls.cert_file: %w", err)
-		}
-	}
-	caPEM, err := os.ReadFile(c.ClientCAFile)
-	if err != nil {
-		return nil, nil, fmt.Errorf("tls.client_ca_file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, nil, errors.New("tls.client_ca_file: no PEM certificates found")
-	}
-	return &tls.Config{
-		MinVersion:             tls.VersionTLS13,
-		Certificates:           []tls.Certificate{cert},
-		ClientAuth:             tls.RequireAndVerifyClientCert,
-		ClientCAs:              pool,
-		SessionTicketsDisabled: true,
-	}, leaf, nil
-}
-
 // Listen binds the gRPC and admin listeners.
 func (s *Server) Listen() error {
 	var err error
@@ -281,6 +257,16 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(pb.TokenBroker_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.serving.Store(true)
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go s.tls.Watch(watchCtx, TLSReloadInterval, func(changed bool, err error) {
+		if err != nil {
+			s.log.Error("new TLS material does not load; the previous stays in force", zap.Error(err))
+			return
+		}
+		s.log.Info("TLS material reloaded", zap.String("subject", s.tls.Leaf().Subject.String()),
+			zap.Time("not_after", s.tls.Leaf().NotAfter))
+	})
 	s.log.Info("serving", zap.Stringer("grpc_addr", s.GRPCAddr()), zap.Stringer("admin_addr", s.AdminAddr()),
 		zap.Int("credentials", len(s.cfg.Credentials)), zap.String("store", s.store.Name()))
 
@@ -328,8 +314,8 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	if !s.serving.Load() {
 		checks["grpc_listener"], ready = "not serving", false
 	}
-	if s.now().After(s.leaf.NotAfter) {
-		checks["tls"], ready = "server certificate expired at "+s.leaf.NotAfter.UTC().Format(time.RFC3339), false
+	if leaf := s.tls.Leaf(); s.now().After(leaf.NotAfter) {
+		checks["tls"], ready = "server certificate expired at "+leaf.NotAfter.UTC().Format(time.RFC3339), false
 	}
 	code, st := http.StatusOK, "ready"
 	if !ready {
