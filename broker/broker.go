@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -461,6 +462,11 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		return flight{}, berr
 	}
 	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
+	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
+	if t.SecretIndex > 0 {
+		b.log.Warn("an older client secret worked; the first in client_secret_files was refused (is the rotation done at the bank?)",
+			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
+	}
 	g.succeeded()
 	e := &store.Entry{
 		AccessToken: t.AccessToken,

@@ -15,6 +15,7 @@ type metrics struct {
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
 	audit       *prometheus.CounterVec // event
+	secretUsed  *prometheus.CounterVec // credential, secret (index in client_secret_files)
 }
 
 func newMetrics() *metrics {
@@ -41,6 +42,10 @@ func newMetrics() *metrics {
 			Help:    "Time spent waiting for another replica's fetch.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}),
+		secretUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_client_secret_used_total",
+			Help: "Successful token requests by the client secret that worked (index in client_secret_files; 0 with one file).",
+		}, []string{"credential", "secret"}),
 		audit: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenbroker_audit_events_total",
 			Help: "Audit events recorded, by event.",
@@ -63,6 +68,7 @@ func (b *Broker) Describe(ch chan<- *prometheus.Desc) {
 	b.m.storeErrors.Describe(ch)
 	b.m.lockWait.Describe(ch)
 	b.m.audit.Describe(ch)
+	b.m.secretUsed.Describe(ch)
 	ch <- expiryDesc
 	ch <- healthyDesc
 }
@@ -75,6 +81,7 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 	b.m.storeErrors.Collect(ch)
 	b.m.lockWait.Collect(ch)
 	b.m.audit.Collect(ch)
+	b.m.secretUsed.Collect(ch)
 
 	now := b.now()
 	soonest := map[string]time.Duration{}

@@ -150,6 +150,9 @@ type Credential struct {
 	ClientID string `yaml:"client_id"`
 	// ClientSecretFile is the path of the file holding the client secret.
 	ClientSecretFile string `yaml:"client_secret_file"`
+	// ClientSecretFiles replaces ClientSecretFile during a rotation: [new, old],
+	// tried in order, the next only when the server answers invalid_client.
+	ClientSecretFiles []string `yaml:"client_secret_files"`
 	// AuthMethod is client_secret_basic (default) or client_secret_post.
 	AuthMethod string `yaml:"auth_method"`
 	// Scopes are the scopes requested by default and the most a caller may ask for.
@@ -403,8 +406,18 @@ func (cr *Credential) validate(p string) error {
 	if cr.ClientID == "" {
 		return fieldErr(p+".client_id", "required")
 	}
-	if cr.ClientSecretFile == "" {
+	switch {
+	case cr.ClientSecretFile == "" && len(cr.ClientSecretFiles) == 0:
 		return fieldErr(p+".client_secret_file", "required (the path of a file holding the secret)")
+	case cr.ClientSecretFile != "" && len(cr.ClientSecretFiles) > 0:
+		return fieldErr(p+".client_secret_files", "use either client_secret_file or client_secret_files, not both")
+	case len(cr.ClientSecretFiles) > 3:
+		return fieldErr(p+".client_secret_files", "at most 3 files (new, old)")
+	}
+	for j, f := range cr.ClientSecretFiles {
+		if f == "" {
+			return fieldErr(fmt.Sprintf("%s.client_secret_files[%d]", p, j), "must be a file path")
+		}
 	}
 	switch cr.AuthMethod {
 	case "client_secret_basic", "client_secret_post":
@@ -539,8 +552,15 @@ func (c *Config) CheckFiles() error {
 		}
 	}
 	for i, cr := range c.Credentials {
-		if err := check(fmt.Sprintf("credentials[%d].client_secret_file", i), cr.ClientSecretFile); err != nil {
-			return err
+		if cr.ClientSecretFile != "" {
+			if err := check(fmt.Sprintf("credentials[%d].client_secret_file", i), cr.ClientSecretFile); err != nil {
+				return err
+			}
+		}
+		for j, f := range cr.ClientSecretFiles {
+			if err := check(fmt.Sprintf("credentials[%d].client_secret_files[%d]", i, j), f); err != nil {
+				return err
+			}
 		}
 	}
 	return nil

@@ -120,6 +120,7 @@ func TestParseInvalid(t *testing.T) {
 		{"bad name", strings.Replace(valid, "name: identity", "name: 'a b'", 1), "credentials[0].name: must be 1 to 128"},
 		{"no client id", strings.Replace(valid, "client_id: my-app", "client_id: ''", 1), "credentials[0].client_id: required"},
 		{"no secret file", strings.Replace(valid, "client_secret_file: /secrets/identity", "client_secret: hunter2", 1), "credentials[0].client_secret: unknown key"},
+		{"both secret keys", valid + "    client_secret_files: [/a, /b]\n", "credentials[0].client_secret_files: use either client_secret_file or client_secret_files"},
 		{"bad auth", valid + "    auth_method: magic\n", "credentials[0].auth_method: must be client_secret_basic or client_secret_post"},
 		{"scope with space", strings.Replace(valid, "[IDENTITY]", "['A B']", 1), "credentials[0].scopes[0]: must be"},
 		{"duplicate scope", strings.Replace(valid, "[IDENTITY]", "[A, A]", 1), "credentials[0].scopes[1]: \"A\" is listed twice"},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -484,5 +485,43 @@ func TestGracefulShutdown(t *testing.T) {
 	if err == nil {
 		resp.Body.Close()
 		t.Errorf("admin still answering after shutdown: %d", resp.StatusCode)
+	}
+}
+
+// TestSecretRotationWithTwoFiles: during a rotation the broker holds [new, old].
+// Before the bank accepts the new secret the old one works; after, the new one
+// does; no GetToken fails in either phase.
+func TestSecretRotationWithTwoFiles(t *testing.T) {
+	var newFile string
+	h := newHarness(t, func(c *config.Config) {
+		newFile = filepath.Join(filepath.Dir(c.Credentials[0].ClientSecretFile), "secret-new")
+		c.Credentials[0].ClientSecretFiles = []string{newFile, c.Credentials[0].ClientSecretFile}
+		c.Credentials[0].ClientSecretFile = ""
+	})
+	newSecret := h.secret + "-new"
+	h.write("secret-new", newSecret)
+	c := h.client(payments)
+
+	// Phase 1: the bank knows only the old secret.
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY"}}); err != nil {
+		t.Fatalf("phase 1: %v", err)
+	}
+	if got := h.metric(t, "tokenbroker_client_secret_used_total", "credential=identity", "secret=1"); got != 1 {
+		t.Errorf("phase 1: old-secret uses = %v, want 1", got)
+	}
+	if !strings.Contains(h.logs.String(), "an older client secret worked") {
+		t.Error("phase 1: no log line saying the old secret worked")
+	}
+
+	// Phase 2: the bank switches to the new secret.
+	h.as.AddClient(oauthtest.Client{ID: "broker", Secret: newSecret, Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}}); err != nil {
+		t.Fatalf("phase 2: %v", err)
+	}
+	if got := h.metric(t, "tokenbroker_client_secret_used_total", "credential=identity", "secret=0"); got != 1 {
+		t.Errorf("phase 2: new-secret uses = %v, want 1", got)
+	}
+	if strings.Contains(h.logs.String()+h.audit.String(), newSecret) {
+		t.Error("the new secret appears in the logs")
 	}
 }

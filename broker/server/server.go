@@ -184,16 +184,17 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 			params.Set(k, v)
 		}
 		up, err := upstream.New(upstream.Config{
-			TokenURL:         c.TokenURL,
-			ClientID:         c.ClientID,
-			ClientSecretFile: c.ClientSecretFile,
-			AuthMethod:       upstream.AuthMethod(c.AuthMethod),
-			EndpointParams:   params,
-			DefaultTTL:       c.DefaultTTL.D(),
-			MaxTTL:           c.MaxTTL.D(),
-			ExpiryMargin:     c.ExpiryMargin.D(),
-			Timeout:          c.Timeout.D(),
-			Now:              now,
+			TokenURL:          c.TokenURL,
+			ClientID:          c.ClientID,
+			ClientSecretFile:  c.ClientSecretFile,
+			ClientSecretFiles: c.ClientSecretFiles,
+			AuthMethod:        upstream.AuthMethod(c.AuthMethod),
+			EndpointParams:    params,
+			DefaultTTL:        c.DefaultTTL.D(),
+			MaxTTL:            c.MaxTTL.D(),
+			ExpiryMargin:      c.ExpiryMargin.D(),
+			Timeout:           c.Timeout.D(),
+			Now:               now,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("credentials[%d]: %w", i, err)

@@ -54,6 +54,9 @@ type Config struct {
 	// ClientSecretFile is the path of a file holding the client secret; it is
 	// read at every fetch.
 	ClientSecretFile string
+	// ClientSecretFiles, during a rotation, replaces ClientSecretFile: the
+	// files are tried in order, the next one only on invalid_client.
+	ClientSecretFiles []string
 	// AuthMethod is the client authentication method; empty means ClientSecretBasic.
 	AuthMethod AuthMethod
 	// EndpointParams are extra form fields sent with every request (audience, resource).
@@ -88,6 +91,8 @@ type Token struct {
 	IssuedAt time.Time
 	// Expiry is IssuedAt plus the granted lifetime.
 	Expiry time.Time
+	// SecretIndex is the index in ClientSecretFiles of the secret that worked.
+	SecretIndex int
 }
 
 // Client fetches tokens for one client registration. It is safe for concurrent use.
@@ -98,8 +103,11 @@ type Client struct {
 
 // New returns a Client for cfg, filling in defaults.
 func New(cfg Config) (*Client, error) {
-	if cfg.TokenURL == "" || cfg.ClientID == "" || cfg.ClientSecretFile == "" {
-		return nil, errors.New("upstream: TokenURL, ClientID and ClientSecretFile are required")
+	if cfg.ClientSecretFile != "" {
+		cfg.ClientSecretFiles = append([]string{cfg.ClientSecretFile}, cfg.ClientSecretFiles...)
+	}
+	if cfg.TokenURL == "" || cfg.ClientID == "" || len(cfg.ClientSecretFiles) == 0 {
+		return nil, errors.New("upstream: TokenURL, ClientID and a client secret file are required")
 	}
 	switch cfg.AuthMethod {
 	case "":
@@ -143,16 +151,32 @@ func newTransport(connect, overall time.Duration) *http.Transport {
 	}
 }
 
-// Fetch requests a token for scopes. It returns an *Error on failure.
+// Fetch requests a token for scopes. It returns an *Error on failure. With
+// several secret files, the next is tried only when the server answers
+// invalid_client to the previous one.
 func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
-	sec, err := secret.ReadFile(c.cfg.ClientSecretFile)
-	if err != nil {
-		return nil, &Error{Reason: ReasonNoSecret, err: err}
-	}
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.http)
+	for i, f := range c.cfg.ClientSecretFiles {
+		sec, err := secret.ReadFile(f)
+		if err != nil {
+			return nil, &Error{Reason: ReasonNoSecret, err: err}
+		}
+		t, err := c.fetchWith(ctx, sec, scopes)
+		var ue *Error
+		if errors.As(err, &ue) && ue.Code == "invalid_client" && i+1 < len(c.cfg.ClientSecretFiles) {
+			continue
+		}
+		if t != nil {
+			t.SecretIndex = i
+		}
+		return t, err
+	}
+	panic("unreachable: New requires a secret file")
+}
 
+func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []string) (*Token, error) {
 	cc := clientcredentials.Config{
 		ClientID:       c.cfg.ClientID,
 		ClientSecret:   sec.Reveal(),
