@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
+	"golang.org/x/time/rate"
 
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -89,6 +90,10 @@ type Options struct {
 	Audit *audit.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// RateLimit and RateBurst limit each caller's calls (InvalidateToken has
+	// its own, stricter limit); a zero RateLimit means no limit.
+	RateLimit float64
+	RateBurst int
 	// RefreshInterval is how often the background refresher looks for tokens
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
@@ -120,15 +125,16 @@ type Broker struct {
 	log   *zap.Logger
 	now   func() time.Time
 
-	creds   atomic.Pointer[map[string]*credential]
-	l1      sync.Map // cache key → *slot
-	flights singleflight.Group
-	waiters waiters
-	limits  limiters // InvalidateToken, per caller
-	gates   sync.Map // credential name → *gate; kept across SetCredentials
-	m       *metrics
-	audit   *audit.Logger
-	stop    context.CancelFunc
+	creds         atomic.Pointer[map[string]*credential]
+	l1            sync.Map // cache key → *slot
+	flights       singleflight.Group
+	waiters       waiters
+	invalidations limiters // InvalidateToken, per caller
+	requests      limiters // the other calls, per caller
+	gates         sync.Map // credential name → *gate; kept across SetCredentials
+	m             *metrics
+	audit         *audit.Logger
+	stop          context.CancelFunc
 }
 
 type credential struct {
@@ -144,7 +150,9 @@ func New(opts Options) (*Broker, error) {
 	if opts.Store == nil {
 		return nil, errors.New("broker: Store is required")
 	}
-	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics(), audit: opts.Audit}
+	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics(), audit: opts.Audit,
+		invalidations: limiters{rate: invalidateRate, burst: invalidateBurst},
+		requests:      limiters{rate: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1)}}
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
@@ -238,8 +246,11 @@ type prepared struct {
 	minTTL time.Duration
 }
 
-// prepare checks a request and the caller's right to it.
+// prepare checks a request, the caller's right to it and the caller's rate.
 func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) {
+	if !b.requests.allow(caller) {
+		return prepared{}, fmt.Errorf("%w: caller %s is over its rate limit; slow down", ErrResourceExhausted, caller)
+	}
 	c, err := b.authorize(caller, req.Credential)
 	if err != nil {
 		return prepared{}, err
@@ -574,7 +585,10 @@ type CredentialInfo struct {
 }
 
 // ListCredentials returns the credentials caller may use, sorted by name.
-func (b *Broker) ListCredentials(caller policy.Identity) []CredentialInfo {
+func (b *Broker) ListCredentials(caller policy.Identity) ([]CredentialInfo, error) {
+	if !b.requests.allow(caller) {
+		return nil, fmt.Errorf("%w: caller %s is over its rate limit; slow down", ErrResourceExhausted, caller)
+	}
 	var out []CredentialInfo
 	for _, c := range *b.creds.Load() {
 		if c.Callers.Allows(caller) {
@@ -582,5 +596,5 @@ func (b *Broker) ListCredentials(caller policy.Identity) []CredentialInfo {
 		}
 	}
 	slices.SortFunc(out, func(a, b CredentialInfo) int { return strings.Compare(a.Name, b.Name) })
-	return out
+	return out, nil
 }

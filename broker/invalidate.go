@@ -44,7 +44,7 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 	if !validFingerprint(req.Fingerprint) {
 		return false, fmt.Errorf("%w: fingerprint must be 32 lowercase hex digits", ErrInvalidArgument)
 	}
-	if !b.limits.allow(caller) {
+	if !b.invalidations.allow(caller) {
 		return false, fmt.Errorf("%w: too many invalidations from caller %s; slow down", ErrResourceExhausted, caller)
 	}
 	dropped := b.drop(key, req.Fingerprint)
@@ -77,7 +77,11 @@ func validFingerprint(s string) bool {
 }
 
 // limiters holds a token bucket per caller, forgetting callers idle for long.
+// A zero rate means no limit.
 type limiters struct {
+	rate  rate.Limit
+	burst int
+
 	mu    sync.Mutex
 	m     map[policy.Identity]*limiter
 	sweep time.Time
@@ -89,6 +93,9 @@ type limiter struct {
 }
 
 func (l *limiters) allow(id policy.Identity) bool {
+	if l.rate == 0 {
+		return true
+	}
 	now := time.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -105,7 +112,7 @@ func (l *limiters) allow(id policy.Identity) bool {
 	}
 	lim, ok := l.m[id]
 	if !ok {
-		lim = &limiter{Limiter: rate.NewLimiter(invalidateRate, invalidateBurst)}
+		lim = &limiter{Limiter: rate.NewLimiter(l.rate, l.burst)}
 		l.m[id] = lim
 	}
 	lim.last = now

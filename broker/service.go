@@ -168,7 +168,10 @@ func (s *Service) ListCredentials(ctx context.Context, _ *pb.ListCredentialsRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	infos := s.broker.ListCredentials(caller)
+	infos, err := s.broker.ListCredentials(caller)
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	resp := &pb.ListCredentialsResponse{Credentials: make([]*pb.Credential, 0, len(infos))}
 	for _, c := range infos {
 		resp.Credentials = append(resp.Credentials, &pb.Credential{Name: c.Name, Scopes: c.Scopes})

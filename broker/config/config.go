@@ -60,6 +60,9 @@ type Config struct {
 	Log Log `yaml:"log"`
 	// Audit configures the audit trail.
 	Audit Audit `yaml:"audit"`
+	// RateLimit limits each caller's calls; absent means the default
+	// (DefaultRate per second, bursts of twice that).
+	RateLimit *RateLimit `yaml:"rate_limit"`
 	// Store selects the shared token store.
 	Store Store `yaml:"store"`
 	// Credentials are the client registrations the broker holds.
@@ -82,6 +85,14 @@ type TLS struct {
 type Log struct {
 	// Level is debug, info, warn or error.
 	Level string `yaml:"level"`
+}
+
+// RateLimit limits each caller identity's calls (token bucket).
+type RateLimit struct {
+	// RequestsPerSecond is the sustained rate; 0 turns the limit off.
+	RequestsPerSecond float64 `yaml:"requests_per_second"`
+	// Burst is how many calls may come at once.
+	Burst int `yaml:"burst"`
 }
 
 // Audit configures the audit trail (JSON lines).
@@ -213,6 +224,7 @@ const (
 	DefaultRefreshAt  = 0.6
 	DefaultIdle       = 30 * time.Minute
 	DefaultMargin     = 10 * time.Second
+	DefaultRate       = 200 // calls per second per caller
 )
 
 // Load reads and parses the file at path.
@@ -260,6 +272,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
+	}
+	if c.RateLimit == nil {
+		c.RateLimit = &RateLimit{RequestsPerSecond: DefaultRate, Burst: 2 * DefaultRate}
 	}
 	if c.TLS.MinVersion == "" {
 		c.TLS.MinVersion = "1.3"
@@ -325,6 +340,9 @@ func (c *Config) Validate() error {
 	}
 	if c.TLS.MinVersion != "1.3" && c.TLS.MinVersion != "1.2" {
 		return fieldErr("tls.min_version", "must be \"1.3\" or \"1.2\"; got %q", c.TLS.MinVersion)
+	}
+	if rl := c.RateLimit; rl != nil && (rl.RequestsPerSecond < 0 || rl.Burst < 0 || rl.RequestsPerSecond > 0 && rl.Burst < 1) {
+		return fieldErr("rate_limit", "requests_per_second must be 0 (off) or positive, with a burst of at least 1")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

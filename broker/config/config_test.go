@@ -36,6 +36,13 @@ func TestParseValid(t *testing.T) {
 		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout || cr.RefreshAt != DefaultRefreshAt || cr.IdleTimeout.D() != DefaultIdle {
 		t.Errorf("credential defaults not applied: %+v", cr)
 	}
+	if c.RateLimit == nil || c.RateLimit.RequestsPerSecond != DefaultRate || c.RateLimit.Burst != 2*DefaultRate {
+		t.Errorf("rate_limit default = %+v", c.RateLimit)
+	}
+	off, err := Parse([]byte(valid + "rate_limit: {requests_per_second: 0}\n"))
+	if err != nil || off.RateLimit.RequestsPerSecond != 0 {
+		t.Errorf("rate_limit explicitly off = %+v, %v; want 0", off.RateLimit, err)
+	}
 	c2, err := Parse([]byte(valid + "    default_ttl: 90s\n    min_ttl: 1m\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -103,6 +110,7 @@ func TestParseInvalid(t *testing.T) {
 		{"bad listen_addr", strings.Replace(valid, "127.0.0.1:8443", "8443", 1), "listen_addr: must be host:port"},
 		{"no cert", strings.Replace(valid, "  cert_file: /tls/tls.crt\n", "", 1), "tls.cert_file: required"},
 		{"bad log level", valid + "log: {level: loud}\n", "log.level: must be one of"},
+		{"negative rate", valid + "rate_limit: {requests_per_second: -1}\n", "rate_limit: requests_per_second must be 0 (off) or positive"},
 		{"tls 1.1", strings.Replace(valid, "tls:\n", "tls:\n  min_version: \"1.1\"\n", 1), `tls.min_version: must be "1.3" or "1.2"`},
 		{"unknown backend", valid + "store: {backend: etcd}\n", "store.backend: must be memory or redis"},
 		{"redis without key", valid + "store: {backend: redis, redis: {addrs: [r:6379]}}\n", "store.encryption_key_file: required when store.backend is redis"},

@@ -382,6 +382,31 @@ func TestInvalidateToken(t *testing.T) {
 	}
 }
 
+func TestRateLimitedPerCaller(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) { c.RateLimit = &config.RateLimit{RequestsPerSecond: 5, Burst: 5} })
+	noisy, quiet := h.client(payments), h.client(kycWork)
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	var limited int
+	for range 20 {
+		_, err := h.get(noisy, req)
+		switch st := status.Convert(err); {
+		case st.Code() == codes.ResourceExhausted && strings.Contains(st.Message(), "over its rate limit"):
+			limited++
+		case err != nil:
+			t.Fatal(err)
+		}
+	}
+	if limited < 10 {
+		t.Errorf("20 quick calls at 5/s (burst 5): %d limited, want at least 10", limited)
+	}
+	if _, err := h.get(quiet, req); err != nil {
+		t.Errorf("another caller was limited too: %v", err)
+	}
+	if _, err := noisy.ListCredentials(context.Background(), &pb.ListCredentialsRequest{}); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("ListCredentials over the limit: %v, want ResourceExhausted", err)
+	}
+}
+
 func TestInvalidateRateLimitedPerCaller(t *testing.T) {
 	h := newHarness(t, nil)
 	ctx := context.Background()

@@ -135,8 +135,13 @@ func New(opts Options) (*Server, error) {
 		_ = s.store.Close()
 		return nil, err
 	}
+	rl := config.RateLimit{} // none when the config (built in code) has no section
+	if s.cfg.RateLimit != nil {
+		rl = *s.cfg.RateLimit
+	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
-		RefreshInterval: opts.RefreshInterval, Audit: s.audit})
+		RefreshInterval: opts.RefreshInterval, Audit: s.audit,
+		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst})
 	if err != nil {
 		return nil, err
 	}
