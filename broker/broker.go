@@ -142,6 +142,7 @@ type credential struct {
 	scopeSet   map[string]bool
 	upstreamID string
 	defaultKey string
+	ruleScopes map[int]scopeSet   // per restricted policy rule: its default scopes and their key
 	hits       prometheus.Counter // tokenbroker_token_source_total{source="memory"}, resolved once
 }
 
@@ -222,6 +223,12 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
+		cr.ruleScopes = map[int]scopeSet{}
+		for i, r := range c.Callers.Rules() {
+			if len(r.Scopes) > 0 {
+				cr.ruleScopes[i] = cr.scopesFor(r.Scopes)
+			}
+		}
 		cr.hits = b.m.source.WithLabelValues(c.Name, SourceMemory)
 		m[c.Name] = cr
 	}
@@ -251,11 +258,11 @@ func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) 
 	if !b.requests.allow(caller) {
 		return prepared{}, fmt.Errorf("%w: caller %s is over its rate limit; slow down", ErrResourceExhausted, caller)
 	}
-	c, err := b.authorize(caller, req.Credential)
+	c, grant, err := b.authorize(caller, req.Credential)
 	if err != nil {
 		return prepared{}, err
 	}
-	scopes, key, err := c.resolve(req.Scopes)
+	scopes, key, err := c.resolve(caller, grant, req.Scopes)
 	if err != nil {
 		return prepared{}, err
 	}
@@ -293,24 +300,55 @@ func (b *Broker) get(ctx context.Context, p prepared) (Issued, error) {
 // authorize checks the request's credential name and the caller's right to it.
 // An unknown credential and a forbidden one give the same error, so callers
 // cannot probe which credentials exist.
-func (b *Broker) authorize(caller policy.Identity, name string) (*credential, error) {
+func (b *Broker) authorize(caller policy.Identity, name string) (*credential, policy.Grant, error) {
 	if name == "" {
-		return nil, fmt.Errorf("%w: credential is required", ErrInvalidArgument)
+		return nil, policy.Grant{}, fmt.Errorf("%w: credential is required", ErrInvalidArgument)
 	}
 	if !config.ValidName(name) {
-		return nil, fmt.Errorf("%w: credential must be 1 to %d characters of A-Z a-z 0-9 . _ -", ErrInvalidArgument, config.MaxNameLen)
+		return nil, policy.Grant{}, fmt.Errorf("%w: credential must be 1 to %d characters of A-Z a-z 0-9 . _ -", ErrInvalidArgument, config.MaxNameLen)
 	}
-	c := (*b.creds.Load())[name]
-	if c == nil || !c.Callers.Allows(caller) {
-		return nil, fmt.Errorf("%w: caller %s may not use credential %q", ErrPermissionDenied, caller, name)
+	if c := (*b.creds.Load())[name]; c != nil {
+		if g, ok := c.Callers.Grant(caller); ok {
+			return c, g, nil
+		}
 	}
-	return c, nil
+	return nil, policy.Grant{}, fmt.Errorf("%w: caller %s may not use credential %q", ErrPermissionDenied, caller, name)
 }
 
-// resolve returns the sorted scope set of a request and its cache key.
-func (c *credential) resolve(req []string) ([]string, string, error) {
+// scopeSet is a sorted scope set and its cache key.
+type scopeSet struct {
+	scopes []string
+	key    string
+}
+
+// scopesFor returns the credential's scopes that are also in allowed.
+func (c *credential) scopesFor(allowed []string) scopeSet {
+	var s []string
+	for _, sc := range c.Scopes {
+		if slices.Contains(allowed, sc) {
+			s = append(s, sc)
+		}
+	}
+	if slices.Equal(s, c.Scopes) {
+		return scopeSet{c.Scopes, c.defaultKey}
+	}
+	return scopeSet{s, cacheKey(c.Name, c.upstreamID, s)}
+}
+
+// resolve returns the sorted scope set of a request and its cache key. An
+// empty request means every scope the caller may use.
+func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []string) ([]string, string, error) {
 	if len(req) == 0 {
-		return c.Scopes, c.defaultKey, nil
+		switch {
+		case g.Scopes == nil:
+			return c.Scopes, c.defaultKey, nil
+		case g.Rule >= 0:
+			rs := c.ruleScopes[g.Rule]
+			return rs.scopes, rs.key, nil
+		default:
+			rs := c.scopesFor(g.Scopes)
+			return rs.scopes, rs.key, nil
+		}
 	}
 	if len(req) > config.MaxScopes {
 		return nil, "", fmt.Errorf("%w: at most %d scopes", ErrInvalidArgument, config.MaxScopes)
@@ -321,6 +359,9 @@ func (c *credential) resolve(req []string) ([]string, string, error) {
 		}
 		if !c.scopeSet[s] {
 			return nil, "", fmt.Errorf("%w: scope %q is not allowed for credential %q", ErrInvalidArgument, s, c.Name)
+		}
+		if g.Scopes != nil && !slices.Contains(g.Scopes, s) {
+			return nil, "", fmt.Errorf("%w: caller %s may not use scope %q of credential %q", ErrPermissionDenied, caller, s, c.Name)
 		}
 	}
 	scopes := slices.Clone(req)
@@ -591,8 +632,12 @@ func (b *Broker) ListCredentials(caller policy.Identity) ([]CredentialInfo, erro
 	}
 	var out []CredentialInfo
 	for _, c := range *b.creds.Load() {
-		if c.Callers.Allows(caller) {
-			out = append(out, CredentialInfo{Name: c.Name, Scopes: slices.Clone(c.Scopes)})
+		if g, ok := c.Callers.Grant(caller); ok {
+			scopes := c.Scopes
+			if g.Scopes != nil {
+				scopes = c.scopesFor(g.Scopes).scopes
+			}
+			out = append(out, CredentialInfo{Name: c.Name, Scopes: slices.Clone(scopes)})
 		}
 	}
 	slices.SortFunc(out, func(a, b CredentialInfo) int { return strings.Compare(a.Name, b.Name) })

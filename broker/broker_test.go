@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
 	"github.com/tokenbroker/tokenbroker/store"
 )
@@ -86,16 +87,16 @@ func TestResolveScopes(t *testing.T) {
 	}
 	c := (*b.creds.Load())["identity"]
 	for _, req := range [][]string{nil, {"A", "B"}, {"B", "A", "A"}} {
-		scopes, key, err := c.resolve(req)
+		scopes, key, err := c.resolve(testCaller, policy.Grant{Rule: -1}, req)
 		if err != nil || key != c.defaultKey || strings.Join(scopes, " ") != "A B" {
 			t.Errorf("resolve(%v) = %v, %q, %v; want the default set and key", req, scopes, key, err)
 		}
 	}
-	scopes, key, err := c.resolve([]string{"B"})
+	scopes, key, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"B"})
 	if err != nil || key == c.defaultKey || strings.Join(scopes, " ") != "B" {
 		t.Errorf("resolve([B]) = %v, %q, %v; want [B] under its own key", scopes, key, err)
 	}
-	if _, _, err := c.resolve([]string{"C"}); !errors.Is(err, ErrInvalidArgument) {
+	if _, _, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"C"}); !errors.Is(err, ErrInvalidArgument) {
 		t.Errorf("resolve([C]) = %v, want ErrInvalidArgument", err)
 	}
 }

@@ -186,8 +186,35 @@ type Credential struct {
 	// ExpiryMargin is taken off every granted lifetime (at most half of it)
 	// against clock skew and transit time.
 	ExpiryMargin Duration `yaml:"expiry_margin"`
-	// AllowedCallers are the caller patterns admitted; none means nobody.
-	AllowedCallers []string `yaml:"allowed_callers"`
+	// AllowedCallers are the callers admitted; none means nobody.
+	AllowedCallers []AllowedCaller `yaml:"allowed_callers"`
+}
+
+// AllowedCaller admits the callers Caller matches, to Scopes (all of the
+// credential's scopes when empty). In YAML it is either the pattern alone or
+// a mapping {caller: pattern, scopes: [...]}.
+type AllowedCaller struct {
+	Caller string   `yaml:"caller"`
+	Scopes []string `yaml:"scopes"`
+}
+
+// UnmarshalYAML accepts a bare pattern or a mapping.
+func (a *AllowedCaller) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		a.Caller, a.Scopes = n.Value, nil
+		return nil
+	}
+	type plain AllowedCaller
+	return n.Decode((*plain)(a))
+}
+
+// MarshalYAML writes a bare pattern when there is no scope restriction.
+func (a AllowedCaller) MarshalYAML() (any, error) {
+	if len(a.Scopes) == 0 {
+		return a.Caller, nil
+	}
+	type plain AllowedCaller
+	return plain(a), nil
 }
 
 // Duration is a time.Duration written with a unit ("30s", "5m"). A bare
@@ -482,8 +509,14 @@ func (cr *Credential) validate(p string) error {
 		return fieldErr(p+".expiry_margin", "must be between 0s and 5m")
 	}
 	for j, a := range cr.AllowedCallers {
-		if err := policy.CheckPattern(a); err != nil {
-			return fieldErr(fmt.Sprintf("%s.allowed_callers[%d]", p, j), "%v", err)
+		key := fmt.Sprintf("%s.allowed_callers[%d]", p, j)
+		if err := policy.CheckPattern(a.Caller); err != nil {
+			return fieldErr(key, "%v", err)
+		}
+		for k, sc := range a.Scopes {
+			if !seen[sc] {
+				return fieldErr(fmt.Sprintf("%s.scopes[%d]", key, k), "%q is not one of the credential's scopes", sc)
+			}
 		}
 	}
 	return nil

@@ -52,6 +52,19 @@ func TestParseValid(t *testing.T) {
 	}
 }
 
+func TestAllowedCallerForms(t *testing.T) {
+	c, err := Parse([]byte(strings.Replace(valid, "[spiffe://bank.internal/ns/kyc/*]",
+		"[spiffe://bank.internal/ns/payments/sa/api, {caller: spiffe://bank.internal/ns/kyc/*, scopes: [IDENTITY]}]", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := c.Credentials[0].AllowedCallers
+	if len(got) != 2 || got[0].Caller != "spiffe://bank.internal/ns/payments/sa/api" || got[0].Scopes != nil ||
+		got[1].Caller != "spiffe://bank.internal/ns/kyc/*" || strings.Join(got[1].Scopes, " ") != "IDENTITY" {
+		t.Errorf("allowed_callers = %+v", got)
+	}
+}
+
 func TestParseRedis(t *testing.T) {
 	c, err := Parse([]byte(valid + `
 store:
@@ -144,6 +157,10 @@ func TestParseInvalid(t *testing.T) {
 		{"idle_timeout negative", valid + "    idle_timeout: -1m\n", "credentials[0].idle_timeout: must be positive"},
 		{"expiry_margin large", valid + "    expiry_margin: 1h\n", "credentials[0].expiry_margin: must be between 0s and 5m"},
 		{"bad caller", strings.Replace(valid, "spiffe://bank.internal/ns/kyc/*", "spiffe://bank.internal/*/kyc", 1), "credentials[0].allowed_callers[0]:"},
+		{"caller scope not on credential", strings.Replace(valid, "[spiffe://bank.internal/ns/kyc/*]", "[{caller: spiffe://bank.internal/ns/kyc/*, scopes: [ADMIN]}]", 1),
+			`credentials[0].allowed_callers[0].scopes[0]: "ADMIN" is not one of the credential's scopes`},
+		{"caller unknown key", strings.Replace(valid, "[spiffe://bank.internal/ns/kyc/*]", "[{caler: spiffe://bank.internal/ns/kyc/*}]", 1),
+			"credentials[0].allowed_callers[0].caler: unknown key"},
 		{"duplicate name", valid + strings.Split(valid, "credentials:\n")[1], "credentials[1].name: \"identity\" is used by an earlier credential"},
 		{"not yaml", "listen_addr: [", "config: yaml:"},
 	}

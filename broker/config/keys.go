@@ -23,6 +23,9 @@ func checkKeys(n *yaml.Node, t reflect.Type, path string) error {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
+	if t == reflect.TypeFor[AllowedCaller]() && n.Kind == yaml.ScalarNode {
+		return nil // the bare-pattern form
+	}
 	if t == reflect.TypeFor[Duration]() {
 		var d Duration
 		if err := d.UnmarshalYAML(n); err != nil {

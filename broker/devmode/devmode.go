@@ -206,7 +206,7 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 			MaxTTL:           config.Duration(time.Hour),
 			MinTTL:           config.Duration(config.DefaultMinTTL),
 			Timeout:          config.Duration(config.DefaultTimeout),
-			AllowedCallers:   []string{ClientIdentity},
+			AllowedCallers:   []config.AllowedCaller{{Caller: ClientIdentity}},
 		}},
 	}
 	if opts.RedisAddr != "" {

@@ -7,6 +7,7 @@
 // identity by exact match, or by a "/*" suffix that matches on a path segment
 // boundary: "spiffe://td/ns/kyc/*" admits "spiffe://td/ns/kyc/sa/api" but
 // neither "spiffe://td/ns/kycx/sa/api" nor "spiffe://td/ns/kyc" itself.
+// A rule may also restrict a caller to some of the credential's scopes.
 // Nothing is admitted by default.
 package policy
 
@@ -15,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 )
 
@@ -47,29 +49,77 @@ func IdentityFromCert(c *x509.Certificate) (Identity, error) {
 	return "", ErrNoIdentity
 }
 
-// Matcher admits the identities its patterns name. The zero Matcher admits none.
-type Matcher struct {
-	exact    map[Identity]struct{}
-	prefixes []string // each ends in "/"
+// Rule admits the callers its Pattern matches, to the Scopes it lists (all
+// of the credential's scopes when Scopes is empty).
+type Rule struct {
+	Pattern string
+	Scopes  []string
 }
 
-// Compile parses patterns: "spiffe://trust-domain/path", "spiffe://trust-domain/path/*"
-// or "dns:name". The error names the first bad pattern.
+// Grant is what a Matcher admits a caller to.
+type Grant struct {
+	// Scopes are the scopes the caller may use, sorted; nil means all.
+	Scopes []string
+	// Rule is the index of the matching rule when exactly one restricted rule
+	// matched (so callers can precompute per rule), else -1.
+	Rule int
+}
+
+// Matcher admits the identities its rules name. The zero Matcher admits none.
+type Matcher struct {
+	exact    map[Identity][]int // identity → indexes of rules
+	prefixes []prefix
+	rules    []Rule
+}
+
+type prefix struct {
+	base string // ends in "/"
+	rule int
+}
+
+// Compile parses patterns, each admitting to all scopes. See CompileRules.
 func Compile(patterns []string) (*Matcher, error) {
-	m := &Matcher{exact: make(map[Identity]struct{}, len(patterns))}
-	for _, p := range patterns {
+	rules := make([]Rule, len(patterns))
+	for i, p := range patterns {
+		rules[i] = Rule{Pattern: p}
+	}
+	return CompileRules(rules)
+}
+
+// CompileRules parses rules whose patterns are "spiffe://trust-domain/path",
+// "spiffe://trust-domain/path/*" or "dns:name". The error names the first bad pattern.
+func CompileRules(rules []Rule) (*Matcher, error) {
+	m := &Matcher{exact: make(map[Identity][]int, len(rules))}
+	for i, r := range rules {
+		p := r.Pattern
 		if err := CheckPattern(p); err != nil {
 			return nil, err
 		}
-		if strings.HasPrefix(p, "dns:") {
-			m.exact[Identity(strings.ToLower(p))] = struct{}{}
-		} else if base, ok := strings.CutSuffix(p, "/*"); ok {
-			m.prefixes = append(m.prefixes, base+"/")
-		} else {
-			m.exact[Identity(p)] = struct{}{}
+		if len(r.Scopes) > 0 {
+			r.Scopes = slices.Clone(r.Scopes)
+			slices.Sort(r.Scopes)
+			r.Scopes = slices.Compact(r.Scopes)
+		}
+		m.rules = append(m.rules, r)
+		switch base, isPrefix := strings.CutSuffix(p, "/*"); {
+		case strings.HasPrefix(p, "dns:"):
+			id := Identity(strings.ToLower(p))
+			m.exact[id] = append(m.exact[id], i)
+		case isPrefix:
+			m.prefixes = append(m.prefixes, prefix{base: base + "/", rule: i})
+		default:
+			m.exact[Identity(p)] = append(m.exact[Identity(p)], i)
 		}
 	}
 	return m, nil
+}
+
+// Rules returns the compiled rules, scopes sorted.
+func (m *Matcher) Rules() []Rule {
+	if m == nil {
+		return nil
+	}
+	return m.rules
 }
 
 // CheckPattern reports whether p is a valid caller pattern, and why not.
@@ -115,16 +165,48 @@ func checkSPIFFE(id string) error {
 
 // Allows reports whether id is admitted.
 func (m *Matcher) Allows(id Identity) bool {
+	_, ok := m.Grant(id)
+	return ok
+}
+
+// Grant reports whether id is admitted and to which scopes: the union of
+// the scopes of every matching rule, all of them if any rule is unrestricted.
+func (m *Matcher) Grant(id Identity) (Grant, bool) {
 	if m == nil || id == "" {
-		return false
+		return Grant{}, false
 	}
-	if _, ok := m.exact[id]; ok {
+	matched := -1 // the single restricted rule matched so far
+	var union []string
+	found := false
+	visit := func(i int) bool { // false: unrestricted, stop
+		found = true
+		r := m.rules[i]
+		if len(r.Scopes) == 0 {
+			return false
+		}
+		switch {
+		case matched == -1 && union == nil:
+			matched, union = i, r.Scopes
+		default:
+			matched = -1
+			union = slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(union), r.Scopes...))))
+		}
 		return true
 	}
-	for _, p := range m.prefixes {
-		if len(id) > len(p) && strings.HasPrefix(string(id), p) {
-			return true
+	for _, i := range m.exact[id] {
+		if !visit(i) {
+			return Grant{Rule: -1}, true
 		}
 	}
-	return false
+	for _, p := range m.prefixes {
+		if len(id) > len(p.base) && strings.HasPrefix(string(id), p.base) {
+			if !visit(p.rule) {
+				return Grant{Rule: -1}, true
+			}
+		}
+	}
+	if !found {
+		return Grant{}, false
+	}
+	return Grant{Scopes: union, Rule: matched}, true
 }

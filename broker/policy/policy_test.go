@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net/url"
+	"strings"
 	"testing"
 )
 
@@ -41,6 +42,36 @@ func TestMatcher(t *testing.T) {
 	var none *Matcher
 	if none.Allows("spiffe://bank.internal/ns/kyc/a") {
 		t.Error("nil Matcher admitted a caller")
+	}
+}
+
+func TestGrantScopes(t *testing.T) {
+	m, err := CompileRules([]Rule{
+		{Pattern: "spiffe://td/ns/kyc/*", Scopes: []string{"READ", "IDENTITY"}},
+		{Pattern: "spiffe://td/ns/kyc/sa/admin", Scopes: []string{"ADMIN"}},
+		{Pattern: "spiffe://td/ns/payments/sa/api"},
+		{Pattern: "spiffe://td/ns/payments/*", Scopes: []string{"READ"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		id       Identity
+		ok       bool
+		scopes   string // joined; "" with ok means all
+		wantRule int
+	}{
+		{"spiffe://td/ns/kyc/sa/worker", true, "IDENTITY READ", 0},
+		{"spiffe://td/ns/kyc/sa/admin", true, "ADMIN IDENTITY READ", -1}, // two restricted rules: the union
+		{"spiffe://td/ns/payments/sa/api", true, "", -1},                 // an unrestricted rule wins
+		{"spiffe://td/ns/payments/sa/batch", true, "READ", 3},
+		{"spiffe://td/ns/other/sa/x", false, "", 0},
+	}
+	for _, tt := range tests {
+		g, ok := m.Grant(tt.id)
+		if ok != tt.ok || strings.Join(g.Scopes, " ") != tt.scopes || (ok && g.Rule != tt.wantRule) {
+			t.Errorf("Grant(%s) = %+v, %v; want %v, scopes %q, rule %d", tt.id, g, ok, tt.ok, tt.scopes, tt.wantRule)
+		}
 	}
 }
 

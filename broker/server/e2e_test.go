@@ -98,6 +98,11 @@ func TestStatusCodes(t *testing.T) {
 			codes.FailedPrecondition, `min_ttl 2h0m0s is longer than the 59m50s lifetime the authorization server grants for credential "identity"`},
 		{"min_ttl within lifetime", []string{payments}, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(59 * time.Minute)},
 			codes.OK, ""},
+		{"restricted caller, its scope", []string{readOnly}, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}},
+			codes.OK, ""},
+		{"restricted caller, default scopes", []string{readOnly}, &pb.GetTokenRequest{Credential: "identity"}, codes.OK, ""},
+		{"restricted caller, another scope", []string{readOnly}, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY"}},
+			codes.PermissionDenied, `caller ` + readOnly + ` may not use scope "IDENTITY" of credential "identity"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -111,6 +116,9 @@ func TestStatusCodes(t *testing.T) {
 			}
 			if tt.expectCode == codes.OK && tok.GetAccessToken() == "" {
 				t.Errorf("no access token returned")
+			}
+			if tt.ids[0] == readOnly && tt.expectCode == codes.OK && strings.Join(tok.GetScopes(), " ") != "IDENTITY_READ" {
+				t.Errorf("restricted caller got scopes %v, want [IDENTITY_READ]", tok.GetScopes())
 			}
 		})
 	}
@@ -310,6 +318,10 @@ func TestListCredentials(t *testing.T) {
 	if len(resp.GetCredentials()) != 1 || resp.GetCredentials()[0].GetName() != "identity" ||
 		strings.Join(resp.GetCredentials()[0].GetScopes(), " ") != "IDENTITY IDENTITY_READ" {
 		t.Errorf("ListCredentials = %v, want identity with IDENTITY IDENTITY_READ", resp.GetCredentials())
+	}
+	resp, err = h.client(readOnly).ListCredentials(ctx, &pb.ListCredentialsRequest{})
+	if err != nil || len(resp.GetCredentials()) != 1 || strings.Join(resp.GetCredentials()[0].GetScopes(), " ") != "IDENTITY_READ" {
+		t.Errorf("ListCredentials for a restricted caller = %v, %v; want identity with IDENTITY_READ", resp.GetCredentials(), err)
 	}
 	resp, err = h.client(stranger).ListCredentials(ctx, &pb.ListCredentialsRequest{})
 	if err != nil || len(resp.GetCredentials()) != 0 {

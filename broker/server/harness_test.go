@@ -28,6 +28,7 @@ const (
 	kycWork  = "spiffe://bank.internal/ns/kyc/sa/worker"
 	kycx     = "spiffe://bank.internal/ns/kycx/sa/worker"
 	stranger = "spiffe://bank.internal/ns/other/sa/x"
+	readOnly = "spiffe://bank.internal/ns/audit/sa/reader" // allowed IDENTITY_READ only
 	tokenTTL = time.Hour
 )
 
@@ -145,7 +146,8 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 			RefreshAt:        config.DefaultRefreshAt,
 			IdleTimeout:      config.Duration(config.DefaultIdle),
 			ExpiryMargin:     config.Duration(config.DefaultMargin),
-			AllowedCallers:   []string{payments, "spiffe://bank.internal/ns/kyc/*", "dns:reporting.internal"},
+			AllowedCallers: []config.AllowedCaller{{Caller: payments}, {Caller: "spiffe://bank.internal/ns/kyc/*"},
+				{Caller: "dns:reporting.internal"}, {Caller: readOnly, Scopes: []string{"IDENTITY_READ"}}},
 		}},
 	}
 	if mutate != nil {

@@ -204,7 +204,11 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 		if err != nil {
 			return nil, fmt.Errorf("credentials[%d]: %w", i, err)
 		}
-		callers, err := policy.Compile(c.AllowedCallers)
+		rules := make([]policy.Rule, len(c.AllowedCallers))
+		for j, a := range c.AllowedCallers {
+			rules[j] = policy.Rule{Pattern: a.Caller, Scopes: a.Scopes}
+		}
+		callers, err := policy.CompileRules(rules)
 		if err != nil {
 			return nil, fmt.Errorf("credentials[%d].allowed_callers: %w", i, err)
 		}
