@@ -509,7 +509,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			outcome = string(ue.Reason)
 		}
 		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
-		_ = b.record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
+		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
@@ -533,7 +533,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
 	b.keep(key, c, scopes, e)
-	_ = b.record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: e.Scopes, Source: SourceUpstream,
+	_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: e.Scopes, Source: SourceUpstream,
 		Fingerprint: e.Fingerprint, ExpireTime: e.Expiry, Outcome: "ok"})
 	b.log.Info("token fetched",
 		zap.String("credential", c.Name),
@@ -544,9 +544,9 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	return flight{entry: e, source: SourceUpstream}, nil
 }
 
-// record writes an audit event and counts it. Its error matters only when
+// Record writes an audit event and counts it. Its error matters only when
 // the audit trail is fail-closed.
-func (b *Broker) record(e audit.Event) error {
+func (b *Broker) Record(e audit.Event) error {
 	b.m.audit.WithLabelValues(e.Event).Inc()
 	return b.audit.Write(e)
 }

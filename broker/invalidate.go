@@ -59,7 +59,7 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 		b.log.Info("token invalidated", zap.String("credential", c.Name), zap.String("caller", string(caller)),
 			zap.String("fingerprint", req.Fingerprint))
 	}
-	_ = b.record(audit.Event{Event: audit.TokenInvalidated, RequestID: RequestID(ctx), Caller: string(caller),
+	_ = b.Record(audit.Event{Event: audit.TokenInvalidated, RequestID: RequestID(ctx), Caller: string(caller),
 		Credential: c.Name, Scopes: p.scopes, Fingerprint: req.Fingerprint, Outcome: outcome})
 	return dropped || deleted, nil
 }

@@ -73,7 +73,7 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 // issued records a token handed out. Under a fail-closed audit trail, a
 // failure to record it withholds the token.
 func (s *Service) issued(ctx context.Context, caller policy.Identity, credential string, is Issued) error {
-	err := s.broker.record(audit.Event{Event: audit.TokenIssued, RequestID: RequestID(ctx), Caller: string(caller),
+	err := s.broker.Record(audit.Event{Event: audit.TokenIssued, RequestID: RequestID(ctx), Caller: string(caller),
 		Credential: credential, Scopes: is.Scopes, Source: is.Source, Fingerprint: is.Fingerprint,
 		ExpireTime: is.Expiry, Outcome: "ok"})
 	if err != nil {
@@ -90,7 +90,7 @@ func (s *Service) issued(ctx context.Context, caller policy.Identity, credential
 // deny records a refused request and returns its status.
 func (s *Service) deny(ctx context.Context, caller policy.Identity, credential string, scopes []string, err error) error {
 	st := toStatus(err)
-	_ = s.broker.record(audit.Event{Event: audit.TokenDenied, RequestID: RequestID(ctx), Caller: string(caller),
+	_ = s.broker.Record(audit.Event{Event: audit.TokenDenied, RequestID: RequestID(ctx), Caller: string(caller),
 		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})
 	s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", credential), zap.Error(err))
 	return st

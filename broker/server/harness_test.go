@@ -130,6 +130,7 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 		TLS:        config.TLS{CertFile: certFile, KeyFile: keyFile, ClientCAFile: caFile, MinVersion: "1.3"},
 		Log:        config.Log{Level: "debug"},
 		Audit:      config.Audit{Path: "stdout"},
+		RateLimit:  &config.RateLimit{}, // off, as most tests hammer one caller
 		Store: config.Store{Backend: "memory", EncryptionKeyFile: h.path("store-key"),
 			Redis: config.Redis{KeyPrefix: "tb-test:"}},
 		Credentials: []config.Credential{{

@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"syscall"
+	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
@@ -25,6 +26,9 @@ import (
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = ""
+
+// configWatchInterval is how often the configuration file is checked for changes.
+const configWatchInterval = 5 * time.Second
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -115,7 +119,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if env != nil {
 		fmt.Fprint(stdout, env.Instructions(srv.GRPCAddr().String(), srv.AdminAddr().String()))
+		*configPath = env.Path(devmode.ConfigFile)
 	}
+	// The credentials and caller policy are re-read on SIGHUP and when the file changes.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				_ = srv.ReloadFile(*configPath)
+			}
+		}
+	}()
+	go srv.WatchConfig(ctx, *configPath, configWatchInterval)
 	return srv.Serve(ctx)
 }
 

@@ -16,6 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"gopkg.in/yaml.v3"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
@@ -164,6 +167,38 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("denied client: exit %d, stderr %q; want 1 and PermissionDenied", code, stderr)
 	}
 
+	// SIGHUP re-reads the configuration: allowing the denied identity lets it in.
+	cfgPath := filepath.Join(s.dir, "config.yaml")
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Credentials[0].AllowedCallers = append(cfg.Credentials[0].AllowedCallers,
+		config.AllowedCaller{Caller: "spiffe://tokenbroker.dev/denied-client"})
+	b, err := yaml.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cfgPath, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
+			"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"),
+			"token", "identity")
+		if code == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after SIGHUP the newly allowed client is still refused: %s", stderr)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
 	// watch prints the current token's fingerprint, and ends cleanly when interrupted.
 	wctx, stop := context.WithCancel(context.Background())
 	var wout, werr syncBuffer
@@ -171,7 +206,7 @@ func TestDevModeEndToEnd(t *testing.T) {
 	go func() {
 		done <- run(wctx, []string{"--addr", s.grpcAddr, "--dev", "--dev-dir", s.dir, "watch", "identity"}, &wout, &werr)
 	}()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for !strings.Contains(wout.String(), "fingerprint ") && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}

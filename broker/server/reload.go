@@ -1,0 +1,105 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"os"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+	"gopkg.in/yaml.v3"
+
+	"github.com/tokenbroker/tokenbroker/broker/audit"
+	"github.com/tokenbroker/tokenbroker/broker/config"
+)
+
+// Reload applies the credentials and caller policy of cfg at once: calls
+// already running finish on the old ones, the next call sees the new ones.
+// Keys that only a restart applies (listeners, TLS file paths, store, audit,
+// log, rate limit) are left as they are and named in the log.
+func (s *Server) Reload(cfg *config.Config) error {
+	creds, err := brokerCredentials(cfg, s.now)
+	if err != nil {
+		return err
+	}
+	if err := s.broker.SetCredentials(creds); err != nil {
+		return err
+	}
+	restart := restartKeys(s.cfg, cfg)
+	s.log.Info("configuration reloaded", zap.Int("credentials", len(cfg.Credentials)), zap.Strings("need_restart", restart))
+	reason := ""
+	if len(restart) > 0 {
+		reason = "changed keys that need a restart: " + strings.Join(restart, ", ")
+	}
+	_ = s.broker.Record(audit.Event{Event: audit.ConfigReloaded, Outcome: "ok", Reason: reason})
+	return nil
+}
+
+// ReloadFile loads, checks and applies the configuration file at path. A file
+// that does not load or validate is rejected, logged and audited, and the
+// configuration in force stays.
+func (s *Server) ReloadFile(path string) error {
+	cfg, err := config.Load(path)
+	if err == nil {
+		err = cfg.CheckFiles()
+	}
+	if err == nil {
+		err = s.Reload(cfg)
+	}
+	if err != nil {
+		s.log.Error("configuration rejected; the previous one stays in force", zap.String("path", path), zap.Error(err))
+		_ = s.broker.Record(audit.Event{Event: audit.ConfigReloaded, Outcome: "rejected", Reason: err.Error()})
+	}
+	return err
+}
+
+// WatchConfig reloads the file at path whenever its content changes, checking
+// every interval, until ctx ends.
+func (s *Server) WatchConfig(ctx context.Context, path string, interval time.Duration) {
+	sum := func() [32]byte {
+		b, _ := os.ReadFile(path)
+		return sha256.Sum256(b)
+	}
+	last := sum()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if cur := sum(); cur != last {
+				last = cur
+				_ = s.ReloadFile(path)
+			}
+		}
+	}
+}
+
+// restartKeys names the top-level keys whose change only a restart applies.
+func restartKeys(old, cur *config.Config) []string {
+	var out []string
+	for _, k := range []struct {
+		name string
+		a, b any
+	}{
+		{"listen_addr", old.ListenAddr, cur.ListenAddr},
+		{"admin_addr", old.AdminAddr, cur.AdminAddr},
+		{"reflection", old.Reflection, cur.Reflection},
+		{"tls", old.TLS, cur.TLS},
+		{"log", old.Log, cur.Log},
+		{"audit", old.Audit, cur.Audit},
+		{"rate_limit", old.RateLimit, cur.RateLimit},
+		{"store", old.Store, cur.Store},
+	} {
+		// Compared as YAML, so that an empty list and a missing one are the same.
+		a, _ := yaml.Marshal(k.a)
+		b, _ := yaml.Marshal(k.b)
+		if !bytes.Equal(a, b) {
+			out = append(out, k.name)
+		}
+	}
+	return out
+}
