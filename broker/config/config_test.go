@@ -237,3 +237,23 @@ func TestDeployExamples(t *testing.T) {
 		}
 	}
 }
+
+// TestReadmeConfigReference keeps the configuration reference in README.md valid.
+func TestReadmeConfigReference(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "## Configuration")
+	if !ok {
+		t.Fatal("README has no Configuration section")
+	}
+	_, block, ok := strings.Cut(section, "```yaml\n")
+	if !ok {
+		t.Fatal("README's Configuration section has no yaml block")
+	}
+	block, _, _ = strings.Cut(block, "```")
+	if _, err := Parse([]byte(block)); err != nil {
+		t.Errorf("README configuration reference: %v", err)
+	}
+}
