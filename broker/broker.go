@@ -606,7 +606,7 @@ func (b *Broker) upstreamFailed(c *credential, err error) error {
 		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has the min_ttl asked for left; retry",
 			ErrUnavailable, c.Name, what)
 	case ue.Reason == upstream.ReasonNoSecret:
-		return fmt.Errorf("%w: the broker cannot read the client secret of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
+		return fmt.Errorf("%w: the broker cannot use the client secret or key of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
 	case ue.Reason == upstream.ReasonScopeNotGranted:
 		return fmt.Errorf("%w: token endpoint granted fewer scopes than asked for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
 	case ue.Reason == upstream.ReasonTokenType:

@@ -1,8 +1,8 @@
 // Package oauthtest is an in-process OAuth 2.0 authorization server with a
 // client credentials token endpoint (RFC 6749 §4.4), for tests and dev mode.
 //
-// It authenticates registered clients with client_secret_basic or
-// client_secret_post, enforces each client's allowed scopes, and rejects what
+// It authenticates registered clients with client_secret_basic,
+// client_secret_post or private_key_jwt (RFC 7523), enforces each client's allowed scopes, and rejects what
 // a real server rejects (wrong secret → 401 invalid_client, scope not allowed →
 // 400 invalid_scope, another grant type → 400 unsupported_grant_type, a method
 // other than POST → 405). Faults can be switched on to imitate a failing
@@ -11,6 +11,7 @@
 package oauthtest
 
 import (
+	"crypto"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -29,6 +30,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 )
 
 // TokenPath is the path of the token endpoint.
@@ -52,6 +56,9 @@ type Client struct {
 	Secret string
 	// Scopes are the scopes the client may be granted; the default grant is all of them.
 	Scopes []string
+	// PublicKey, when set, lets the client authenticate with private_key_jwt:
+	// assertions signed by the matching private key.
+	PublicKey crypto.PublicKey
 }
 
 // Faults make the token endpoint misbehave. The zero value is a healthy server.
@@ -104,6 +111,7 @@ type Server struct {
 	expiresIn time.Duration
 	issued    map[string]Issued
 	lastForm  url.Values
+	jtis      map[string]time.Time // assertion IDs seen, until they expire
 
 	srv *http.Server
 	ln  net.Listener
@@ -134,6 +142,7 @@ func New(opts Options) *Server {
 		clients:   map[string]Client{},
 		expiresIn: opts.ExpiresIn,
 		issued:    map[string]Issued{},
+		jtis:      map[string]time.Time{},
 	}
 }
 
@@ -298,6 +307,9 @@ func (s *Server) recordForm(form url.Values) {
 
 // authenticate returns the client and the method it used, or an HTTP status and error code.
 func (s *Server) authenticate(r *http.Request, form url.Values) (Client, string, int, string) {
+	if form.Get("client_assertion_type") == jwtBearer {
+		return s.authenticateAssertion(form)
+	}
 	user, pass, basic := r.BasicAuth()
 	_, postID := form["client_id"]
 	_, postSecret := form["client_secret"]
@@ -325,6 +337,55 @@ func (s *Server) authenticate(r *http.Request, form url.Values) (Client, string,
 	if !ok || subtle.ConstantTimeCompare([]byte(c.Secret), []byte(sec)) != 1 {
 		return Client{}, method, http.StatusUnauthorized, "invalid_client"
 	}
+	return c, method, 0, ""
+}
+
+// jwtBearer is the client_assertion_type of RFC 7523.
+const jwtBearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+// authenticateAssertion checks a private_key_jwt assertion (RFC 7523 §3):
+// signed by the client's registered key, iss = sub = client_id, aud naming
+// this server, unexpired and at most five minutes long, and a jti not seen before.
+func (s *Server) authenticateAssertion(form url.Values) (Client, string, int, string) {
+	const method = "private_key_jwt"
+	refuse := func() (Client, string, int, string) {
+		return Client{}, method, http.StatusUnauthorized, "invalid_client"
+	}
+	tok, err := jwt.ParseSigned(form.Get("client_assertion"), []jose.SignatureAlgorithm{jose.RS256, jose.PS256, jose.ES256})
+	if err != nil {
+		return refuse()
+	}
+	var unverified jwt.Claims
+	if err := tok.UnsafeClaimsWithoutVerification(&unverified); err != nil {
+		return refuse()
+	}
+	s.mu.Lock()
+	c, ok := s.clients[unverified.Issuer]
+	s.mu.Unlock()
+	if !ok || c.PublicKey == nil || (form.Has("client_id") && form.Get("client_id") != c.ID) {
+		return refuse()
+	}
+	var claims jwt.Claims
+	if err := tok.Claims(c.PublicKey, &claims); err != nil {
+		return refuse()
+	}
+	now := s.now()
+	err = claims.ValidateWithLeeway(jwt.Expected{Issuer: c.ID, Subject: c.ID,
+		AnyAudience: jwt.Audience{s.TokenURL(), s.URL()}, Time: now}, 5*time.Second)
+	if err != nil || claims.Expiry == nil || claims.Expiry.Time().Sub(now) > 5*time.Minute || claims.ID == "" {
+		return refuse()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, exp := range s.jtis {
+		if now.After(exp) {
+			delete(s.jtis, id)
+		}
+	}
+	if _, replayed := s.jtis[claims.ID]; replayed {
+		return refuse()
+	}
+	s.jtis[claims.ID] = claims.Expiry.Time()
 	return c, method, 0, ""
 }
 

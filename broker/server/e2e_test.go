@@ -303,7 +303,7 @@ func TestSecretReadAtEachFetch(t *testing.T) {
 	}
 	h.clock.Add(2 * time.Hour) // every cached token has expired
 	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity"})
-	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), `cannot read the client secret of credential "identity"`) {
+	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), `cannot use the client secret or key of credential "identity"`) {
 		t.Errorf("with no secret file: %v %q, want FailedPrecondition naming the secret", st.Code(), st.Message())
 	}
 }

@@ -59,6 +59,15 @@ type Config struct {
 	ClientSecretFiles []string
 	// AuthMethod is the client authentication method; empty means ClientSecretBasic.
 	AuthMethod AuthMethod
+	// PrivateKeyFile is the PEM key that signs client assertions
+	// (PrivateKeyJWT); it is read at every fetch.
+	PrivateKeyFile string
+	// JWTAlg is RS256, PS256 or ES256; empty picks RS256 (RSA) or ES256 (P-256).
+	JWTAlg string
+	// KeyID, if set, is the assertion's kid header.
+	KeyID string
+	// JWTAudience is the assertion's aud; empty means TokenURL.
+	JWTAudience string
 	// EndpointParams are extra form fields sent with every request (audience, resource).
 	EndpointParams url.Values
 	// DefaultTTL is the lifetime assumed when the response has no expires_in.
@@ -106,13 +115,21 @@ func New(cfg Config) (*Client, error) {
 	if cfg.ClientSecretFile != "" {
 		cfg.ClientSecretFiles = append([]string{cfg.ClientSecretFile}, cfg.ClientSecretFiles...)
 	}
-	if cfg.TokenURL == "" || cfg.ClientID == "" || len(cfg.ClientSecretFiles) == 0 {
-		return nil, errors.New("upstream: TokenURL, ClientID and a client secret file are required")
+	if cfg.TokenURL == "" || cfg.ClientID == "" {
+		return nil, errors.New("upstream: TokenURL and ClientID are required")
 	}
 	switch cfg.AuthMethod {
 	case "":
 		cfg.AuthMethod = ClientSecretBasic
+		fallthrough
 	case ClientSecretBasic, ClientSecretPost:
+		if len(cfg.ClientSecretFiles) == 0 {
+			return nil, errors.New("upstream: a client secret file is required")
+		}
+	case PrivateKeyJWT:
+		if cfg.PrivateKeyFile == "" {
+			return nil, errors.New("upstream: private_key_jwt needs PrivateKeyFile")
+		}
 	default:
 		return nil, fmt.Errorf("upstream: unsupported auth method %q", cfg.AuthMethod)
 	}
@@ -158,12 +175,19 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
 	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.http)
+	if c.cfg.AuthMethod == PrivateKeyJWT {
+		a, err := c.assertion()
+		if err != nil {
+			return nil, &Error{Reason: ReasonNoSecret, err: err}
+		}
+		return c.fetchWith(ctx, secret.Value{}, scopes, url.Values{"client_assertion_type": {assertionType}, "client_assertion": {a}})
+	}
 	for i, f := range c.cfg.ClientSecretFiles {
 		sec, err := secret.ReadFile(f)
 		if err != nil {
 			return nil, &Error{Reason: ReasonNoSecret, err: err}
 		}
-		t, err := c.fetchWith(ctx, sec, scopes)
+		t, err := c.fetchWith(ctx, sec, scopes, nil)
 		var ue *Error
 		if errors.As(err, &ue) && ue.Code == "invalid_client" && i+1 < len(c.cfg.ClientSecretFiles) {
 			continue
@@ -176,16 +200,28 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 	panic("unreachable: New requires a secret file")
 }
 
-func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []string) (*Token, error) {
+// fetchWith makes one token request with sec (empty for assertion-based
+// methods) and extra form fields.
+func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []string, extra url.Values) (*Token, error) {
+	params := c.cfg.EndpointParams
+	if len(extra) > 0 {
+		params = url.Values{}
+		for k, v := range c.cfg.EndpointParams {
+			params[k] = v
+		}
+		for k, v := range extra {
+			params[k] = v
+		}
+	}
 	cc := clientcredentials.Config{
 		ClientID:       c.cfg.ClientID,
 		ClientSecret:   sec.Reveal(),
 		TokenURL:       c.cfg.TokenURL,
 		Scopes:         scopes,
-		EndpointParams: c.cfg.EndpointParams,
+		EndpointParams: params,
 		AuthStyle:      oauth2.AuthStyleInHeader,
 	}
-	if c.cfg.AuthMethod == ClientSecretPost {
+	if c.cfg.AuthMethod != ClientSecretBasic { // post, and every method that sends client_id in the body
 		cc.AuthStyle = oauth2.AuthStyleInParams
 	}
 	t, err := cc.Token(ctx)
