@@ -42,15 +42,19 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		if !failedAt.IsZero() {
 			wait = max(wait, failedAt.Add(retry).Sub(b.now()))
 		}
-		t := time.NewTimer(max(wait, 0))
-		select {
-		case <-ctx.Done():
+		// Registered first, then checked: a replacement that landed since
+		// the last send is not missed.
+		if !b.newerCached(p.key, last) {
+			t := time.NewTimer(max(wait, 0))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return ctx.Err()
+			case <-changed:
+			case <-t.C:
+			}
 			t.Stop()
-			return ctx.Err()
-		case <-changed:
-		case <-t.C:
 		}
-		t.Stop()
 
 		q := p
 		if now := b.now(); !now.Before(due) {
@@ -66,11 +70,22 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			return err
 		}
 		failedAt, retry = time.Time{}, time.Second
-		if is.Fingerprint != last.Fingerprint && is.Expiry.After(last.Expiry) {
+		if newer(is.Entry, last) {
 			if err := send(is.Entry); err != nil {
 				return err
 			}
 			last = is.Entry
 		}
 	}
+}
+
+// newer reports whether e replaces last.
+func newer(e, last *store.Entry) bool {
+	return e != nil && e.Fingerprint != last.Fingerprint && e.Expiry.After(last.Expiry)
+}
+
+// newerCached reports whether the in-process cache holds a replacement for last.
+func (b *Broker) newerCached(key string, last *store.Entry) bool {
+	v, ok := b.l1.Load(key)
+	return ok && newer(v.(*slot).entry.Load(), last)
 }
