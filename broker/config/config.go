@@ -164,8 +164,16 @@ type Credential struct {
 	// ClientSecretFiles replaces ClientSecretFile during a rotation: [new, old],
 	// tried in order, the next only when the server answers invalid_client.
 	ClientSecretFiles []string `yaml:"client_secret_files"`
-	// AuthMethod is client_secret_basic (default) or client_secret_post.
+	// AuthMethod is client_secret_basic (default), client_secret_post or private_key_jwt.
 	AuthMethod string `yaml:"auth_method"`
+	// PrivateKeyFile is the PEM key that signs private_key_jwt assertions.
+	PrivateKeyFile string `yaml:"private_key_file"`
+	// JWTAlg is RS256, PS256 or ES256; empty picks by key type.
+	JWTAlg string `yaml:"jwt_alg"`
+	// KeyID is the assertions' kid header, if the bank wants one.
+	KeyID string `yaml:"key_id"`
+	// JWTAudience is the assertions' aud; empty means token_url.
+	JWTAudience string `yaml:"jwt_audience"`
 	// Scopes are the scopes requested by default and the most a caller may ask for.
 	Scopes []string `yaml:"scopes"`
 	// EndpointParams are extra form fields for the token request (audience, resource).
@@ -451,23 +459,37 @@ func (cr *Credential) validate(p string) error {
 	if cr.ClientID == "" {
 		return fieldErr(p+".client_id", "required")
 	}
-	switch {
-	case cr.ClientSecretFile == "" && len(cr.ClientSecretFiles) == 0:
-		return fieldErr(p+".client_secret_file", "required (the path of a file holding the secret)")
-	case cr.ClientSecretFile != "" && len(cr.ClientSecretFiles) > 0:
-		return fieldErr(p+".client_secret_files", "use either client_secret_file or client_secret_files, not both")
-	case len(cr.ClientSecretFiles) > 3:
-		return fieldErr(p+".client_secret_files", "at most 3 files (new, old)")
-	}
-	for j, f := range cr.ClientSecretFiles {
-		if f == "" {
-			return fieldErr(fmt.Sprintf("%s.client_secret_files[%d]", p, j), "must be a file path")
-		}
-	}
 	switch cr.AuthMethod {
 	case "client_secret_basic", "client_secret_post":
+		switch {
+		case cr.ClientSecretFile == "" && len(cr.ClientSecretFiles) == 0:
+			return fieldErr(p+".client_secret_file", "required for %s (the path of a file holding the secret)", cr.AuthMethod)
+		case cr.ClientSecretFile != "" && len(cr.ClientSecretFiles) > 0:
+			return fieldErr(p+".client_secret_files", "use either client_secret_file or client_secret_files, not both")
+		case len(cr.ClientSecretFiles) > 3:
+			return fieldErr(p+".client_secret_files", "at most 3 files (new, old)")
+		case cr.PrivateKeyFile != "":
+			return fieldErr(p+".private_key_file", "only for auth_method private_key_jwt")
+		}
+		for j, f := range cr.ClientSecretFiles {
+			if f == "" {
+				return fieldErr(fmt.Sprintf("%s.client_secret_files[%d]", p, j), "must be a file path")
+			}
+		}
+	case "private_key_jwt":
+		switch {
+		case cr.PrivateKeyFile == "":
+			return fieldErr(p+".private_key_file", "required for private_key_jwt (a PEM RSA or P-256 key)")
+		case cr.ClientSecretFile != "" || len(cr.ClientSecretFiles) > 0:
+			return fieldErr(p+".client_secret_file", "not used with private_key_jwt; remove it")
+		}
+		switch cr.JWTAlg {
+		case "", "RS256", "PS256", "ES256":
+		default:
+			return fieldErr(p+".jwt_alg", "must be RS256, PS256 or ES256; got %q", cr.JWTAlg)
+		}
 	default:
-		return fieldErr(p+".auth_method", "must be client_secret_basic or client_secret_post; got %q", cr.AuthMethod)
+		return fieldErr(p+".auth_method", "must be client_secret_basic, client_secret_post or private_key_jwt; got %q", cr.AuthMethod)
 	}
 	if len(cr.Scopes) > MaxScopes {
 		return fieldErr(p+".scopes", "at most %d scopes", MaxScopes)
@@ -610,6 +632,11 @@ func (c *Config) CheckFiles() error {
 		}
 		for j, f := range cr.ClientSecretFiles {
 			if err := check(fmt.Sprintf("credentials[%d].client_secret_files[%d]", i, j), f); err != nil {
+				return err
+			}
+		}
+		if cr.PrivateKeyFile != "" {
+			if err := check(fmt.Sprintf("credentials[%d].private_key_file", i), cr.PrivateKeyFile); err != nil {
 				return err
 			}
 		}

@@ -89,6 +89,7 @@ type harness struct {
 	stop func() error // cancels the first broker's Serve and waits for it to return
 
 	cfg      *config.Config // the brokers' configuration
+	secrets  []string       // more secret values (keys in PEM) the log scan looks for
 	storeKey []byte         // the Redis sealing key
 }
 
@@ -273,6 +274,11 @@ func (h *harness) checkLogsClean() {
 	logs += h.audit.String() // the audit trail is held to the same rule
 	if strings.Contains(logs, h.secret) {
 		h.t.Errorf("client secret found in logs")
+	}
+	for _, sec := range h.secrets {
+		if strings.Contains(logs, sec) {
+			h.t.Errorf("secret material found in logs")
+		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()

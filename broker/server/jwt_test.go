@@ -1,0 +1,70 @@
+package server
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+func ecKeyPEM(t *testing.T) (*ecdsa.PrivateKey, []byte) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+func TestPrivateKeyJWTEndToEnd(t *testing.T) {
+	key, keyPEM := ecKeyPEM(t)
+	keyFile := filepath.Join(t.TempDir(), "signing-key.pem")
+	if err := os.WriteFile(keyFile, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		cr := &c.Credentials[0]
+		cr.ClientID, cr.AuthMethod, cr.PrivateKeyFile, cr.KeyID = "jwt-app", "private_key_jwt", keyFile, "2026-11"
+		cr.ClientSecretFile = ""
+	})
+	h.as.AddClient(oauthtest.Client{ID: "jwt-app", PublicKey: key.Public(), Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+	_, otherPEM := ecKeyPEM(t)
+	h.secrets = append(h.secrets, string(keyPEM), string(otherPEM))
+
+	c := h.client(payments)
+	tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY"}})
+	if err != nil {
+		t.Fatalf("GetToken with private_key_jwt: %v", err)
+	}
+	if is, ok := h.as.Lookup(tok.GetAccessToken()); !ok || is.AuthMethod != "private_key_jwt" || is.ClientID != "jwt-app" {
+		t.Errorf("issued %+v, want jwt-app by private_key_jwt", is)
+	}
+
+	// The key file now holds a key the bank does not know: refused, clearly.
+	if err := os.WriteFile(keyFile, otherPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = h.get(c, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY_READ"}})
+	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), `refused credential "identity" (invalid_client)`) {
+		t.Errorf("with an unregistered key: %v %q, want FailedPrecondition invalid_client", st.Code(), st.Message())
+	}
+	if !strings.Contains(h.logs.String(), `"oauth_error":"invalid_client"`) {
+		t.Error("no log line naming invalid_client")
+	}
+}
