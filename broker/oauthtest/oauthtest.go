@@ -2,7 +2,8 @@
 // client credentials token endpoint (RFC 6749 §4.4), for tests and dev mode.
 //
 // It authenticates registered clients with client_secret_basic,
-// client_secret_post or private_key_jwt (RFC 7523), enforces each client's allowed scopes, and rejects what
+// client_secret_post, private_key_jwt (RFC 7523) or, over https,
+// tls_client_auth (RFC 8705), enforces each client's allowed scopes, and rejects what
 // a real server rejects (wrong secret → 401 invalid_client, scope not allowed →
 // 400 invalid_scope, another grant type → 400 unsupported_grant_type, a method
 // other than POST → 405). Faults can be switched on to imitate a failing
@@ -16,6 +17,8 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -59,6 +62,10 @@ type Client struct {
 	// PublicKey, when set, lets the client authenticate with private_key_jwt:
 	// assertions signed by the matching private key.
 	PublicKey crypto.PublicKey
+	// TLSSubject, when set, lets the client authenticate with tls_client_auth:
+	// a client certificate that chains to the server's client CAs and whose
+	// common name or a DNS or URI SAN is TLSSubject.
+	TLSSubject string
 }
 
 // Faults make the token endpoint misbehave. The zero value is a healthy server.
@@ -113,8 +120,10 @@ type Server struct {
 	lastForm  url.Values
 	jtis      map[string]time.Time // assertion IDs seen, until they expire
 
-	srv *http.Server
-	ln  net.Listener
+	srv       *http.Server
+	ln        net.Listener
+	scheme    string
+	clientCAs *x509.CertPool // with StartTLS: the CAs tls_client_auth certificates must chain to
 }
 
 // Options configures a Server.
@@ -192,14 +201,31 @@ func (s *Server) Start(addr string) error {
 	if err != nil {
 		return fmt.Errorf("oauthtest: listen: %w", err)
 	}
-	s.ln = ln
+	s.ln, s.scheme = ln, "http"
 	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = s.srv.Serve(ln) }()
 	return nil
 }
 
+// StartTLS serves https on addr with cert until Close. Client certificates
+// are requested but not required, and checked per client (tls_client_auth)
+// against clientCAs, so that a bad certificate gets invalid_client, as from a
+// real server, rather than a failed handshake.
+func (s *Server) StartTLS(addr string, cert tls.Certificate, clientCAs *x509.CertPool) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("oauthtest: listen: %w", err)
+	}
+	s.clientCAs = clientCAs
+	s.ln, s.scheme = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert},
+		ClientAuth: tls.RequestClientCert, MinVersion: tls.VersionTLS12}), "https"
+	s.srv = &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = s.srv.Serve(s.ln) }()
+	return nil
+}
+
 // URL is the server's base URL, once started.
-func (s *Server) URL() string { return "http://" + s.ln.Addr().String() }
+func (s *Server) URL() string { return s.scheme + "://" + s.ln.Addr().String() }
 
 // TokenURL is the token endpoint's URL, once started.
 func (s *Server) TokenURL() string { return s.URL() + TokenPath }
@@ -311,6 +337,9 @@ func (s *Server) authenticate(r *http.Request, form url.Values) (Client, string,
 		return s.authenticateAssertion(form)
 	}
 	user, pass, basic := r.BasicAuth()
+	if !basic && !form.Has("client_secret") && form.Has("client_id") {
+		return s.authenticateCertificate(r, form.Get("client_id"))
+	}
 	_, postID := form["client_id"]
 	_, postSecret := form["client_secret"]
 	var id, sec, method string
@@ -336,6 +365,39 @@ func (s *Server) authenticate(r *http.Request, form url.Values) (Client, string,
 	s.mu.Unlock()
 	if !ok || subtle.ConstantTimeCompare([]byte(c.Secret), []byte(sec)) != 1 {
 		return Client{}, method, http.StatusUnauthorized, "invalid_client"
+	}
+	return c, method, 0, ""
+}
+
+// authenticateCertificate checks tls_client_auth (RFC 8705 §2.1): a client
+// certificate on the connection, chaining to the client CAs, for the
+// subject registered for client_id.
+func (s *Server) authenticateCertificate(r *http.Request, id string) (Client, string, int, string) {
+	const method = "tls_client_auth"
+	refuse := func() (Client, string, int, string) {
+		return Client{}, method, http.StatusUnauthorized, "invalid_client"
+	}
+	s.mu.Lock()
+	c, ok := s.clients[id]
+	s.mu.Unlock()
+	if !ok || c.TLSSubject == "" || r.TLS == nil || len(r.TLS.PeerCertificates) == 0 || s.clientCAs == nil {
+		return refuse()
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	inter := x509.NewCertPool()
+	for _, ic := range r.TLS.PeerCertificates[1:] {
+		inter.AddCert(ic)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: s.clientCAs, Intermediates: inter,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, CurrentTime: s.now()}); err != nil {
+		return refuse()
+	}
+	names := append([]string{leaf.Subject.CommonName}, leaf.DNSNames...)
+	for _, u := range leaf.URIs {
+		names = append(names, u.String())
+	}
+	if !slices.Contains(names, c.TLSSubject) {
+		return refuse()
 	}
 	return c, method, 0, ""
 }

@@ -10,11 +10,14 @@ package upstream
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -35,6 +38,8 @@ const (
 	ClientSecretBasic AuthMethod = "client_secret_basic"
 	// ClientSecretPost sends the client ID and secret as form fields.
 	ClientSecretPost AuthMethod = "client_secret_post"
+	// TLSClientAuth authenticates with a client certificate on the connection (RFC 8705 §2.1).
+	TLSClientAuth AuthMethod = "tls_client_auth"
 )
 
 // Defaults applied by New to zero Config fields.
@@ -68,6 +73,12 @@ type Config struct {
 	KeyID string
 	// JWTAudience is the assertion's aud; empty means TokenURL.
 	JWTAudience string
+	// TLSClientCertFile and TLSClientKeyFile are the client certificate for
+	// TLSClientAuth, read at every new connection to the token endpoint.
+	TLSClientCertFile, TLSClientKeyFile string
+	// TLSCAFile holds the CA certificates the token endpoint's certificate
+	// must chain to; empty means the system roots.
+	TLSCAFile string
 	// EndpointParams are extra form fields sent with every request (audience, resource).
 	EndpointParams url.Values
 	// DefaultTTL is the lifetime assumed when the response has no expires_in.
@@ -130,6 +141,10 @@ func New(cfg Config) (*Client, error) {
 		if cfg.PrivateKeyFile == "" {
 			return nil, errors.New("upstream: private_key_jwt needs PrivateKeyFile")
 		}
+	case TLSClientAuth:
+		if cfg.TLSClientCertFile == "" || cfg.TLSClientKeyFile == "" {
+			return nil, errors.New("upstream: tls_client_auth needs TLSClientCertFile and TLSClientKeyFile")
+		}
 	default:
 		return nil, fmt.Errorf("upstream: unsupported auth method %q", cfg.AuthMethod)
 	}
@@ -151,13 +166,46 @@ func New(cfg Config) (*Client, error) {
 	}
 	hc := cfg.HTTPClient
 	if hc == nil {
-		hc = &http.Client{Transport: newTransport(cfg.ConnectTimeout, cfg.Timeout)}
+		tc, err := endpointTLS(cfg)
+		if err != nil {
+			return nil, err
+		}
+		hc = &http.Client{Transport: newTransport(cfg.ConnectTimeout, cfg.Timeout, tc)}
 	}
 	return &Client{cfg: cfg, http: hc}, nil
 }
 
-func newTransport(connect, overall time.Duration) *http.Transport {
+// endpointTLS is the TLS configuration for the token endpoint: the
+// configured CA, and for TLSClientAuth the client certificate, loaded at
+// each handshake so a renewed certificate is used without a restart.
+func endpointTLS(cfg Config) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.TLSCAFile != "" {
+		pemBytes, err := os.ReadFile(cfg.TLSCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("upstream: CA file: %w", err)
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pemBytes) {
+			return nil, errors.New("upstream: CA file: no PEM certificates found")
+		}
+	}
+	if cfg.AuthMethod == TLSClientAuth {
+		certFile, keyFile := cfg.TLSClientCertFile, cfg.TLSClientKeyFile
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			c, err := tls.LoadX509KeyPair(certFile, keyFile)
+			if err != nil {
+				return nil, fmt.Errorf("client certificate: %w", err)
+			}
+			return &c, nil
+		}
+	}
+	return tc, nil
+}
+
+func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transport {
 	return &http.Transport{
+		TLSClientConfig:       tc,
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout:   connect,
@@ -181,6 +229,12 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 			return nil, &Error{Reason: ReasonNoSecret, err: err}
 		}
 		return c.fetchWith(ctx, secret.Value{}, scopes, url.Values{"client_assertion_type": {assertionType}, "client_assertion": {a}})
+	}
+	if c.cfg.AuthMethod == TLSClientAuth { // the certificate on the connection authenticates; client_id in the body
+		if _, err := tls.LoadX509KeyPair(c.cfg.TLSClientCertFile, c.cfg.TLSClientKeyFile); err != nil {
+			return nil, &Error{Reason: ReasonNoSecret, err: fmt.Errorf("client certificate: %w", err)}
+		}
+		return c.fetchWith(ctx, secret.Value{}, scopes, nil)
 	}
 	for i, f := range c.cfg.ClientSecretFiles {
 		sec, err := secret.ReadFile(f)
