@@ -174,6 +174,11 @@ type Credential struct {
 	KeyID string `yaml:"key_id"`
 	// JWTAudience is the assertions' aud; empty means token_url.
 	JWTAudience string `yaml:"jwt_audience"`
+	// TLSClientCertFile and TLSClientKeyFile are the client certificate for tls_client_auth.
+	TLSClientCertFile string `yaml:"tls_client_cert_file"`
+	TLSClientKeyFile  string `yaml:"tls_client_key_file"`
+	// TLSCAFile holds the CAs the token endpoint's certificate must chain to; empty means the system roots.
+	TLSCAFile string `yaml:"tls_ca_file"`
 	// Scopes are the scopes requested by default and the most a caller may ask for.
 	Scopes []string `yaml:"scopes"`
 	// EndpointParams are extra form fields for the token request (audience, resource).
@@ -488,8 +493,20 @@ func (cr *Credential) validate(p string) error {
 		default:
 			return fieldErr(p+".jwt_alg", "must be RS256, PS256 or ES256; got %q", cr.JWTAlg)
 		}
+	case "tls_client_auth":
+		switch {
+		case cr.TLSClientCertFile == "" || cr.TLSClientKeyFile == "":
+			return fieldErr(p+".tls_client_cert_file", "tls_client_cert_file and tls_client_key_file are required for tls_client_auth")
+		case cr.ClientSecretFile != "" || len(cr.ClientSecretFiles) > 0 || cr.PrivateKeyFile != "":
+			return fieldErr(p+".auth_method", "tls_client_auth uses no secret or private_key_file; remove them")
+		case !strings.HasPrefix(cr.TokenURL, "https://"):
+			return fieldErr(p+".token_url", "must be https for tls_client_auth")
+		}
 	default:
-		return fieldErr(p+".auth_method", "must be client_secret_basic, client_secret_post or private_key_jwt; got %q", cr.AuthMethod)
+		return fieldErr(p+".auth_method", "must be client_secret_basic, client_secret_post, private_key_jwt or tls_client_auth; got %q", cr.AuthMethod)
+	}
+	if cr.AuthMethod != "tls_client_auth" && (cr.TLSClientCertFile != "" || cr.TLSClientKeyFile != "") {
+		return fieldErr(p+".tls_client_cert_file", "only for auth_method tls_client_auth")
 	}
 	if len(cr.Scopes) > MaxScopes {
 		return fieldErr(p+".scopes", "at most %d scopes", MaxScopes)
@@ -635,8 +652,12 @@ func (c *Config) CheckFiles() error {
 				return err
 			}
 		}
-		if cr.PrivateKeyFile != "" {
-			if err := check(fmt.Sprintf("credentials[%d].private_key_file", i), cr.PrivateKeyFile); err != nil {
+		for key, path := range map[string]string{"private_key_file": cr.PrivateKeyFile, "tls_client_cert_file": cr.TLSClientCertFile,
+			"tls_client_key_file": cr.TLSClientKeyFile, "tls_ca_file": cr.TLSCAFile} {
+			if path == "" {
+				continue
+			}
+			if err := check(fmt.Sprintf("credentials[%d].%s", i, key), path); err != nil {
 				return err
 			}
 		}

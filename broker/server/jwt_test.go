@@ -10,11 +10,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
@@ -65,6 +67,77 @@ func TestPrivateKeyJWTEndToEnd(t *testing.T) {
 		t.Errorf("with an unregistered key: %v %q, want FailedPrecondition invalid_client", st.Code(), st.Message())
 	}
 	if !strings.Contains(h.logs.String(), `"oauth_error":"invalid_client"`) {
+		t.Error("no log line naming invalid_client")
+	}
+}
+
+func TestTLSClientAuthEndToEnd(t *testing.T) {
+	bankCA, err := devpki.NewCA("bank CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientCA, err := devpki.NewCA("broker client CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCA, err := devpki.NewCA("unknown CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvPair, err := bankCA.Server(time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert, err := srvPair.TLSCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bank := oauthtest.New(oauthtest.Options{})
+	if err := bank.StartTLS("127.0.0.1:0", srvCert, clientCA.Pool()); err != nil {
+		t.Fatal(err)
+	}
+	defer bank.Close()
+	bank.AddClient(oauthtest.Client{ID: "mtls-app", TLSSubject: "broker.bank.internal", Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+
+	// broker starts a broker whose client certificate for the bank comes from ca.
+	broker := func(ca *devpki.CA) *harness {
+		dir := t.TempDir()
+		pair, err := ca.Client(time.Hour, "broker.bank.internal")
+		if err != nil {
+			t.Fatal(err)
+		}
+		certFile, keyFile, caFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem"), filepath.Join(dir, "bank-ca.pem")
+		if err := pair.WriteFiles(certFile, keyFile); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(caFile, bankCA.CertPEM, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h := newHarness(t, func(c *config.Config) {
+			cr := &c.Credentials[0]
+			cr.TokenURL, cr.ClientID, cr.AuthMethod, cr.ClientSecretFile = bank.TokenURL(), "mtls-app", "tls_client_auth", ""
+			cr.TLSClientCertFile, cr.TLSClientKeyFile, cr.TLSCAFile = certFile, keyFile, caFile
+		})
+		h.secrets = append(h.secrets, string(pair.KeyPEM))
+		return h
+	}
+
+	good := broker(clientCA)
+	tok, err := good.get(good.client(payments), &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatalf("GetToken with tls_client_auth: %v", err)
+	}
+	if is, ok := bank.Lookup(tok.GetAccessToken()); !ok || is.AuthMethod != "tls_client_auth" {
+		t.Errorf("issued %+v, want tls_client_auth", is)
+	}
+
+	// A certificate from a CA the bank does not trust: refused, clearly.
+	bad := broker(otherCA)
+	_, err = bad.get(bad.client(payments), &pb.GetTokenRequest{Credential: "identity"})
+	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), "(invalid_client)") {
+		t.Errorf("with an untrusted client certificate: %v %q, want FailedPrecondition invalid_client", st.Code(), st.Message())
+	}
+	if !strings.Contains(bad.logs.String(), `"oauth_error":"invalid_client"`) {
 		t.Error("no log line naming invalid_client")
 	}
 }
