@@ -15,6 +15,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devpki"
@@ -252,6 +253,7 @@ func (h *harness) get(c pb.TokenBrokerClient, req *pb.GetTokenRequest) (*pb.Toke
 	defer cancel()
 	resp, err := c.GetToken(ctx, req)
 	if err != nil {
+		h.checkClean("status message", status.Convert(err).Message())
 		return nil, err
 	}
 	h.mu.Lock()
@@ -261,6 +263,24 @@ func (h *harness) get(c pb.TokenBrokerClient, req *pb.GetTokenRequest) (*pb.Toke
 	h.tokens[resp.GetToken().GetAccessToken()] = true
 	h.mu.Unlock()
 	return resp.GetToken(), nil
+}
+
+// checkClean fails the test if text holds the client secret, other secret
+// material or an access token handed out so far.
+func (h *harness) checkClean(what, text string) {
+	h.t.Helper()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, sec := range append([]string{h.secret}, h.secrets...) {
+		if sec != "" && strings.Contains(text, sec) {
+			h.t.Errorf("secret material in a %s", what)
+		}
+	}
+	for tok := range h.tokens {
+		if strings.Contains(text, tok) {
+			h.t.Errorf("an access token in a %s", what)
+		}
+	}
 }
 
 // checkLogsClean fails the test if the client secret or any access token
