@@ -3,8 +3,12 @@ package broker
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
 
 	"github.com/tokenbroker/tokenbroker/store"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
@@ -56,4 +60,32 @@ func BenchmarkGetTokenSource(b *testing.B) {
 	if n := as.TokenRequests(); n != 1 {
 		b.Errorf("token requests = %d, want 1", n)
 	}
+}
+
+// BenchmarkGetTokenRateLimited is the in-process hit with the per-caller rate
+// limit on (as by default), from many goroutines and callers at once.
+//
+//	go test -run '^$' -bench BenchmarkGetTokenRateLimited -benchmem ./broker/
+func BenchmarkGetTokenRateLimited(b *testing.B) {
+	br, _, _ := newTestBroker(b, nil, time.Hour)
+	br.requests = limiters{rate: 1e9, burst: 1e9} // on, but never refusing
+	ctx := context.Background()
+	callers := make([]policy.Identity, 64)
+	for i := range callers {
+		callers[i] = policy.Identity(fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/w%d", i))
+	}
+	if _, err := br.GetToken(ctx, callers[0], Request{Credential: "identity"}); err != nil {
+		b.Fatal(err)
+	}
+	var n atomic.Int64
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		caller := callers[n.Add(1)%int64(len(callers))]
+		for pb.Next() {
+			if _, err := br.GetToken(ctx, caller, Request{Credential: "identity"}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -76,45 +77,45 @@ func validFingerprint(s string) bool {
 	return true
 }
 
-// limiters holds a token bucket per caller, forgetting callers idle for long.
-// A zero rate means no limit.
+// limiters holds a token bucket per caller, forgetting callers idle for
+// long. A zero rate means no limit. The lookup takes no lock shared between
+// callers: it is on the path of every GetToken.
 type limiters struct {
 	rate  rate.Limit
 	burst int
 
-	mu    sync.Mutex
-	m     map[policy.Identity]*limiter
-	sweep time.Time
+	m         sync.Map     // policy.Identity → *limiter
+	nextSweep atomic.Int64 // Unix seconds
 }
 
 type limiter struct {
 	*rate.Limiter
-	last time.Time
+	last atomic.Int64 // Unix seconds of the last call
 }
+
+const limiterIdle = 10 * 60 // seconds after which an idle caller's bucket is dropped
 
 func (l *limiters) allow(id policy.Identity) bool {
 	if l.rate == 0 {
 		return true
 	}
 	now := time.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.m == nil {
-		l.m = map[policy.Identity]*limiter{}
-	}
-	if now.Sub(l.sweep) > 10*time.Minute {
-		for k, v := range l.m {
-			if now.Sub(v.last) > 10*time.Minute {
-				delete(l.m, k)
-			}
-		}
-		l.sweep = now
-	}
-	lim, ok := l.m[id]
+	sec := now.Unix()
+	v, ok := l.m.Load(id)
 	if !ok {
-		lim = &limiter{Limiter: rate.NewLimiter(l.rate, l.burst)}
-		l.m[id] = lim
+		v, _ = l.m.LoadOrStore(id, &limiter{Limiter: rate.NewLimiter(l.rate, l.burst)})
 	}
-	lim.last = now
+	lim := v.(*limiter)
+	if lim.last.Load() != sec {
+		lim.last.Store(sec)
+	}
+	if next := l.nextSweep.Load(); sec >= next && l.nextSweep.CompareAndSwap(next, sec+limiterIdle) {
+		l.m.Range(func(k, v any) bool {
+			if sec-v.(*limiter).last.Load() > limiterIdle {
+				l.m.CompareAndDelete(k, v)
+			}
+			return true
+		})
+	}
 	return lim.AllowN(now, 1)
 }
