@@ -139,8 +139,8 @@ func writePKI(dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(dir, CAFile), ca.CertPEM, 0o644); err != nil {
-		return fmt.Errorf("write CA: %w", err)
+	if err := ca.WriteCertFile(filepath.Join(dir, CAFile)); err != nil {
+		return err
 	}
 	srv, err := ca.Server(certValidity)
 	if err != nil {

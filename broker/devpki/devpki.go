@@ -62,6 +62,14 @@ func NewCA(name string, validity time.Duration) (*CA, error) {
 	return &CA{Cert: cert, key: key, CertPEM: pemBlock("CERTIFICATE", der)}, nil
 }
 
+// WriteCertFile writes the CA certificate (PEM, mode 0644) to path.
+func (ca *CA) WriteCertFile(path string) error {
+	if err := os.WriteFile(path, ca.CertPEM, 0o644); err != nil {
+		return fmt.Errorf("write CA certificate: %w", err)
+	}
+	return nil
+}
+
 // Pool returns a pool holding only this CA.
 func (ca *CA) Pool() *x509.CertPool {
 	p := x509.NewCertPool()

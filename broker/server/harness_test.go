@@ -110,7 +110,9 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	if err := srvPair.WriteFiles(certFile, keyFile); err != nil {
 		t.Fatal(err)
 	}
-	h.write("ca.pem", string(h.ca.CertPEM))
+	if err := h.ca.WriteCertFile(caFile); err != nil {
+		t.Fatal(err)
+	}
 	h.write("secret", h.secret+"\n")
 	h.storeKey = make([]byte, 32)
 	if _, err := rand.Read(h.storeKey); err != nil {

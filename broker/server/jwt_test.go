@@ -110,7 +110,7 @@ func TestTLSClientAuthEndToEnd(t *testing.T) {
 		if err := pair.WriteFiles(certFile, keyFile); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(caFile, bankCA.CertPEM, 0o644); err != nil {
+		if err := bankCA.WriteCertFile(caFile); err != nil {
 			t.Fatal(err)
 		}
 		h := newHarness(t, func(c *config.Config) {

@@ -523,7 +523,7 @@ func TestRedisOverTLSWithPassword(t *testing.T) {
 	if err := pair.WriteFiles(certFile, keyFile); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(caFile, ca.CertPEM, 0o644); err != nil {
+	if err := ca.WriteCertFile(caFile); err != nil {
 		t.Fatal(err)
 	}
 	const password = "redis-pw-3f9a"

@@ -57,7 +57,7 @@ func TestCertificateRotation(t *testing.T) {
 	if err := pair.WriteFiles(h.path("server.pem"), h.path("server-key.pem")); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(h.path("ca.pem"), ca2.CertPEM, 0o644); err != nil {
+	if err := ca2.WriteCertFile(h.path("ca.pem")); err != nil {
 		t.Fatal(err)
 	}
 	if changed, err := h.srv.tls.Reload(); !changed || err != nil {

@@ -3,7 +3,6 @@ package upstream
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -33,7 +32,7 @@ func mtlsServer(t *testing.T, clientCA *devpki.CA) (*oauthtest.Server, string) {
 	}
 	t.Cleanup(func() { _ = as.Close() })
 	caFile := filepath.Join(t.TempDir(), "bank-ca.pem")
-	if err := os.WriteFile(caFile, serverCA.CertPEM, 0o644); err != nil {
+	if err := serverCA.WriteCertFile(caFile); err != nil {
 		t.Fatal(err)
 	}
 	return as, caFile
