@@ -18,8 +18,12 @@ type metrics struct {
 	secretUsed  *prometheus.CounterVec // credential, secret (index in client_secret_files)
 }
 
+// storeOps are the store operations counted in tokenbroker_store_errors_total;
+// each series exists from the start, so that rate() works before the first error.
+var storeOps = []string{"get", "put", "lock", "delete"}
+
 func newMetrics() *metrics {
-	return &metrics{
+	m := &metrics{
 		source: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenbroker_token_source_total",
 			Help: "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).",
@@ -51,11 +55,15 @@ func newMetrics() *metrics {
 			Help: "Audit events recorded, by event.",
 		}, []string{"event"}),
 	}
+	for _, op := range storeOps {
+		m.storeErrors.WithLabelValues(op)
+	}
+	return m
 }
 
 var (
 	expiryDesc = prometheus.NewDesc("tokenbroker_token_expiry_seconds",
-		"Seconds until the soonest-expiring cached token of each credential expires.", []string{"credential"}, nil)
+		"Seconds until the freshest cached token of each credential expires (the one the refresher keeps young).", []string{"credential"}, nil)
 	healthyDesc = prometheus.NewDesc("tokenbroker_credential_healthy",
 		"1 while the credential's token endpoint answers, 0 while it fails or refuses the broker.", []string{"credential"}, nil)
 )
@@ -84,17 +92,19 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 	b.m.secretUsed.Collect(ch)
 
 	now := b.now()
-	soonest := map[string]time.Duration{}
+	// The freshest token, not the oldest: an idle scope set's token may run
+	// down harmlessly, but when even the freshest is close to expiry, callers are.
+	freshest := map[string]time.Duration{}
 	b.l1.Range(func(_, v any) bool {
 		s := v.(*slot)
 		if e := s.entry.Load(); e != nil {
-			if left, ok := soonest[s.cred]; !ok || e.Expiry.Sub(now) < left {
-				soonest[s.cred] = e.Expiry.Sub(now)
+			if left, ok := freshest[s.cred]; !ok || e.Expiry.Sub(now) > left {
+				freshest[s.cred] = e.Expiry.Sub(now)
 			}
 		}
 		return true
 	})
-	for name, left := range soonest {
+	for name, left := range freshest {
 		ch <- prometheus.MustNewConstMetric(expiryDesc, prometheus.GaugeValue, left.Seconds(), name)
 	}
 	for name, h := range b.Health() {

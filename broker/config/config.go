@@ -54,6 +54,9 @@ type Config struct {
 	AdminAddr string `yaml:"admin_addr"`
 	// Reflection turns on gRPC server reflection.
 	Reflection bool `yaml:"reflection"`
+	// Pprof serves the Go profiler under /debug/pprof/ on the admin address.
+	// Off by default: profiles show memory contents' shapes and cost CPU.
+	Pprof bool `yaml:"pprof"`
 	// TLS is the server's TLS material.
 	TLS TLS `yaml:"tls"`
 	// Log configures the process log.

@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
@@ -71,6 +72,15 @@ func TestMetricsMatchTheCalls(t *testing.T) {
 		{"tokenbroker_requests_total", []string{"method=tokenbroker.v1.TokenBroker/GetToken", "code=PermissionDenied"}, 1},
 		{"tokenbroker_credential_healthy", []string{"credential=identity"}, 1},
 		{"tokenbroker_upstream_duration_seconds_count", []string{"credential=identity"}, 1},
+		{"tokenbroker_audit_events_total", []string{"event=token.issued"}, 3},
+		{"tokenbroker_audit_events_total", []string{"event=token.denied"}, 1},
+		{"tokenbroker_audit_events_total", []string{"event=upstream.fetch"}, 1},
+		{"tokenbroker_store_errors_total", []string{"op=get"}, 0}, // present from the start, at zero
+		{"tokenbroker_lock_wait_seconds_count", nil, 0},
+		{"grpc_server_handled_total", []string{"grpc_method=GetToken", "grpc_code=OK"}, 3},
+		{"grpc_server_handled_total", []string{"grpc_method=GetToken", "grpc_code=PermissionDenied"}, 1},
+		{"grpc_server_handling_seconds_count", []string{"grpc_method=GetToken"}, 4},
+		{"grpc_server_handled_total", []string{"grpc_method=InvalidateToken", "grpc_code=OK"}, 0},
 	} {
 		if got := h.metric(t, m.name, m.labels...); got != m.want {
 			t.Errorf("%s%v = %v, want %v", m.name, m.labels, got, m.want)
@@ -91,5 +101,27 @@ func TestMetricsMatchTheCalls(t *testing.T) {
 	}
 	if got := h.metric(t, "go_goroutines"); got <= 0 {
 		t.Errorf("Go runtime metrics missing")
+	}
+}
+
+func TestPprofOnlyWhenEnabled(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		h := newHarness(t, func(c *config.Config) { c.Pprof = on })
+		resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/debug/pprof/goroutine?debug=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		want := http.StatusNotFound
+		if on {
+			want = http.StatusOK
+		}
+		if resp.StatusCode != want {
+			t.Errorf("pprof: %v: status %d, want %d", on, resp.StatusCode, want)
+		}
+		if on && !strings.Contains(string(body), "goroutine profile") {
+			t.Errorf("pprof on: body is not a goroutine profile: %.100s", body)
+		}
 	}
 }

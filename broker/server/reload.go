@@ -88,6 +88,7 @@ func restartKeys(old, cur *config.Config) []string {
 		{"listen_addr", old.ListenAddr, cur.ListenAddr},
 		{"admin_addr", old.AdminAddr, cur.AdminAddr},
 		{"reflection", old.Reflection, cur.Reflection},
+		{"pprof", old.Pprof, cur.Pprof},
 		{"tls", old.TLS, cur.TLS},
 		{"log", old.Log, cur.Log},
 		{"audit", old.Audit, cur.Audit},

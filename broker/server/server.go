@@ -16,11 +16,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -28,7 +30,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
@@ -79,7 +80,7 @@ type Server struct {
 	svc    *broker.Service
 	audit  *audit.Logger
 	grpc   *grpc.Server
-	health *health.Server
+	health *healthServer
 	admin  *http.Server
 	tls    *tlsreload.Reloader
 
@@ -151,23 +152,28 @@ func New(opts Options) (*Server, error) {
 		Name: "tokenbroker_requests_total",
 		Help: "gRPC calls, by method and status code.",
 	}, []string{"method", "code"})
+	// grpc_server_* metrics (started, handled, messages, handling time) from
+	// go-grpc-middleware's provider, for latency SLOs per method.
+	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
+		grpcprom.WithHistogramBuckets([]float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10})))
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		s.requests, s.broker)
+		s.requests, s.broker, grpcMetrics)
 
 	s.grpc = grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(s.tls.ServerConfig())),
-		grpc.ChainUnaryInterceptor(s.countUnary),
-		grpc.ChainStreamInterceptor(s.countStream),
+		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
+		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	s.svc = broker.NewService(s.broker, s.log)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
-	s.health = health.NewServer()
+	s.health = newHealthServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	if s.cfg.Reflection {
 		reflection.Register(s.grpc)
 	}
+	grpcMetrics.InitializeMetrics(s.grpc) // every method shows at zero from the start
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -175,6 +181,13 @@ func New(opts Options) (*Server, error) {
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	if s.cfg.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
 }
@@ -300,8 +313,8 @@ func (s *Server) Serve(ctx context.Context) error {
 func (s *Server) shutdown() {
 	s.log.Info("shutting down", zap.Duration("grace_period", GracePeriod))
 	s.serving.Store(false)
-	s.health.Shutdown() // NOT_SERVING first, so balancers stop sending
-	s.svc.Drain()       // watch streams end with UNAVAILABLE; their clients reconnect elsewhere
+	s.health.Drain() // NOT_SERVING first, so balancers stop sending
+	s.svc.Drain()    // watch streams end with UNAVAILABLE; their clients reconnect elsewhere
 	done := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(done) }()
 	select {
