@@ -284,6 +284,9 @@ func TestRedisOutageFailsOpen(t *testing.T) {
 	if n := h.metric(t, "tokenbroker_store_errors_total", "op=get"); n < 1 {
 		t.Errorf("store errors (get) during the outage = %v, want some", n)
 	}
+	if up := h.metric(t, "tokenbroker_store_up", "backend=redis"); up != 0 {
+		t.Errorf("tokenbroker_store_up during the outage = %v, want 0", up)
+	}
 
 	rs.Restart()
 	deadline := time.Now().Add(10 * time.Second)
@@ -292,6 +295,9 @@ func TestRedisOutageFailsOpen(t *testing.T) {
 			t.Fatal("the replicas did not find Redis back within 10s")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	if up := h.metric(t, "tokenbroker_store_up", "backend=redis"); up != 1 {
+		t.Errorf("tokenbroker_store_up after recovery = %v, want 1", up)
 	}
 	// Sharing resumes: a token fetched by one replica is read by the other.
 	before := h.as.TokenRequests()

@@ -156,8 +156,22 @@ func New(opts Options) (*Server, error) {
 	// go-grpc-middleware's provider, for latency SLOs per method.
 	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
 		grpcprom.WithHistogramBuckets([]float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10})))
+	storeUp := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "tokenbroker_store_up",
+		Help:        "1 while the token store answers, 0 while the broker serves without it (fail-open).",
+		ConstLabels: prometheus.Labels{"backend": s.store.Name()},
+	}, func() float64 {
+		if s.store.State() == "ok" {
+			return 1
+		}
+		return 0
+	})
+	certExpiry := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tokenbroker_server_certificate_expiry_timestamp_seconds",
+		Help: "When the server certificate in use expires (Unix time); follows TLS reloads.",
+	}, func() float64 { return float64(s.tls.Leaf().NotAfter.Unix()) })
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		s.requests, s.broker, grpcMetrics)
+		s.requests, s.broker, grpcMetrics, storeUp, certExpiry)
 
 	s.grpc = grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(s.tls.ServerConfig())),

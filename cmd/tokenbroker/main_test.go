@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -70,5 +71,58 @@ func TestFlags(t *testing.T) {
 		if _, err := runArgs(t, tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("tokenbroker %v = %v, want an error containing %q", tt.args, err, tt.want)
 		}
+	}
+}
+
+// TestDeployConfigsPassCheckConfig runs --check-config on every example
+// configuration under deploy/, with the files they name (mounted Secrets in a
+// pod) created under a temporary directory.
+func TestDeployConfigsPassCheckConfig(t *testing.T) {
+	configs := []string{"../../deploy/config.example.yaml", "../../deploy/kubernetes/base/config.yaml"}
+	overlays, err := filepath.Glob("../../deploy/kubernetes/overlays/*/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	configs = append(configs, overlays...)
+	if len(configs) < 3 {
+		t.Fatalf("found only %v", configs)
+	}
+	mounted := regexp.MustCompile(`/etc/tokenbroker/[^\s#"',\]]+`)
+	for _, path := range configs {
+		t.Run(strings.TrimPrefix(path, "../../"), func(t *testing.T) {
+			raw, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			root := t.TempDir()
+			files := mounted.FindAllString(string(raw), -1)
+			if len(files) == 0 {
+				t.Fatal("names no mounted file")
+			}
+			for _, f := range files {
+				p := filepath.Join(root, f)
+				if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(p, []byte("mounted\n"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfg := filepath.Join(root, "config.yaml")
+			rewritten := strings.ReplaceAll(string(raw), "/etc/tokenbroker/", root+"/etc/tokenbroker/")
+			if err := os.WriteFile(cfg, []byte(rewritten), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := runArgs(t, "--config", cfg, "--check-config"); err != nil || !strings.Contains(out, "configuration OK") {
+				t.Fatalf("--check-config = %q, %v", out, err)
+			}
+			// And it can fail: without the files it names, it names the first missing one.
+			if err := os.RemoveAll(filepath.Join(root, "etc")); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := runArgs(t, "--config", cfg, "--check-config"); err == nil || !strings.Contains(err.Error(), "no such file") {
+				t.Errorf("--check-config without the mounted files = %v, want a missing-file error", err)
+			}
+		})
 	}
 }

@@ -1,0 +1,137 @@
+package server
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// alertRules is the part of a PrometheusRule that the checks below read.
+type alertRules struct {
+	APIVersion string `yaml:"apiVersion"`
+	Kind       string `yaml:"kind"`
+	Metadata   struct {
+		Name   string            `yaml:"name"`
+		Labels map[string]string `yaml:"labels"`
+	} `yaml:"metadata"`
+	Spec struct {
+		Groups []struct {
+			Name  string `yaml:"name"`
+			Rules []struct {
+				Alert       string            `yaml:"alert"`
+				Expr        string            `yaml:"expr"`
+				For         string            `yaml:"for"`
+				Labels      map[string]string `yaml:"labels"`
+				Annotations map[string]string `yaml:"annotations"`
+			} `yaml:"rules"`
+		} `yaml:"groups"`
+	} `yaml:"spec"`
+}
+
+const alertsFile = "../../deploy/kubernetes/components/monitoring/prometheusrule.yaml"
+
+// TestAlertRules parses the shipped alert rules and checks that each is
+// complete, that its expression is balanced, that every metric it reads is one
+// the server exports, and that README has its runbook.
+func TestAlertRules(t *testing.T) {
+	raw, err := os.ReadFile(alertsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pr alertRules
+	dec := yaml.NewDecoder(strings.NewReader(string(raw)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&pr); err != nil {
+		t.Fatalf("%s: %v", alertsFile, err)
+	}
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The metrics one served call makes the server export.
+	h := newHarness(t, nil)
+	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	exposition, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+
+	metricName := regexp.MustCompile(`\b(?:tokenbroker|grpc_server)_[a-z_]+\b`)
+	seen := map[string]bool{}
+	n := 0
+	for _, g := range pr.Spec.Groups {
+		for _, r := range g.Rules {
+			n++
+			if r.Alert == "" || !strings.HasPrefix(r.Alert, "Tokenbroker") {
+				t.Errorf("rule %d of group %s: alert name %q, want Tokenbroker…", n, g.Name, r.Alert)
+			}
+			if seen[r.Alert] {
+				t.Errorf("%s: defined twice", r.Alert)
+			}
+			seen[r.Alert] = true
+			if d, err := time.ParseDuration(r.For); err != nil || d <= 0 {
+				t.Errorf("%s: for %q is not a positive duration", r.Alert, r.For)
+			}
+			if s := r.Labels["severity"]; s != "critical" && s != "warning" {
+				t.Errorf("%s: severity %q, want critical or warning", r.Alert, s)
+			}
+			for _, a := range []string{"summary", "description", "runbook"} {
+				if r.Annotations[a] == "" {
+					t.Errorf("%s: no %s annotation", r.Alert, a)
+				}
+			}
+			if err := balanced(r.Expr); err != "" {
+				t.Errorf("%s: expr %q: %s", r.Alert, r.Expr, err)
+			}
+			for _, m := range metricName.FindAllString(r.Expr, -1) {
+				if !strings.Contains(string(exposition), "\n"+m+"{") && !strings.Contains(string(exposition), "\n"+m+" ") {
+					t.Errorf("%s reads %s, which the server does not export", r.Alert, m)
+				}
+			}
+			if !strings.Contains(string(readme), "#### "+r.Alert) {
+				t.Errorf("%s: README has no runbook heading \"#### %s\"", r.Alert, r.Alert)
+			}
+		}
+	}
+	if pr.Kind != "PrometheusRule" || n < 5 {
+		t.Fatalf("%s: kind %q with %d rules, want a PrometheusRule with the alerts", alertsFile, pr.Kind, n)
+	}
+}
+
+// balanced reports unbalanced brackets or quotes in a PromQL expression.
+func balanced(expr string) string {
+	var stack []rune
+	pair := map[rune]rune{')': '(', ']': '[', '}': '{'}
+	inQuote := false
+	for _, c := range expr {
+		switch {
+		case c == '"':
+			inQuote = !inQuote
+		case inQuote:
+		case c == '(' || c == '[' || c == '{':
+			stack = append(stack, c)
+		case c == ')' || c == ']' || c == '}':
+			if len(stack) == 0 || stack[len(stack)-1] != pair[c] {
+				return "unbalanced " + string(c)
+			}
+			stack = stack[:len(stack)-1]
+		}
+	}
+	if inQuote || len(stack) > 0 {
+		return "unclosed bracket or quote"
+	}
+	return ""
+}
