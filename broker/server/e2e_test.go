@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -560,5 +561,74 @@ func TestSecretRotationWithTwoFiles(t *testing.T) {
 	}
 	if strings.Contains(h.logs.String()+h.audit.String(), newSecret) {
 		t.Error("the new secret appears in the logs")
+	}
+}
+
+// TestReadyzFailsWhenThisProcessCannotServe: /readyz turns 503 as soon as the
+// server drains (while an in-flight call still holds it open), and a gRPC
+// listener that fails stops the server with an error, admin endpoint included.
+func TestReadyzFailsWhenThisProcessCannotServe(t *testing.T) {
+	h := newHarness(t, nil)
+	readyz := func(srv *Server) (int, string, error) {
+		resp, err := http.Get("http://" + srv.AdminAddr().String() + "/readyz")
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body), nil
+	}
+
+	// Draining: an in-flight call keeps the server up; readiness is already gone.
+	srv, stop := h.startBroker()
+	if code, _, err := readyz(srv); err != nil || code != http.StatusOK {
+		t.Fatalf("/readyz before draining = %d, %v; want 200", code, err)
+	}
+	h.as.SetFaults(oauthtest.Faults{Latency: time.Second})
+	errc := make(chan error, 1)
+	go func() {
+		_, err := h.get(pb.NewTokenBrokerClient(h.connTo(srv, nil, payments)), &pb.GetTokenRequest{Credential: "identity"})
+		errc <- err
+	}()
+	for deadline := time.Now().Add(5 * time.Second); h.as.TokenRequests() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the call never reached the token endpoint")
+		}
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	var code int
+	var body string
+	for deadline := time.Now().Add(5 * time.Second); code != http.StatusServiceUnavailable; time.Sleep(5 * time.Millisecond) {
+		var err error
+		if code, body, err = readyz(srv); err != nil || time.Now().After(deadline) {
+			t.Fatalf("/readyz while draining = %d %s, %v; want 503 before the admin server closes", code, body, err)
+		}
+	}
+	if !strings.Contains(body, `"grpc_listener":"not serving"`) {
+		t.Errorf("/readyz body while draining = %s, want grpc_listener not serving", body)
+	}
+	if err := <-errc; err != nil {
+		t.Errorf("in-flight call: %v", err)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("graceful stop: %v", err)
+	}
+
+	// The gRPC listener fails: Serve returns the error and the admin endpoint goes too.
+	srv, stop = h.startBroker()
+	if err := srv.grpcLn.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, _, err := readyz(srv); err != nil {
+			break // the admin endpoint is gone: the probe fails
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("/readyz still answers 5s after the gRPC listener failed")
+		}
+	}
+	if err := stop(); err == nil || !strings.Contains(err.Error(), "serve:") {
+		t.Errorf("Serve after its listener failed = %v, want a serve error", err)
 	}
 }
