@@ -1,50 +1,54 @@
 package client_test
 
 import (
-	"context"
 	"fmt"
 	"log"
 	"net/http"
 	"time"
 
-	"golang.org/x/oauth2"
-	"google.golang.org/protobuf/types/known/durationpb"
-
 	"github.com/tokenbroker/tokenbroker/broker/client"
-	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
-// A service dials the broker with its workload certificate, asks for a token
-// for credential "identity", and calls the bank's API with it in the
-// Authorization header.
+// A service dials the broker once with its workload certificate, gets an
+// oauth2.TokenSource for credential "identity", and calls the bank's API with
+// an HTTP client that sends the token in the Authorization header.
 func Example() {
-	files := client.TLSFiles{
-		CAFile:   "/etc/tokenbroker-client/ca.pem",
-		CertFile: "/etc/tokenbroker-client/tls.crt",
-		KeyFile:  "/etc/tokenbroker-client/tls.key",
-	}
-	tc, err := files.TLSConfig()
-	if err != nil {
-		log.Fatal(err)
-	}
-	conn, err := client.Dial("tokenbroker.platform.svc:8443", tc)
+	// One connection for the life of the process; certificates renewed on disk are picked up.
+	conn, err := client.DialFiles(brokerTarget, callerFiles)
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer conn.Close()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	resp, err := pb.NewTokenBrokerClient(conn).GetToken(ctx, &pb.GetTokenRequest{
-		Credential: "identity",
-		MinTtl:     durationpb.New(time.Minute), // still valid a minute from now
-	})
-	if err != nil {
-		log.Fatal(err) // a gRPC status: see README, "Status codes"
-	}
-	tok := resp.GetToken()
+	// Cached until a minute before expiry; replacements are pushed by the broker.
+	ts := client.TokenSource(conn, "identity", client.WithMinTTL(time.Minute), client.WithWatch())
+	defer ts.Close()
 
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://api.bank.example/identity/v1/me", nil)
-	(&oauth2.Token{AccessToken: tok.GetAccessToken(), TokenType: tok.GetTokenType()}).SetAuthHeader(req)
-	fmt.Println(req.Header.Get("Authorization") != "")
+	// "Authorization: Bearer …" on every request; a 401 reports the token and retries once.
+	api := &http.Client{Transport: &client.Transport{Source: ts}, Timeout: 10 * time.Second}
+	resp, err := api.Get(identityAPI + "/identity/v1/me")
+	if err != nil {
+		log.Fatal(err) // from the broker: a gRPC status (see "Status codes")
+	}
+	defer resp.Body.Close()
+	fmt.Println(resp.Status)
+	// Output: 200 OK
+}
+
+// The TokenSource is an oauth2.TokenSource: anything that takes one
+// (oauth2.NewClient, gRPC's oauth.TokenSource, cloud SDKs) can use the broker.
+func ExampleTokenSource() {
+	conn, err := client.DialFiles(brokerTarget, callerFiles)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer conn.Close()
+
+	ts := client.TokenSource(conn, "identity")
+	tok, err := ts.Token()
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(tok.Type(), tok.Valid(), len(client.Fingerprint(tok)))
+	// Output: Bearer true 32
 }

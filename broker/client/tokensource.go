@@ -1,0 +1,262 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/oauth2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// Defaults of a Source.
+const (
+	// DefaultMinTTL is the lifetime a token must have left to be handed out.
+	DefaultMinTTL = 30 * time.Second
+	// DefaultTimeout bounds each call to the broker.
+	DefaultTimeout = 10 * time.Second
+)
+
+// Watch reconnection backoff: full jitter between these bounds, doubling.
+const (
+	watchBackoffMin = 100 * time.Millisecond
+	watchBackoffMax = 30 * time.Second
+)
+
+// ErrClosed is returned by a Source after Close.
+var ErrClosed = errors.New("client: token source closed")
+
+// Option configures a Source.
+type Option func(*Source)
+
+// WithScopes asks for these scopes instead of the credential's configured ones.
+func WithScopes(scopes ...string) Option {
+	return func(s *Source) { s.scopes = append([]string(nil), scopes...) }
+}
+
+// WithMinTTL sets the lifetime a token must have left when Token returns it
+// (default DefaultMinTTL). It is sent to the broker too, which never answers
+// with less.
+func WithMinTTL(d time.Duration) Option {
+	return func(s *Source) { s.minTTL = d }
+}
+
+// WithTimeout bounds each call to the broker (default DefaultTimeout).
+func WithTimeout(d time.Duration) Option {
+	return func(s *Source) { s.timeout = d }
+}
+
+// WithWatch keeps the token fresh from a WatchToken stream: the broker pushes
+// each replacement, so Token rarely calls the broker at all. The stream is
+// reopened with backoff when it breaks (a broker restart, a network blip).
+// Close the Source to end it.
+func WithWatch() Option {
+	return func(s *Source) { s.watch = true }
+}
+
+// Source is an oauth2.TokenSource backed by tokenbroker. It keeps the last
+// token and returns it while it has more than the minimum lifetime left;
+// concurrent calls that need a new one share a single call to the broker.
+// It is safe for concurrent use.
+type Source struct {
+	c          pb.TokenBrokerClient
+	credential string
+	scopes     []string
+	minTTL     time.Duration
+	timeout    time.Duration
+	watch      bool
+	now        func() time.Time
+
+	ctx    context.Context // ends at Close
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the watch loop has returned
+
+	mu     sync.Mutex
+	tok    *pb.Token
+	flight *flight
+}
+
+// flight is one GetToken call shared by the callers that wait for it.
+type flight struct {
+	done chan struct{}
+	tok  *pb.Token
+	err  error
+}
+
+// TokenSource returns a Source for credential over conn (see Dial). Call
+// Close when done with it if WithWatch is used.
+//
+//	ts := client.TokenSource(conn, "identity")
+//	httpClient := oauth2.NewClient(ctx, ts)
+func TokenSource(conn grpc.ClientConnInterface, credential string, opts ...Option) *Source {
+	s := &Source{c: pb.NewTokenBrokerClient(conn), credential: credential, minTTL: DefaultMinTTL,
+		timeout: DefaultTimeout, now: time.Now, done: make(chan struct{})}
+	for _, o := range opts {
+		o(s)
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if s.watch {
+		go s.watchLoop()
+	} else {
+		close(s.done)
+	}
+	return s
+}
+
+// Token returns a token with more than the minimum lifetime left: the cached
+// one, or a new one from the broker. If the broker cannot be reached, the
+// cached token is returned while it is still valid at all.
+func (s *Source) Token() (*oauth2.Token, error) {
+	s.mu.Lock()
+	if t := s.tok; t != nil && t.GetExpireTime().AsTime().Sub(s.now()) > s.minTTL {
+		s.mu.Unlock()
+		return s.oauthToken(t), nil
+	}
+	f := s.flight
+	if f == nil {
+		f = &flight{done: make(chan struct{})}
+		s.flight = f
+		go s.fetch(f)
+	}
+	s.mu.Unlock()
+
+	<-f.done
+	if f.err == nil {
+		return s.oauthToken(f.tok), nil
+	}
+	if transient(f.err) {
+		s.mu.Lock()
+		t := s.tok
+		s.mu.Unlock()
+		if t != nil && s.now().Before(t.GetExpireTime().AsTime()) {
+			return s.oauthToken(t), nil
+		}
+	}
+	return nil, f.err
+}
+
+// fetch makes the shared GetToken call of f.
+func (s *Source) fetch(f *flight) {
+	ctx, cancel := context.WithTimeout(s.ctx, s.timeout)
+	defer cancel()
+	resp, err := s.c.GetToken(ctx, &pb.GetTokenRequest{Credential: s.credential, Scopes: s.scopes,
+		MinTtl: durationpb.New(s.minTTL)})
+	if err == nil && resp.GetToken().GetAccessToken() == "" {
+		err = errors.New("client: the broker answered without a token")
+	}
+	if s.ctx.Err() != nil {
+		err = ErrClosed
+	}
+	s.mu.Lock()
+	if err == nil {
+		f.tok = resp.GetToken()
+		s.keepLocked(f.tok)
+	}
+	f.err = err
+	s.flight = nil
+	s.mu.Unlock()
+	close(f.done)
+}
+
+// keepLocked makes t the cached token unless the cached one expires later.
+func (s *Source) keepLocked(t *pb.Token) {
+	if s.tok == nil || !t.GetExpireTime().AsTime().Before(s.tok.GetExpireTime().AsTime()) {
+		s.tok = t
+	}
+}
+
+// Invalidate reports that a resource server rejected the token with this
+// fingerprint (see Fingerprint): the broker drops it if it is still its
+// current one, and the Source drops its copy, so the next Token gets a new
+// token. It returns whether the broker dropped it. When the Source already
+// holds another token (someone reported this one first), it only returns false.
+func (s *Source) Invalidate(ctx context.Context, fingerprint string) (bool, error) {
+	s.mu.Lock()
+	current := s.tok != nil && s.tok.GetFingerprint() == fingerprint
+	if current {
+		s.tok = nil
+	}
+	s.mu.Unlock()
+	if !current {
+		return false, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	resp, err := s.c.InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: s.credential, Scopes: s.scopes,
+		Fingerprint: fingerprint})
+	if err != nil {
+		return false, fmt.Errorf("invalidate token: %w", err)
+	}
+	return resp.GetInvalidated(), nil
+}
+
+// Close ends the watch stream, if any, and makes Token fail with ErrClosed
+// once the cached token is no longer good.
+func (s *Source) Close() error {
+	s.cancel()
+	<-s.done
+	return nil
+}
+
+// watchLoop keeps a WatchToken stream open until Close, storing each token it
+// receives, and reopens it with jittered exponential backoff when it breaks.
+func (s *Source) watchLoop() {
+	defer close(s.done)
+	backoff := watchBackoffMin
+	for s.ctx.Err() == nil {
+		stream, err := s.c.WatchToken(s.ctx, &pb.WatchTokenRequest{Credential: s.credential, Scopes: s.scopes,
+			MinTtl: durationpb.New(s.minTTL)})
+		for err == nil {
+			var resp *pb.WatchTokenResponse
+			if resp, err = stream.Recv(); err == nil && resp.GetToken().GetAccessToken() != "" {
+				s.mu.Lock()
+				s.tok = resp.GetToken() // the broker's current token, even if it expires sooner
+				s.mu.Unlock()
+				backoff = watchBackoffMin
+			}
+		}
+		t := time.NewTimer(rand.N(backoff) + time.Millisecond)
+		select {
+		case <-s.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(2*backoff, watchBackoffMax)
+	}
+}
+
+// transient reports errors after which a still-valid cached token is better
+// than none: the broker is unreachable, slow or shutting down.
+func transient(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Canceled, codes.ResourceExhausted:
+		return true
+	}
+	return false
+}
+
+// oauthToken converts t, keeping its fingerprint and scopes as extras.
+func (s *Source) oauthToken(t *pb.Token) *oauth2.Token {
+	ot := &oauth2.Token{AccessToken: t.GetAccessToken(), TokenType: "Bearer", Expiry: t.GetExpireTime().AsTime()}
+	return ot.WithExtra(map[string]any{"fingerprint": t.GetFingerprint(), "scope": strings.Join(t.GetScopes(), " ")})
+}
+
+// Fingerprint returns the broker's fingerprint of a token from a Source
+// (safe to log, unlike the token), or "" for another token.
+func Fingerprint(t *oauth2.Token) string {
+	if t == nil {
+		return ""
+	}
+	fp, _ := t.Extra("fingerprint").(string)
+	return fp
+}

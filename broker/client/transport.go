@@ -1,0 +1,94 @@
+package client
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+)
+
+// Transport is an http.RoundTripper that sends each request with
+// "Authorization: Bearer <token>" from Source — in the header, never in the
+// URL. When the resource server answers 401, it reports the token to the
+// broker (Source.Invalidate) and, if the request body can be sent again
+// (none, or http.Request.GetBody set, as http.NewRequest does for in-memory
+// bodies), retries once with the new token. A second 401 is returned as is.
+//
+// It refuses to send a token over plain http except to a loopback address.
+type Transport struct {
+	// Source provides the tokens.
+	Source *Source
+	// Base sends the requests; nil means http.DefaultTransport.
+	Base http.RoundTripper
+}
+
+// RoundTrip implements http.RoundTripper.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if err := cleartext(req); err != nil {
+		closeBody(req)
+		return nil, err
+	}
+	tok, err := t.Source.Token()
+	if err != nil {
+		closeBody(req)
+		return nil, err
+	}
+	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
+	resp, err := t.base().RoundTrip(withBearer(req, tok.AccessToken, req.Body))
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		return resp, err
+	}
+
+	// Rejected: report it, so that neither this process nor any other keeps using it.
+	fp := Fingerprint(tok)
+	_, _ = t.Source.Invalidate(req.Context(), fp) // best effort: a failed report still drops the local copy
+	if !replayable {
+		return resp, nil
+	}
+	next, err := t.Source.Token()
+	if err != nil || Fingerprint(next) == fp {
+		return resp, nil // no other token to try
+	}
+	body := req.Body
+	if req.GetBody != nil {
+		if body, err = req.GetBody(); err != nil {
+			return resp, nil
+		}
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // lets the connection be reused
+	resp.Body.Close()
+	return t.base().RoundTrip(withBearer(req, next.AccessToken, body))
+}
+
+func (t *Transport) base() http.RoundTripper {
+	if t.Base != nil {
+		return t.Base
+	}
+	return http.DefaultTransport
+}
+
+// withBearer returns a copy of req with the token in the Authorization
+// header and body as its body; req itself is not changed.
+func withBearer(req *http.Request, token string, body io.ReadCloser) *http.Request {
+	r := req.Clone(req.Context())
+	r.Header.Set("Authorization", "Bearer "+token)
+	r.Body = body
+	return r
+}
+
+// cleartext refuses plain http to anything but a loopback address.
+func cleartext(req *http.Request) error {
+	if req.URL.Scheme == "https" {
+		return nil
+	}
+	if ip := net.ParseIP(req.URL.Hostname()); req.URL.Scheme == "http" && (req.URL.Hostname() == "localhost" || ip != nil && ip.IsLoopback()) {
+		return nil
+	}
+	return fmt.Errorf("client: refusing to send a bearer token to %s://%s: use https", req.URL.Scheme, req.URL.Host)
+}
+
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
+	}
+}
