@@ -5,10 +5,17 @@
 //
 // Commands:
 //
-//	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
-//	invalidate CREDENTIAL --fingerprint F [--scope S]...     report a rejected token
-//	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
-//	list [--json]                                            list usable credentials
+//	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print an access token
+//	invalidate CREDENTIAL --fingerprint F [--scope S]... [--json]   report a rejected token
+//	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print each rotation until interrupted
+//	list [--json]                                               list usable credentials
+//	health [--service S] [--json]                               the broker's gRPC health
+//
+// The exit code reflects the outcome: 0 ok (health: SERVING); 1 the broker is
+// unreachable or failing; 2 usage error or invalid request; 3 not allowed
+// (unauthenticated, permission denied, unknown credential); 4 the bank refuses
+// the broker's registration (failed precondition); 5 rate limited; 6 health
+// NOT_SERVING.
 package main
 
 import (
@@ -24,6 +31,9 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -39,12 +49,31 @@ const (
 	devAddr = "127.0.0.1:8443"
 )
 
-// Exit codes.
+// Exit codes, for scripts.
 const (
-	exitOK    = 0
-	exitError = 1 // the broker answered with an error, or it could not be reached
-	exitUsage = 2
+	exitOK           = 0
+	exitError        = 1 // the broker could not be reached, or failed (UNAVAILABLE, INTERNAL, ...)
+	exitUsage        = 2 // bad arguments, or INVALID_ARGUMENT
+	exitDenied       = 3 // UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND
+	exitPrecondition = 4 // FAILED_PRECONDITION: the bank refuses the broker's registration
+	exitThrottled    = 5 // RESOURCE_EXHAUSTED: over the caller's rate limit
+	exitNotServing   = 6 // health: not SERVING
 )
+
+// exitCode maps a failed call's status to an exit code.
+func exitCode(err error) int {
+	switch status.Code(err) {
+	case codes.InvalidArgument:
+		return exitUsage
+	case codes.Unauthenticated, codes.PermissionDenied, codes.NotFound:
+		return exitDenied
+	case codes.FailedPrecondition:
+		return exitPrecondition
+	case codes.ResourceExhausted:
+		return exitThrottled
+	}
+	return exitError
+}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -60,6 +89,10 @@ commands:
   invalidate CREDENTIAL --fingerprint F [--scope S]...     report a token a resource server rejected
   watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
   list [--json]                                            list the credentials you may use
+  health [--service S] [--json]                            the broker's gRPC health (exit 6 unless SERVING)
+
+exit codes: 0 ok, 1 broker unreachable or failing, 2 usage or invalid request,
+3 not allowed, 4 bank refuses the registration, 5 rate limited, 6 not serving
 
 global flags:
 `
@@ -101,7 +134,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	var cmd func(context.Context, pb.TokenBrokerClient, []string, io.Writer) (int, error)
+	var cmd func(context.Context, *grpc.ClientConn, []string, io.Writer) (int, error)
 	switch fs.Arg(0) {
 	case "token":
 		cmd = tokenCmd
@@ -111,18 +144,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		cmd = watchCmd
 	case "list":
 		cmd = listCmd
+	case "health":
+		cmd = healthCmd
 	default:
 		fmt.Fprintf(stderr, "tokenctl: unknown command %q\n", fs.Arg(0))
 		fs.Usage()
 		return exitUsage
 	}
 
-	tc, err := files.TLSConfig()
-	if err != nil {
-		fmt.Fprintln(stderr, "tokenctl:", err)
-		return exitError
-	}
-	conn, err := client.Dial(*addr, tc)
+	conn, err := client.DialFiles(*addr, files)
 	if err != nil {
 		fmt.Fprintln(stderr, "tokenctl:", err)
 		return exitError
@@ -133,7 +163,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		ctx, cancel = context.WithTimeout(ctx, *timeout)
 		defer cancel()
 	}
-	code, err := cmd(ctx, pb.NewTokenBrokerClient(conn), fs.Args()[1:], stdout)
+	code, err := cmd(ctx, conn, fs.Args()[1:], stdout)
+	if err != nil && code == exitError {
+		code = exitCode(err)
+	}
 	if err != nil {
 		if st, ok := status.FromError(err); ok && st.Code() != 0 {
 			fmt.Fprintf(stderr, "tokenctl: %s: %s\n", st.Code(), st.Message())
@@ -144,7 +177,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return code
 }
 
-func tokenCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+func tokenCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	c := pb.NewTokenBrokerClient(conn)
 	fs := flag.NewFlagSet("token", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var scopes listFlag
@@ -173,22 +207,27 @@ func tokenCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout
 	return exitOK, nil
 }
 
-func invalidateCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+func invalidateCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	c := pb.NewTokenBrokerClient(conn)
 	fs := flag.NewFlagSet("invalidate", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var scopes listFlag
 	fs.Var(&scopes, "scope", "scope the token was requested with (repeatable)")
 	fp := fs.String("fingerprint", "", "fingerprint of the rejected token")
+	asJSON := fs.Bool("json", false, "print the answer as JSON")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return exitUsage, err
 	}
 	if len(pos) != 1 || *fp == "" {
-		return exitUsage, errors.New("usage: invalidate CREDENTIAL --fingerprint F [--scope S]...")
+		return exitUsage, errors.New("usage: invalidate CREDENTIAL --fingerprint F [--scope S]... [--json]")
 	}
 	resp, err := c.InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: pos[0], Scopes: scopes, Fingerprint: *fp})
 	if err != nil {
 		return exitError, err
+	}
+	if *asJSON {
+		return printJSON(stdout, resp)
 	}
 	if resp.GetInvalidated() {
 		fmt.Fprintln(stdout, "invalidated: the next request fetches a new token")
@@ -198,7 +237,8 @@ func invalidateCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, s
 	return exitOK, nil
 }
 
-func watchCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+func watchCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	c := pb.NewTokenBrokerClient(conn)
 	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var scopes listFlag
@@ -243,7 +283,8 @@ func watchCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout
 	}
 }
 
-func listCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout io.Writer) (int, error) {
+func listCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	c := pb.NewTokenBrokerClient(conn)
 	fs := flag.NewFlagSet("list", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	asJSON := fs.Bool("json", false, "print JSON")
@@ -267,8 +308,37 @@ func listCmd(ctx context.Context, c pb.TokenBrokerClient, args []string, stdout 
 	return exitOK, nil
 }
 
+func healthCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("health", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	service := fs.String("service", "", `service to check ("" is the whole server; e.g. tokenbroker.v1.TokenBroker)`)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) != 0 {
+		return exitUsage, errors.New("usage: health [--service S] [--json]")
+	}
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: *service})
+	if err != nil {
+		return exitError, err
+	}
+	if *asJSON {
+		if _, err := printJSON(stdout, resp); err != nil {
+			return exitError, err
+		}
+	} else {
+		fmt.Fprintln(stdout, resp.GetStatus())
+	}
+	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		return exitNotServing, nil
+	}
+	return exitOK, nil
+}
+
 func printJSON(w io.Writer, m proto.Message) (int, error) {
-	b, err := protojson.MarshalOptions{UseProtoNames: true, Multiline: true}.Marshal(m)
+	b, err := protojson.MarshalOptions{UseProtoNames: true, Multiline: true, EmitUnpopulated: true}.Marshal(m)
 	if err != nil {
 		return exitError, err
 	}

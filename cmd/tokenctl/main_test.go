@@ -163,8 +163,8 @@ func TestDevModeEndToEnd(t *testing.T) {
 	code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
 		"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"),
 		"token", "identity")
-	if code != exitError || !strings.Contains(stderr, "PermissionDenied") {
-		t.Errorf("denied client: exit %d, stderr %q; want 1 and PermissionDenied", code, stderr)
+	if code != exitDenied || !strings.Contains(stderr, "PermissionDenied") {
+		t.Errorf("denied client: exit %d, stderr %q; want %d and PermissionDenied", code, stderr, exitDenied)
 	}
 
 	// SIGHUP re-reads the configuration: allowing the denied identity lets it in.
@@ -215,6 +215,25 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("tokenctl watch = %d, %q, %q; want a fingerprint line and no token", code, wout.String(), werr.String())
 	}
 
+	// Exit codes follow the status; health reports SERVING.
+	for _, tt := range []struct {
+		args []string
+		code int
+		out  string
+	}{
+		{[]string{"health"}, exitOK, "SERVING\n"},
+		{[]string{"health", "--service", "tokenbroker.v1.TokenBroker", "--json"}, exitOK, `"SERVING"`},
+		{[]string{"token", "no-such-credential"}, exitDenied, ""},
+		{[]string{"token", "bad name!"}, exitUsage, ""},
+		{[]string{"invalidate", "identity", "--fingerprint", strings.Repeat("0", 32), "--json"}, exitOK, `"invalidated"`},
+		{[]string{"invalidate", "identity", "--fingerprint", "00"}, exitUsage, ""},
+	} {
+		code, out, stderr := s.tokenctl(t, append([]string{"--dev", "--dev-dir", s.dir}, tt.args...)...)
+		if code != tt.code || !strings.Contains(out, tt.out) {
+			t.Errorf("tokenctl %v = %d, %q (stderr %q); want %d and %q", tt.args, code, out, stderr, tt.code, tt.out)
+		}
+	}
+
 	// Operators see the admin endpoints; then SIGTERM ends the process cleanly.
 	resp, err := http.Get("http://" + s.adminAddr + "/readyz")
 	if err != nil || resp.StatusCode != http.StatusOK {
@@ -229,6 +248,13 @@ func TestDevModeEndToEnd(t *testing.T) {
 	}
 	if strings.Contains(s.stderr.String(), tok) {
 		t.Errorf("the access token appears in the server log")
+	}
+	// Nobody listening: exit 1, for the health check and for a token alike.
+	for _, args := range [][]string{{"health"}, {"token", "identity"}} {
+		code, _, stderr := s.tokenctl(t, append([]string{"--dev", "--dev-dir", s.dir, "--timeout", "2s"}, args...)...)
+		if code != exitError || !strings.Contains(stderr, "Unavailable") {
+			t.Errorf("tokenctl %v with the broker gone = %d, %q; want %d and Unavailable", args, code, stderr, exitError)
+		}
 	}
 }
 
@@ -276,7 +302,7 @@ func TestUsageErrors(t *testing.T) {
 	// Missing dev files are an error reaching the broker, not a usage error.
 	var out, errb bytes.Buffer
 	if code := run(context.Background(), []string{"--dev", "--dev-dir", t.TempDir(), "token", "identity"}, &out, &errb); code != exitError ||
-		!strings.Contains(errb.String(), "client certificate") {
+		!strings.Contains(errb.String(), "TLS files") {
 		t.Errorf("tokenctl with an empty dev dir = %d, %q; want 1 and a certificate error", code, errb.String())
 	}
 }
