@@ -19,6 +19,11 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	if err != nil {
 		return err
 	}
+	// Every get is preceded by registering for the key's next change, so a
+	// change that lands while it runs or before the next wait (a replacement
+	// or an InvalidateToken dropping the token) wakes that wait. A change the
+	// get itself made costs one extra in-process lookup.
+	changed := b.waiters.wait(p.key)
 	is, err := b.get(ctx, p)
 	if err != nil {
 		return err
@@ -34,7 +39,6 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	retry := time.Second // after a failed attempt, the next is not sooner
 	var failedAt time.Time
 	for {
-		changed := b.waiters.wait(p.key)
 		// At the latest, replace last when it has min_ttl plus a lead left.
 		lead := min(last.Lifetime()/10, 30*time.Second)
 		due := last.Expiry.Add(-p.minTTL - lead)
@@ -42,20 +46,17 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		if !failedAt.IsZero() {
 			wait = max(wait, failedAt.Add(retry).Sub(b.now()))
 		}
-		// Registered first, then checked: a replacement that landed since
-		// the last send is not missed.
-		if !b.newerCached(p.key, last) {
-			t := time.NewTimer(max(wait, 0))
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return ctx.Err()
-			case <-changed:
-			case <-t.C:
-			}
+		t := time.NewTimer(max(wait, 0))
+		select {
+		case <-ctx.Done():
 			t.Stop()
+			return ctx.Err()
+		case <-changed:
+		case <-t.C:
 		}
+		t.Stop()
 
+		changed = b.waiters.wait(p.key)
 		q := p
 		if now := b.now(); !now.Before(due) {
 			// Anything with more time left than last will do.
@@ -82,10 +83,4 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 // newer reports whether e replaces last.
 func newer(e, last *store.Entry) bool {
 	return e != nil && e.Fingerprint != last.Fingerprint && e.Expiry.After(last.Expiry)
-}
-
-// newerCached reports whether the in-process cache holds a replacement for last.
-func (b *Broker) newerCached(key string, last *store.Entry) bool {
-	v, ok := b.l1.Load(key)
-	return ok && newer(v.(*slot).entry.Load(), last)
 }

@@ -161,3 +161,30 @@ func TestWatchRejectsLikeGetToken(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchFollowsInvalidate: a token dropped by InvalidateToken right after
+// the stream sent it is replaced on the stream at once, not when the old one
+// would have run down. The clock only moves a second per round, so nothing but
+// the invalidation can wake the stream.
+func TestWatchFollowsInvalidate(t *testing.T) {
+	h := newHarness(t, nil)
+	h.as.SetExpiresIn(time.Hour)
+	c := h.client(payments)
+	toks, errs, _ := watch(t, c, &pb.WatchTokenRequest{Credential: "identity"})
+	prev := recvToken(t, toks, errs)
+	for i := range 8 { // under the invalidation burst of 10
+		h.clock.Add(time.Second)
+		resp, err := c.InvalidateToken(context.Background(), &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: prev.GetFingerprint()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !resp.GetInvalidated() {
+			t.Fatalf("round %d: the token the stream sent was not the current one", i)
+		}
+		next := recvToken(t, toks, errs)
+		if next.GetFingerprint() == prev.GetFingerprint() {
+			t.Fatalf("round %d: the stream resent the invalidated token", i)
+		}
+		prev = next
+	}
+}
