@@ -35,8 +35,10 @@ const (
 
 // Defaults for zero Credential fields.
 const (
-	DefaultLockTTL     = 15 * time.Second
-	DefaultRefreshAt   = 0.6
+	DefaultLockTTL = 15 * time.Second
+	// RefreshLead is how long before a token would fall below the largest
+	// min_ttl asked of it that its replacement is fetched, by default.
+	RefreshLead        = 2 * time.Minute
 	DefaultIdleTimeout = 30 * time.Minute
 )
 
@@ -66,7 +68,10 @@ type Credential struct {
 	// dies mid-fetch is replaced soon after. Zero means DefaultLockTTL.
 	LockTTL time.Duration
 	// RefreshAt is the fraction of a token's lifetime after which it is
-	// replaced in the background (jittered by ±0.1). Zero means DefaultRefreshAt.
+	// replaced in the background (jittered by ±0.1). Zero means late: when
+	// the token has min_ttl (the largest asked) plus RefreshLead, or a
+	// twentieth of its lifetime if that is more, left — but after no more
+	// than 60% of its lifetime — and up to a quarter of that lead earlier.
 	RefreshAt float64
 	// IdleTimeout stops refreshing tokens nobody asked for in this long.
 	// Zero means DefaultIdleTimeout.
@@ -215,9 +220,6 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		if cr.LockTTL <= 0 {
 			cr.LockTTL = DefaultLockTTL
 		}
-		if cr.RefreshAt <= 0 {
-			cr.RefreshAt = DefaultRefreshAt
-		}
 		if cr.IdleTimeout <= 0 {
 			cr.IdleTimeout = DefaultIdleTimeout
 		}
@@ -250,7 +252,8 @@ type prepared struct {
 	c      *credential
 	scopes []string
 	key    string
-	minTTL time.Duration
+	minTTL time.Duration // what this get needs
+	demand time.Duration // what the caller asked; Watch raises minTTL, not this
 }
 
 // prepare checks a request, the caller's right to it and the caller's rate.
@@ -273,7 +276,7 @@ func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) 
 		}
 		minTTL = req.MinTTL
 	}
-	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL}, nil
+	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL}, nil
 }
 
 // get serves a prepared request from the in-process cache, or obtains a token.
@@ -281,7 +284,7 @@ func (b *Broker) get(ctx context.Context, p prepared) (Issued, error) {
 	if v, ok := b.l1.Load(p.key); ok {
 		s := v.(*slot)
 		now := b.now()
-		s.touch(now)
+		s.touch(now, p.demand)
 		if e := s.entry.Load(); e != nil {
 			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
 				p.c.hits.Inc()

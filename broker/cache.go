@@ -18,17 +18,25 @@ type slot struct {
 	entry      atomic.Pointer[store.Entry] // nil after an invalidation
 	refreshAt  atomic.Int64                // Unix nanoseconds
 	lastUsed   atomic.Int64                // Unix seconds
+	minTTL     atomic.Int64                // the largest min_ttl asked, in nanoseconds
 	refreshing atomic.Bool
 	watchers   atomic.Int32 // open WatchToken streams on this key
 	cred       string
 	scopes     []string
 }
 
-// touch records demand; it writes at most once a second per key, so the hit
-// path does not bounce a cache line between cores on every call.
-func (s *slot) touch(now time.Time) {
+// touch records demand: when, and the largest min_ttl asked. It writes at
+// most once a second per key, and min_ttl only when it grows, so the hit path
+// does not bounce a cache line between cores on every call.
+func (s *slot) touch(now time.Time, minTTL time.Duration) {
 	if sec := now.Unix(); s.lastUsed.Load() != sec {
 		s.lastUsed.Store(sec)
+	}
+	for {
+		cur := s.minTTL.Load()
+		if int64(minTTL) <= cur || s.minTTL.CompareAndSwap(cur, int64(minTTL)) {
+			return
+		}
 	}
 }
 
@@ -53,7 +61,7 @@ func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry
 			return
 		}
 		if s.entry.CompareAndSwap(cur, e) {
-			s.refreshAt.Store(refreshPoint(e, c.RefreshAt).UnixNano())
+			s.refreshAt.Store(refreshPoint(e, c.RefreshAt, max(c.MinTTL, time.Duration(s.minTTL.Load()))).UnixNano())
 			b.waiters.wake(key)
 			return
 		}
@@ -75,11 +83,20 @@ func (b *Broker) drop(key, fp string) bool {
 	return true
 }
 
-// refreshPoint is when a token should be replaced: after a fraction of its
-// lifetime, jittered by ±0.1 so that replicas and keys do not refresh in step.
-func refreshPoint(e *store.Entry, frac float64) time.Time {
-	f := min(max(frac+rand.Float64()*0.2-0.1, 0.1), 0.95)
-	return e.IssuedAt.Add(time.Duration(f * float64(e.Lifetime())))
+// refreshPoint is when a token should be replaced, jittered so that keys do
+// not refresh in step. With a fraction frac: after frac ±0.1 of its lifetime.
+// Without: late, so that the bank sees about one request per lifetime, yet
+// with RefreshLead (at least; up to a quarter more) of retries before the
+// token falls below minTTL; short tokens after at most 60% of their lifetime.
+func refreshPoint(e *store.Entry, frac float64, minTTL time.Duration) time.Time {
+	lt := e.Lifetime()
+	if frac > 0 {
+		f := min(max(frac+rand.Float64()*0.2-0.1, 0.1), 0.95)
+		return e.IssuedAt.Add(time.Duration(f * float64(lt)))
+	}
+	lead := min(max(minTTL+RefreshLead, lt/20), lt*2/5)
+	lead += time.Duration(rand.Float64() * float64(lead) / 4)
+	return e.Expiry.Add(-lead)
 }
 
 // RefreshDue replaces every cached token past its refresh point whose key a

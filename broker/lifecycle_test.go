@@ -45,6 +45,13 @@ func newTestBroker(t testing.TB, st store.Store, ttl time.Duration) (*Broker, *o
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = as.Close() })
+	return newReplica(t, st, as, clock), as, clock
+}
+
+// newReplica returns a Broker on st (nil: a memory store) in front of as, on
+// clock, with no background refresher: one replica of a deployment.
+func newReplica(t testing.TB, st store.Store, as *oauthtest.Server, clock *fakeClock) *Broker {
+	t.Helper()
 	secretFile := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
 		t.Fatal(err)
@@ -67,7 +74,7 @@ func newTestBroker(t testing.TB, st store.Store, ttl time.Duration) (*Broker, *o
 		t.Fatal(err)
 	}
 	t.Cleanup(b.Close)
-	return b, as, clock
+	return b
 }
 
 // TestSteadyStateDay: a caller every second for 24 simulated hours, 5-minute
@@ -94,10 +101,10 @@ func TestSteadyStateDay(t *testing.T) {
 		}
 		clock.Add(time.Second)
 	}
-	// Each token is replaced after 50% to 70% of its 300s lifetime: between
-	// one request per 210s and one per 150s.
+	// Each 300s token is replaced when 120-150s are left (at most 60% of its
+	// lifetime, as tokens this short are): one request per 150s to 180s.
 	n := as.TokenRequests()
-	lo, hi := int64(day/210), int64(day/150)+1
+	lo, hi := int64(day/180), int64(day/150)+1
 	if n < lo || n > hi {
 		t.Errorf("token requests over 24h = %d, want between %d and %d", n, lo, hi)
 	}

@@ -195,7 +195,9 @@ type Credential struct {
 	// Timeout bounds one request to the token endpoint.
 	Timeout Duration `yaml:"timeout"`
 	// RefreshAt is the fraction of a token's lifetime after which a
-	// replacement is fetched in the background (jittered by ±0.1).
+	// replacement is fetched in the background (jittered by ±0.1). Unset
+	// (0): late, shortly before the token nears min_ttl, so that the bank
+	// sees about one request per lifetime (see broker.Credential.RefreshAt).
 	RefreshAt float64 `yaml:"refresh_at"`
 	// IdleTimeout stops refreshing a token nobody asked for in this long.
 	IdleTimeout Duration `yaml:"idle_timeout"`
@@ -264,7 +266,6 @@ const (
 	DefaultMaxTTL     = 24 * time.Hour
 	DefaultMinTTL     = 30 * time.Second
 	DefaultTimeout    = 10 * time.Second
-	DefaultRefreshAt  = 0.6
 	DefaultIdle       = 30 * time.Minute
 	DefaultMargin     = 10 * time.Second
 	DefaultRate       = 200 // calls per second per caller
@@ -342,9 +343,6 @@ func (c *Config) applyDefaults() {
 		setDefault(&cr.Timeout, DefaultTimeout)
 		setDefault(&cr.IdleTimeout, DefaultIdle)
 		setDefault(&cr.ExpiryMargin, DefaultMargin)
-		if cr.RefreshAt == 0 {
-			cr.RefreshAt = DefaultRefreshAt
-		}
 	}
 }
 
@@ -541,7 +539,7 @@ func (cr *Credential) validate(p string) error {
 	if cr.Timeout <= 0 || cr.Timeout.D() > 5*time.Minute {
 		return fieldErr(p+".timeout", "must be between 1ms and 5m")
 	}
-	if !(cr.RefreshAt >= 0.2 && cr.RefreshAt <= 0.85) {
+	if cr.RefreshAt != 0 && !(cr.RefreshAt >= 0.2 && cr.RefreshAt <= 0.85) {
 		return fieldErr(p+".refresh_at", "must be a fraction of the token lifetime between 0.2 and 0.85")
 	}
 	if cr.IdleTimeout <= 0 {

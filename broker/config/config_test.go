@@ -33,7 +33,7 @@ func TestParseValid(t *testing.T) {
 		t.Errorf("top-level defaults not applied: %+v", c)
 	}
 	if cr.AuthMethod != "client_secret_basic" || cr.DefaultTTL.D() != DefaultTTL || cr.MaxTTL.D() != DefaultMaxTTL ||
-		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout || cr.RefreshAt != DefaultRefreshAt || cr.IdleTimeout.D() != DefaultIdle {
+		cr.MinTTL.D() != DefaultMinTTL || cr.Timeout.D() != DefaultTimeout || cr.RefreshAt != 0 || cr.IdleTimeout.D() != DefaultIdle {
 		t.Errorf("credential defaults not applied: %+v", cr)
 	}
 	if c.RateLimit == nil || c.RateLimit.RequestsPerSecond != DefaultRate || c.RateLimit.Burst != 2*DefaultRate {

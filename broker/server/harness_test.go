@@ -148,7 +148,6 @@ func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 			MaxTTL:           config.Duration(24 * time.Hour),
 			MinTTL:           config.Duration(30 * time.Second),
 			Timeout:          config.Duration(2 * time.Second),
-			RefreshAt:        config.DefaultRefreshAt,
 			IdleTimeout:      config.Duration(config.DefaultIdle),
 			ExpiryMargin:     config.Duration(config.DefaultMargin),
 			AllowedCallers: []config.AllowedCaller{{Caller: payments}, {Caller: "spiffe://bank.internal/ns/kyc/*"},

@@ -197,10 +197,12 @@ func TestOneReplicaRefreshes(t *testing.T) {
 	if got := load(h, clients, 1, req); len(got) != 1 {
 		t.Fatalf("before: %v", got)
 	}
-	h.clock.Add(45 * time.Minute) // past every jittered refresh point of a 1h token
+	// Past every jittered refresh point of a 1h token (the last 3 to 3.75
+	// minutes), with more than min_ttl left.
+	h.clock.Add(57 * time.Minute)
 	// Still in use on every replica (else idle_timeout would stop refreshing).
 	if got := load(h, clients, 1, req); len(got) != 1 || h.as.TokenRequests() != 1 {
-		t.Fatalf("cache hits at 45 minutes: %v, %d requests", got, h.as.TokenRequests())
+		t.Fatalf("cache hits at 57 minutes: %v, %d requests", got, h.as.TokenRequests())
 	}
 	var wg sync.WaitGroup
 	for _, srv := range srvs {
