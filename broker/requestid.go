@@ -2,8 +2,8 @@ package broker
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/hex"
+	"math/rand/v2"
 
 	"google.golang.org/grpc/metadata"
 )
@@ -14,18 +14,23 @@ const RequestIDHeader = "x-request-id"
 
 type requestIDKey struct{}
 
-// withRequestID returns ctx carrying the call's request ID.
+// withRequestID returns ctx carrying the call's request ID. It reads only the
+// one header (not a copy of all metadata), and a made-up ID needs to be unique,
+// not unpredictable: it is on the hit path of every call.
 func withRequestID(ctx context.Context) context.Context {
 	id := ""
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(RequestIDHeader); len(v) > 0 && len(v[0]) <= 128 {
-			id = v[0]
-		}
+	if v := metadata.ValueFromIncomingContext(ctx, RequestIDHeader); len(v) > 0 && len(v[0]) <= 128 {
+		id = v[0]
 	}
 	if id == "" {
-		var b [8]byte
-		_, _ = rand.Read(b[:])
-		id = hex.EncodeToString(b[:])
+		var raw [8]byte
+		n := rand.Uint64()
+		for i := range raw {
+			raw[i] = byte(n >> (8 * i))
+		}
+		var b [16]byte
+		hex.Encode(b[:], raw[:])
+		id = string(b[:])
 	}
 	return context.WithValue(ctx, requestIDKey{}, id)
 }

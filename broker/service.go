@@ -7,8 +7,6 @@ import (
 	"sync"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -177,22 +175,4 @@ func (s *Service) ListCredentials(ctx context.Context, _ *pb.ListCredentialsRequ
 		resp.Credentials = append(resp.Credentials, &pb.Credential{Name: c.Name, Scopes: c.Scopes})
 	}
 	return resp, nil
-}
-
-// callerFrom returns the identity in the verified client certificate of the
-// call's connection. The TLS layer has already rejected unverified peers.
-func callerFrom(ctx context.Context) (policy.Identity, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return "", fmt.Errorf("%w: no peer", ErrUnauthenticated)
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return "", fmt.Errorf("%w: no verified client certificate", ErrUnauthenticated)
-	}
-	id, err := policy.IdentityFromCert(ti.State.VerifiedChains[0][0])
-	if err != nil {
-		return "", fmt.Errorf("%w: %w", ErrUnauthenticated, err)
-	}
-	return id, nil
 }

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -44,7 +45,9 @@ type Event struct {
 }
 
 // MarshalLogObject writes the event's fields.
-func (e Event) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+func (e Event) MarshalLogObject(enc zapcore.ObjectEncoder) error { return e.encode(enc) }
+
+func (e *Event) encode(enc zapcore.ObjectEncoder) error {
 	add := func(k, v string) {
 		if v != "" {
 			enc.AddString(k, v)
@@ -54,12 +57,7 @@ func (e Event) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	add("caller", e.Caller)
 	add("credential", e.Credential)
 	if len(e.Scopes) > 0 {
-		_ = enc.AddArray("scopes", zapcore.ArrayMarshalerFunc(func(a zapcore.ArrayEncoder) error {
-			for _, s := range e.Scopes {
-				a.AppendString(s)
-			}
-			return nil
-		}))
+		_ = enc.AddArray("scopes", (*scopeList)(&e.Scopes))
 	}
 	add("source", e.Source)
 	add("fingerprint", e.Fingerprint)
@@ -70,6 +68,26 @@ func (e Event) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	add("reason", e.Reason)
 	return nil
 }
+
+type scopeList []string
+
+func (l *scopeList) MarshalLogArray(a zapcore.ArrayEncoder) error {
+	for _, s := range *l {
+		a.AppendString(s)
+	}
+	return nil
+}
+
+// record is an event on its way to the encoder, with the field that carries
+// it; records are reused so that writing an event allocates nothing.
+type record struct {
+	Event
+	fields [1]zapcore.Field
+}
+
+func (r *record) MarshalLogObject(enc zapcore.ObjectEncoder) error { return r.encode(enc) }
+
+var records = sync.Pool{New: func() any { return new(record) }}
 
 // Config configures a Logger.
 type Config struct {
@@ -133,7 +151,13 @@ func (l *Logger) Write(e Event) error {
 	}
 	// Unbuffered under FailClosed, so a failed write shows here. (No fsync per
 	// event: a pipe cannot be synced, and the write error is what counts.)
-	err := l.core.Write(zapcore.Entry{Time: time.Now(), Message: e.Event}, []zapcore.Field{zap.Inline(e)})
+	r := records.Get().(*record)
+	r.Event = e
+	r.fields[0] = zap.Inline(r)
+	// The encoder is done with r when Write returns.
+	err := l.core.Write(zapcore.Entry{Time: time.Now(), Message: e.Event}, r.fields[:])
+	*r = record{}
+	records.Put(r)
 	if err != nil && l.failClosed {
 		return fmt.Errorf("%w: %w", ErrWrite, err)
 	}

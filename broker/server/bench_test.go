@@ -2,6 +2,9 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"path/filepath"
+	"runtime"
 	"testing"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -11,16 +14,30 @@ import (
 	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
+// benchConfig is the production shape for benchmarks: info logging, the audit
+// trail in a file, and the per-caller rate limit on (high enough never to
+// refuse, so its cost is measured and not its refusals).
+func benchConfig(b *testing.B) func(*config.Config) {
+	dir := b.TempDir()
+	return func(c *config.Config) {
+		c.Log.Level = "info"
+		c.Audit.Path = filepath.Join(dir, "audit.log")
+		c.RateLimit = &config.RateLimit{RequestsPerSecond: 1e9, Burst: 1e9}
+	}
+}
+
 // BenchmarkServer compares, on one mTLS server and client connection backed
-// by a real Redis: GetToken served from the in-process cache, GetToken served
-// from Redis after an in-process miss, and grpc.health.v1.Health/Check, the
-// floor set by gRPC over TLS on loopback.
+// by a real Redis, with the audit trail and rate limit on: GetToken served
+// from the in-process cache, served from Redis after an in-process miss, and
+// cold (no valid token anywhere: a fetch from the oauthtest authorization
+// server on loopback), and grpc.health.v1.Health/Check, the floor set by gRPC
+// over TLS on loopback.
 //
 //	go test -run '^$' -bench BenchmarkServer -benchmem -count 5 ./broker/server/
 func BenchmarkServer(b *testing.B) {
 	rs := redistest.Start(b)
 	h := newHarness(b, func(c *config.Config) {
-		c.Log.Level = "info"
+		benchConfig(b)(c)
 		withRedis("", rs.Addr())(c)
 	})
 	conn := h.conn(nil, payments)
@@ -33,6 +50,7 @@ func BenchmarkServer(b *testing.B) {
 		b.Fatal(err)
 	}
 
+	var fetchesBefore, coldCalls int64
 	calls := map[string]func() error{
 		"GetToken": func() error { _, err := tb.GetToken(ctx, getReq); return err },
 		"GetTokenFromRedis": func() error {
@@ -40,31 +58,157 @@ func BenchmarkServer(b *testing.B) {
 			_, err := tb.GetToken(ctx, getReq)
 			return err
 		},
+		"GetTokenCold": func() error {
+			// A token lifetime later, nothing cached is valid: the call
+			// fetches (concurrent cold calls share a fetch).
+			h.clock.Add(tokenTTL)
+			_, err := tb.GetToken(ctx, getReq)
+			return err
+		},
 		"Health": func() error { _, err := hc.Check(ctx, healthReq); return err },
 	}
-	for _, name := range []string{"GetToken", "GetTokenFromRedis", "Health"} {
+	for _, name := range []string{"GetToken", "GetTokenFromRedis", "GetTokenCold", "Health"} {
 		call := calls[name]
-		b.Run(name+"/serial", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				if err := call(); err != nil {
-					b.Fatal(err)
+		for _, mode := range []string{"serial", "parallel"} {
+			fetches := h.as.TokenRequests()
+			var n int64
+			b.Run(name+"/"+mode, func(b *testing.B) {
+				b.ReportAllocs()
+				if mode == "serial" {
+					for b.Loop() {
+						if err := call(); err != nil {
+							b.Fatal(err)
+						}
+					}
+					n = int64(b.N)
+					return
+				}
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						if err := call(); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+				n = int64(b.N)
+			})
+			fetched := h.as.TokenRequests() - fetches
+			switch {
+			case name == "GetTokenCold" && mode == "serial" && fetched != n:
+				b.Errorf("%s/%s: %d token requests for %d calls, want one per call", name, mode, fetched, n)
+			case name == "GetTokenCold":
+				fetchesBefore, coldCalls = fetchesBefore+fetched, coldCalls+n
+			case fetched != 0:
+				b.Errorf("%s/%s: %d token requests, want 0 (every call is served from a cache)", name, mode, fetched)
+			}
+		}
+	}
+}
+
+// BenchmarkScale is the in-process cache hit over gRPC as the deployment
+// grows: 1, 100 and 10,000 configured credentials, each with a cached token,
+// called by 1 and 1,000 distinct caller identities (each on its own mTLS
+// connection), round robin over both. It also reports the memory the
+// in-process cache holds per token.
+//
+//	go test -run '^$' -bench BenchmarkScale -benchmem ./broker/server/
+func BenchmarkScale(b *testing.B) {
+	for _, creds := range []int{1, 100, 10_000} {
+		b.Run(fmt.Sprintf("credentials=%d", creds), func(b *testing.B) {
+			h := newHarness(b, func(c *config.Config) {
+				benchConfig(b)(c)
+				base := c.Credentials[0]
+				c.Credentials = c.Credentials[:0]
+				for i := range creds {
+					cr := base
+					cr.Name = fmt.Sprintf("identity-%05d", i)
+					c.Credentials = append(c.Credentials, cr)
+				}
+			})
+			names := make([]string, creds)
+			for i := range names {
+				names[i] = fmt.Sprintf("identity-%05d", i)
+			}
+			perToken := warmAndMeasure(b, h, names)
+
+			conns := make([]pb.TokenBrokerClient, 1000)
+			for i := range conns {
+				conns[i] = pb.NewTokenBrokerClient(h.conn(nil, fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/w%04d", i)))
+			}
+			reqs := make([]*pb.GetTokenRequest, creds)
+			for i, n := range names {
+				reqs[i] = &pb.GetTokenRequest{Credential: n}
+			}
+			ctx := context.Background()
+			for _, callers := range []int{1, 1000} {
+				// Open every connection first, so handshakes are not measured.
+				for _, c := range conns[:callers] {
+					if _, err := c.GetToken(ctx, reqs[0]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				fetches := h.as.TokenRequests()
+				b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
+					b.ReportAllocs()
+					i := 0
+					for b.Loop() {
+						if _, err := conns[i%callers].GetToken(ctx, reqs[i%creds]); err != nil {
+							b.Fatal(err)
+						}
+						i++
+					}
+					b.ReportMetric(perToken, "B/cached-token")
+				})
+				if n := h.as.TokenRequests() - fetches; n != 0 {
+					b.Errorf("%d token requests while measuring hits, want 0", n)
 				}
 			}
 		})
-		b.Run(name+"/parallel", func(b *testing.B) {
-			b.ReportAllocs()
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					if err := call(); err != nil {
-						b.Error(err)
-						return
-					}
-				}
-			})
-		})
 	}
-	if n := h.as.TokenRequests(); n != 1 {
-		b.Errorf("token requests = %d, want 1 (every GetToken after the first is a cache hit)", n)
+}
+
+// warmAndMeasure caches a token for each credential, then returns the heap
+// the in-process cache holds per token: the difference between the live heap
+// with the tokens cached and after dropping them from the cache.
+func warmAndMeasure(b *testing.B, h *harness, names []string) float64 {
+	b.Helper()
+	c := pb.NewTokenBrokerClient(h.conn(nil, payments))
+	ctx := context.Background()
+	sem := make(chan struct{}, 32)
+	errs := make(chan error, len(names))
+	for _, n := range names {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem }()
+			_, err := c.GetToken(ctx, &pb.GetTokenRequest{Credential: n})
+			errs <- err
+		}()
 	}
+	for range names {
+		if err := <-errs; err != nil {
+			b.Fatal(err)
+		}
+	}
+	if n := h.as.TokenRequests(); n != int64(len(names)) {
+		b.Fatalf("%d token requests to warm %d credentials", n, len(names))
+	}
+	cached := liveHeap()
+	h.srv.broker.EvictLocal()
+	evicted := liveHeap()
+	// Cache them again (from the memory store) for the measurement.
+	for _, n := range names {
+		if _, err := c.GetToken(ctx, &pb.GetTokenRequest{Credential: n}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return float64(cached-evicted) / float64(len(names))
+}
+
+func liveHeap() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }

@@ -19,6 +19,7 @@ import (
 	"net/http/pprof"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -29,6 +30,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -89,19 +91,47 @@ type Server struct {
 
 	registry *prometheus.Registry
 	requests *prometheus.CounterVec // method, code
+	counters sync.Map               // full method name → *methodCounters
 }
 
 // countUnary counts unary calls by method and status code.
 func (s *Server) countUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	resp, err := h(ctx, req)
-	s.requests.WithLabelValues(strings.TrimPrefix(info.FullMethod, "/"), status.Code(err).String()).Inc()
+	s.count(info.FullMethod, err)
 	return resp, err
+}
+
+// methodCounters are one method's tokenbroker_requests_total series, by
+// code, each made at its first use.
+type methodCounters struct {
+	name  string
+	codes [codes.Unauthenticated + 1]atomic.Value // prometheus.Counter
+}
+
+// count adds a call of method ending with err to tokenbroker_requests_total.
+// Series are looked up once, not hashed from their labels on every call.
+func (s *Server) count(method string, err error) {
+	v, ok := s.counters.Load(method)
+	if !ok {
+		v, _ = s.counters.LoadOrStore(method, &methodCounters{name: strings.TrimPrefix(method, "/")})
+	}
+	mc, code := v.(*methodCounters), status.Code(err)
+	if code > codes.Unauthenticated { // not a code gRPC defines
+		s.requests.WithLabelValues(mc.name, code.String()).Inc()
+		return
+	}
+	c, _ := mc.codes[code].Load().(prometheus.Counter)
+	if c == nil {
+		c = s.requests.WithLabelValues(mc.name, code.String())
+		mc.codes[code].Store(c)
+	}
+	c.Inc()
 }
 
 // countStream counts streams by method and the status they ended with.
 func (s *Server) countStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 	err := h(srv, ss)
-	s.requests.WithLabelValues(strings.TrimPrefix(info.FullMethod, "/"), status.Code(err).String()).Inc()
+	s.count(info.FullMethod, err)
 	return err
 }
 
@@ -174,7 +204,7 @@ func New(opts Options) (*Server, error) {
 		s.requests, s.broker, grpcMetrics, storeUp, certExpiry)
 
 	s.grpc = grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(s.tls.ServerConfig())),
+		grpc.Creds(broker.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
 		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
