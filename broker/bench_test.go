@@ -4,11 +4,16 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
+	"github.com/tokenbroker/tokenbroker/broker/upstream"
 
 	"github.com/tokenbroker/tokenbroker/store"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
@@ -88,4 +93,115 @@ func BenchmarkGetTokenRateLimited(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkScaleCore is the in-process cache hit (no gRPC) with the rate
+// limit on, as the deployment grows: 1, 100 and 10,000 credentials, each with
+// a cached token, called by 1 and 1,000 distinct callers, round robin. The
+// store is a real Redis, so the heap the process holds per cached token
+// (reported as B/cached-token) is the in-process cache's alone.
+//
+//	go test -run '^$' -bench BenchmarkScaleCore -benchmem ./broker/
+func BenchmarkScaleCore(b *testing.B) {
+	rs := redistest.Start(b)
+	for _, creds := range []int{1, 100, 10_000} {
+		b.Run(fmt.Sprintf("credentials=%d", creds), func(b *testing.B) {
+			br, names := newScaleBroker(b, rs.Addr(), creds)
+			callers := make([]policy.Identity, 1000)
+			for i := range callers {
+				callers[i] = policy.Identity(fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/w%04d", i))
+			}
+			reqs := make([]Request, creds)
+			for i, n := range names {
+				reqs[i] = Request{Credential: n}
+			}
+			ctx := context.Background()
+			warm := func() {
+				for _, r := range reqs {
+					if _, err := br.GetToken(ctx, callers[0], r); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			warm()
+			cached := liveHeap()
+			br.EvictLocal()
+			perToken := float64(cached-liveHeap()) / float64(creds)
+			warm() // from Redis
+			for _, n := range []int{1, 1000} {
+				b.Run(fmt.Sprintf("callers=%d", n), func(b *testing.B) {
+					b.ReportAllocs()
+					i := 0
+					for b.Loop() {
+						is, err := br.GetToken(ctx, callers[i%n], reqs[i%creds])
+						if err != nil || is.Source != SourceMemory {
+							b.Fatalf("source %q, err %v", is.Source, err)
+						}
+						i++
+					}
+					b.ReportMetric(perToken, "B/cached-token")
+				})
+			}
+		})
+	}
+}
+
+// newScaleBroker returns a Broker on a Redis store at addr with creds
+// credentials (identity-00000, …) at one oauthtest server, the rate limit on
+// but never refusing, and no background refresher.
+func newScaleBroker(b *testing.B, addr string, creds int) (*Broker, []string) {
+	b.Helper()
+	as := oauthtest.New(oauthtest.Options{ExpiresIn: time.Hour})
+	as.AddClient(oauthtest.Client{ID: "app", Secret: "test-secret", Scopes: []string{"IDENTITY"}})
+	if err := as.Start("127.0.0.1:0"); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = as.Close() })
+	secretFile := filepath.Join(b.TempDir(), "secret")
+	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	key := make([]byte, store.KeySize)
+	_, _ = rand.Read(key)
+	sealer, err := store.NewSealer(key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{addr}}),
+		Prefix: fmt.Sprintf("scale%d:", creds), Sealer: sealer})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = rst.Close() })
+	var cs []Credential
+	var names []string
+	for i := range creds {
+		up, err := upstream.New(upstream.Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile})
+		if err != nil {
+			b.Fatal(err)
+		}
+		name := fmt.Sprintf("identity-%05d", i)
+		names = append(names, name)
+		cs = append(cs, Credential{Name: name, Scopes: []string{"IDENTITY"}, MinTTL: 30 * time.Second,
+			Callers: callers, Fetcher: up, TokenURL: as.TokenURL(), ClientID: "app"})
+	}
+	br, err := New(Options{Store: rst, RefreshInterval: -1, Credentials: cs})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(br.Close)
+	br.requests = limiters{rate: 1e9, burst: 1e9} // on, but never refusing
+	return br, names
+}
+
+func liveHeap() uint64 {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }

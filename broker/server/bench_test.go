@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"runtime"
 	"testing"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -109,8 +108,9 @@ func BenchmarkServer(b *testing.B) {
 // BenchmarkScale is the in-process cache hit over gRPC as the deployment
 // grows: 1, 100 and 10,000 configured credentials, each with a cached token,
 // called by 1 and 1,000 distinct caller identities (each on its own mTLS
-// connection), round robin over both. It also reports the memory the
-// in-process cache holds per token.
+// connection), round robin over both; Health/Check over the same connections
+// shows what spreading calls over them costs the transport. (BenchmarkScaleCore
+// in package broker measures the broker alone, and memory per cached token.)
 //
 //	go test -run '^$' -bench BenchmarkScale -benchmem ./broker/server/
 func BenchmarkScale(b *testing.B) {
@@ -130,17 +130,20 @@ func BenchmarkScale(b *testing.B) {
 			for i := range names {
 				names[i] = fmt.Sprintf("identity-%05d", i)
 			}
-			perToken := warmAndMeasure(b, h, names)
+			warm(b, h, names)
 
 			conns := make([]pb.TokenBrokerClient, 1000)
+			health := make([]healthpb.HealthClient, 1000)
 			for i := range conns {
-				conns[i] = pb.NewTokenBrokerClient(h.conn(nil, fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/w%04d", i)))
+				conn := h.conn(nil, fmt.Sprintf("spiffe://bank.internal/ns/kyc/sa/w%04d", i))
+				conns[i], health[i] = pb.NewTokenBrokerClient(conn), healthpb.NewHealthClient(conn)
 			}
 			reqs := make([]*pb.GetTokenRequest, creds)
 			for i, n := range names {
 				reqs[i] = &pb.GetTokenRequest{Credential: n}
 			}
 			ctx := context.Background()
+			healthReq := &healthpb.HealthCheckRequest{}
 			for _, callers := range []int{1, 1000} {
 				// Open every connection first, so handshakes are not measured.
 				for _, c := range conns[:callers] {
@@ -149,7 +152,7 @@ func BenchmarkScale(b *testing.B) {
 					}
 				}
 				fetches := h.as.TokenRequests()
-				b.Run(fmt.Sprintf("callers=%d", callers), func(b *testing.B) {
+				b.Run(fmt.Sprintf("callers=%d/GetToken", callers), func(b *testing.B) {
 					b.ReportAllocs()
 					i := 0
 					for b.Loop() {
@@ -158,20 +161,29 @@ func BenchmarkScale(b *testing.B) {
 						}
 						i++
 					}
-					b.ReportMetric(perToken, "B/cached-token")
 				})
 				if n := h.as.TokenRequests() - fetches; n != 0 {
 					b.Errorf("%d token requests while measuring hits, want 0", n)
 				}
+				// The transport's own cost of spreading calls over as many
+				// connections, on the same server.
+				b.Run(fmt.Sprintf("callers=%d/Health", callers), func(b *testing.B) {
+					b.ReportAllocs()
+					i := 0
+					for b.Loop() {
+						if _, err := health[i%callers].Check(ctx, healthReq); err != nil {
+							b.Fatal(err)
+						}
+						i++
+					}
+				})
 			}
 		})
 	}
 }
 
-// warmAndMeasure caches a token for each credential, then returns the heap
-// the in-process cache holds per token: the difference between the live heap
-// with the tokens cached and after dropping them from the cache.
-func warmAndMeasure(b *testing.B, h *harness, names []string) float64 {
+// warm caches a token for each credential, 32 fetches at a time.
+func warm(b *testing.B, h *harness, names []string) {
 	b.Helper()
 	c := pb.NewTokenBrokerClient(h.conn(nil, payments))
 	ctx := context.Background()
@@ -193,22 +205,4 @@ func warmAndMeasure(b *testing.B, h *harness, names []string) float64 {
 	if n := h.as.TokenRequests(); n != int64(len(names)) {
 		b.Fatalf("%d token requests to warm %d credentials", n, len(names))
 	}
-	cached := liveHeap()
-	h.srv.broker.EvictLocal()
-	evicted := liveHeap()
-	// Cache them again (from the memory store) for the measurement.
-	for _, n := range names {
-		if _, err := c.GetToken(ctx, &pb.GetTokenRequest{Credential: n}); err != nil {
-			b.Fatal(err)
-		}
-	}
-	return float64(cached-evicted) / float64(len(names))
-}
-
-func liveHeap() uint64 {
-	var m runtime.MemStats
-	runtime.GC()
-	runtime.GC()
-	runtime.ReadMemStats(&m)
-	return m.HeapAlloc
 }

@@ -10,6 +10,7 @@ package upstream
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -20,6 +21,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -166,29 +168,56 @@ func New(cfg Config) (*Client, error) {
 	}
 	hc := cfg.HTTPClient
 	if hc == nil {
-		tc, err := endpointTLS(cfg)
+		tc, caSum, err := endpointTLS(cfg)
 		if err != nil {
 			return nil, err
 		}
-		hc = &http.Client{Transport: newTransport(cfg.ConnectTimeout, cfg.Timeout, tc)}
+		hc = &http.Client{Transport: transportFor(cfg, tc, caSum)}
 	}
 	return &Client{cfg: cfg, http: hc}, nil
 }
 
+// transports holds the HTTP transports that credentials share: every
+// credential whose connections to token endpoints are configured alike (same
+// CA, same timeouts, no client certificate of its own) uses one, so that
+// thousands of credentials at one bank reuse a few connections rather than
+// holding one each.
+var transports sync.Map // transportKey → *http.Transport
+
+type transportKey struct {
+	ca               [sha256.Size]byte // of the CA file's contents; zero: system roots
+	connect, overall time.Duration
+}
+
+func transportFor(cfg Config, tc *tls.Config, caSum [sha256.Size]byte) *http.Transport {
+	if cfg.AuthMethod == TLSClientAuth { // its own client certificate
+		return newTransport(cfg.ConnectTimeout, cfg.Timeout, tc)
+	}
+	k := transportKey{ca: caSum, connect: cfg.ConnectTimeout, overall: cfg.Timeout}
+	if t, ok := transports.Load(k); ok {
+		return t.(*http.Transport)
+	}
+	t, _ := transports.LoadOrStore(k, newTransport(cfg.ConnectTimeout, cfg.Timeout, tc))
+	return t.(*http.Transport)
+}
+
 // endpointTLS is the TLS configuration for the token endpoint: the
 // configured CA, and for TLSClientAuth the client certificate, loaded at
-// each handshake so a renewed certificate is used without a restart.
-func endpointTLS(cfg Config) (*tls.Config, error) {
+// each handshake so a renewed certificate is used without a restart. It also
+// returns the CA file's checksum (zero without one).
+func endpointTLS(cfg Config) (*tls.Config, [sha256.Size]byte, error) {
 	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	var caSum [sha256.Size]byte
 	if cfg.TLSCAFile != "" {
 		pemBytes, err := os.ReadFile(cfg.TLSCAFile)
 		if err != nil {
-			return nil, fmt.Errorf("upstream: CA file: %w", err)
+			return nil, caSum, fmt.Errorf("upstream: CA file: %w", err)
 		}
 		tc.RootCAs = x509.NewCertPool()
 		if !tc.RootCAs.AppendCertsFromPEM(pemBytes) {
-			return nil, errors.New("upstream: CA file: no PEM certificates found")
+			return nil, caSum, errors.New("upstream: CA file: no PEM certificates found")
 		}
+		caSum = sha256.Sum256(pemBytes)
 	}
 	if cfg.AuthMethod == TLSClientAuth {
 		certFile, keyFile := cfg.TLSClientCertFile, cfg.TLSClientKeyFile
@@ -200,7 +229,7 @@ func endpointTLS(cfg Config) (*tls.Config, error) {
 			return &c, nil
 		}
 	}
-	return tc, nil
+	return tc, caSum, nil
 }
 
 func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transport {
@@ -211,7 +240,7 @@ func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transpor
 		TLSHandshakeTimeout:   connect,
 		ResponseHeaderTimeout: overall,
 		ForceAttemptHTTP2:     true,
-		MaxIdleConnsPerHost:   4,
+		MaxIdleConnsPerHost:   16, // shared by credentials: see transports
 		IdleConnTimeout:       90 * time.Second,
 	}
 }
