@@ -21,6 +21,7 @@ type slot struct {
 	minTTL     atomic.Int64                // the largest min_ttl asked, in nanoseconds
 	refreshing atomic.Bool
 	watchers   atomic.Int32 // open WatchToken streams on this key
+	gone       atomic.Bool  // removed from the in-process cache
 	cred       string
 	scopes     []string
 }
@@ -38,6 +39,34 @@ func (s *slot) touch(now time.Time, minTTL time.Duration) {
 			return
 		}
 	}
+}
+
+// lookup returns the slot for p's key, if there is one. A credential's
+// default scope set (nearly every call) is found through its hint.
+func (b *Broker) lookup(p prepared) *slot {
+	isDefault := p.key == p.c.defaultKey
+	if isDefault {
+		if s := p.c.hint.Load(); s != nil && !s.gone.Load() {
+			return s
+		}
+	}
+	v, ok := b.l1.Load(p.key)
+	if !ok {
+		return nil
+	}
+	s := v.(*slot)
+	if isDefault {
+		p.c.hint.Store(s)
+	}
+	return s
+}
+
+// forget removes slot s of key from the in-process cache; hints to it are
+// marked stale first. (A slot is stored once, so afterwards it is gone either
+// way.)
+func (b *Broker) forget(key string, s *slot) {
+	s.gone.Store(true)
+	b.l1.CompareAndDelete(key, s)
 }
 
 // slotFor returns the slot for key, creating it.
@@ -115,7 +144,7 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		idle := c == nil || s.watchers.Load() == 0 && now.Sub(time.Unix(s.lastUsed.Load(), 0)) > c.IdleTimeout
 		switch {
 		case idle && (e == nil || !now.Before(e.Expiry)):
-			b.l1.CompareAndDelete(key, s)
+			b.forget(key, s)
 			return true
 		case idle, e == nil, now.UnixNano() < s.refreshAt.Load():
 			return true

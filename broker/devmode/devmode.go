@@ -62,6 +62,9 @@ type Options struct {
 	// RedisAddr, when set, selects the redis store at this address instead of
 	// memory; the sealing key is kept in the dev directory across restarts.
 	RedisAddr string
+	// RateLimit, when set, replaces the default per-caller rate limit
+	// (e.g. {0, 0} turns it off for a load test from one identity).
+	RateLimit *config.RateLimit
 }
 
 // Env is a prepared dev environment.
@@ -208,6 +211,9 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 			Timeout:          config.Duration(config.DefaultTimeout),
 			AllowedCallers:   []config.AllowedCaller{{Caller: ClientIdentity}},
 		}},
+	}
+	if opts.RateLimit != nil {
+		cfg.RateLimit = opts.RateLimit
 	}
 	if opts.RedisAddr != "" {
 		cfg.Store = config.Store{

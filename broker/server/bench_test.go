@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -49,7 +50,7 @@ func BenchmarkServer(b *testing.B) {
 		b.Fatal(err)
 	}
 
-	var fetchesBefore, coldCalls int64
+	var coldCalls atomic.Int64 // b.Loop runs more iterations than the final b.N
 	calls := map[string]func() error{
 		"GetToken": func() error { _, err := tb.GetToken(ctx, getReq); return err },
 		"GetTokenFromRedis": func() error {
@@ -59,8 +60,9 @@ func BenchmarkServer(b *testing.B) {
 		},
 		"GetTokenCold": func() error {
 			// A token lifetime later, nothing cached is valid: the call
-			// fetches (concurrent cold calls share a fetch).
+			// fetches (concurrent cold calls may share a fetch).
 			h.clock.Add(tokenTTL)
+			coldCalls.Add(1)
 			_, err := tb.GetToken(ctx, getReq)
 			return err
 		},
@@ -70,7 +72,7 @@ func BenchmarkServer(b *testing.B) {
 		call := calls[name]
 		for _, mode := range []string{"serial", "parallel"} {
 			fetches := h.as.TokenRequests()
-			var n int64
+			coldCalls.Store(0)
 			b.Run(name+"/"+mode, func(b *testing.B) {
 				b.ReportAllocs()
 				if mode == "serial" {
@@ -79,7 +81,6 @@ func BenchmarkServer(b *testing.B) {
 							b.Fatal(err)
 						}
 					}
-					n = int64(b.N)
 					return
 				}
 				b.RunParallel(func(pb *testing.PB) {
@@ -90,15 +91,14 @@ func BenchmarkServer(b *testing.B) {
 						}
 					}
 				})
-				n = int64(b.N)
 			})
 			fetched := h.as.TokenRequests() - fetches
 			switch {
-			case name == "GetTokenCold" && mode == "serial" && fetched != n:
-				b.Errorf("%s/%s: %d token requests for %d calls, want one per call", name, mode, fetched, n)
-			case name == "GetTokenCold":
-				fetchesBefore, coldCalls = fetchesBefore+fetched, coldCalls+n
-			case fetched != 0:
+			case name == "GetTokenCold" && mode == "serial" && fetched != coldCalls.Load():
+				b.Errorf("%s/%s: %d token requests for %d calls, want one per call", name, mode, fetched, coldCalls.Load())
+			case name == "GetTokenCold" && (fetched == 0 || fetched > coldCalls.Load()):
+				b.Errorf("%s/%s: %d token requests for %d calls, want 1 to one per call", name, mode, fetched, coldCalls.Load())
+			case name != "GetTokenCold" && fetched != 0:
 				b.Errorf("%s/%s: %d token requests, want 0 (every call is served from a cache)", name, mode, fetched)
 			}
 		}

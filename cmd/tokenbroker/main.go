@@ -53,6 +53,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	devRedis := fs.String("redis", "", "dev mode: use the redis store at `host:port` instead of memory")
 	listenAddr := fs.String("listen-addr", "", "override listen_addr (gRPC), e.g. 127.0.0.1:0")
 	adminAddr := fs.String("admin-addr", "", "override admin_addr (admin HTTP)")
+	devRate := fs.Float64("rate-limit", -1, "dev mode: calls per `second` each caller may make (0: no limit; default 200)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -75,8 +76,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errors.New("--dev and --config are exclusive")
 	case !*dev && *devRedis != "":
 		return errors.New("--redis goes with --dev; with --config, set store.backend: redis")
+	case !*dev && *devRate >= 0:
+		return errors.New("--rate-limit goes with --dev; with --config, set rate_limit")
 	case *dev:
-		if env, err = devmode.Start(devmode.Options{Dir: *devDir, RedisAddr: *devRedis}); err != nil {
+		opts := devmode.Options{Dir: *devDir, RedisAddr: *devRedis}
+		if *devRate >= 0 {
+			opts.RateLimit = &config.RateLimit{RequestsPerSecond: *devRate, Burst: int(2 * *devRate)}
+		}
+		if env, err = devmode.Start(opts); err != nil {
 			return fmt.Errorf("dev mode: %w", err)
 		}
 		defer env.Close()

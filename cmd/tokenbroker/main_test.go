@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
 )
 
@@ -66,10 +67,38 @@ func TestFlags(t *testing.T) {
 		{[]string{"--dev", "--config", "x"}, "exclusive"},
 		{[]string{"serve"}, `unexpected argument "serve"`},
 		{[]string{"--redis", "127.0.0.1:6379"}, "--redis goes with --dev"},
+		{[]string{"--rate-limit", "0"}, "--rate-limit goes with --dev"},
 		{[]string{"--config", filepath.Join(t.TempDir(), "missing.yaml")}, "read config"},
 	} {
 		if _, err := runArgs(t, tt.args...); err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("tokenbroker %v = %v, want an error containing %q", tt.args, err, tt.want)
+		}
+	}
+}
+
+// TestDevRateLimit: --rate-limit sets the dev config's per-caller limit (0
+// turns it off, for a load test from the one dev identity); without it the
+// default applies.
+func TestDevRateLimit(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		want float64
+	}{
+		{nil, config.DefaultRate},
+		{[]string{"--rate-limit", "0"}, 0},
+		{[]string{"--rate-limit", "1000"}, 1000},
+	} {
+		dir := t.TempDir()
+		args := append([]string{"--dev", "--dev-dir", dir, "--check-config"}, tt.args...)
+		if _, err := runArgs(t, args...); err != nil {
+			t.Fatalf("tokenbroker %v: %v", args, err)
+		}
+		cfg, err := config.Load(filepath.Join(dir, devmode.ConfigFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cfg.RateLimit.RequestsPerSecond; got != tt.want {
+			t.Errorf("tokenbroker %v: rate_limit.requests_per_second = %v, want %v", args, got, tt.want)
 		}
 	}
 }
