@@ -490,7 +490,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
 	e, err := b.store.Get(ctx, key)
 	switch {
-	case err == nil && b.usable(e, minTTL):
+	case err == nil && b.usable(e, minTTL) && !b.revoked(key, e.Fingerprint):
 		b.keep(key, c, scopes, e)
 		return flight{entry: e, source: b.store.Name()}, true
 	case err != nil && !errors.Is(err, store.ErrNotFound):

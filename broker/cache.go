@@ -20,8 +20,9 @@ type slot struct {
 	lastUsed   atomic.Int64                // Unix seconds
 	minTTL     atomic.Int64                // the largest min_ttl asked, in nanoseconds
 	refreshing atomic.Bool
-	watchers   atomic.Int32 // open WatchToken streams on this key
-	gone       atomic.Bool  // removed from the in-process cache
+	watchers   atomic.Int32           // open WatchToken streams on this key
+	gone       atomic.Bool            // removed from the in-process cache
+	revoked    atomic.Pointer[string] // fingerprint of the last token invalidated
 	cred       string
 	scopes     []string
 }
@@ -39,6 +40,19 @@ func (s *slot) touch(now time.Time, minTTL time.Duration) {
 			return
 		}
 	}
+}
+
+// isRevoked reports whether fp is the token last invalidated on s.
+func (s *slot) isRevoked(fp string) bool {
+	r := s.revoked.Load()
+	return r != nil && *r == fp
+}
+
+// revoked reports whether fp was invalidated for key: a read of the store
+// that raced the invalidation must not bring the token back.
+func (b *Broker) revoked(key, fp string) bool {
+	v, ok := b.l1.Load(key)
+	return ok && v.(*slot).isRevoked(fp)
 }
 
 // lookup returns the slot for p's key, if there is one. A credential's
@@ -84,6 +98,9 @@ func (b *Broker) slotFor(key string, c *credential, scopes []string) *slot {
 // schedules its refresh, and wakes whoever waits for a change of key.
 func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry) {
 	s := b.slotFor(key, c, scopes)
+	if s.isRevoked(e.Fingerprint) {
+		return
+	}
 	for {
 		cur := s.entry.Load()
 		if cur != nil && !e.Expiry.After(cur.Expiry) {
@@ -104,6 +121,7 @@ func (b *Broker) drop(key, fp string) bool {
 		return false
 	}
 	s := v.(*slot)
+	s.revoked.Store(&fp)
 	cur := s.entry.Load()
 	if cur == nil || cur.Fingerprint != fp || !s.entry.CompareAndSwap(cur, nil) {
 		return false

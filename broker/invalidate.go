@@ -48,12 +48,16 @@ func (b *Broker) Invalidate(ctx context.Context, caller policy.Identity, req Inv
 	if !b.invalidations.allow(caller) {
 		return false, fmt.Errorf("%w: too many invalidations from caller %s; slow down", ErrResourceExhausted, caller)
 	}
-	dropped := b.drop(key, req.Fingerprint)
-	deleted, err := b.store.DeleteIfCurrent(ctx, key, req.Fingerprint)
+	// Revoked first, then deleted from the store, then dropped here: a
+	// concurrent read of the store cannot bring the token back in between.
+	fp := req.Fingerprint
+	b.slotFor(key, c, p.scopes).revoked.Store(&fp)
+	deleted, err := b.store.DeleteIfCurrent(ctx, key, fp)
 	if err != nil {
 		b.storeFailed("delete", err)
 		b.log.Debug("store delete failed", zap.String("credential", c.Name), zap.Error(err))
 	}
+	dropped := b.drop(key, fp)
 	outcome := "not_current"
 	if dropped || deleted {
 		outcome = "invalidated"
