@@ -2,7 +2,6 @@ package broker
 
 import (
 	"context"
-	"crypto/rand"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,11 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
 
-	"github.com/tokenbroker/tokenbroker/store"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
@@ -25,19 +22,7 @@ import (
 //
 //	go test -run '^$' -bench BenchmarkGetTokenSource -benchmem ./broker/
 func BenchmarkGetTokenSource(b *testing.B) {
-	rs := redistest.Start(b)
-	key := make([]byte, store.KeySize)
-	_, _ = rand.Read(key)
-	sealer, err := store.NewSealer(key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{rs.Addr()}}),
-		Prefix: "bench:", Sealer: sealer})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer rst.Close()
+	rst := newRedisStore(b, redistest.Start(b).Addr(), "bench:", nil, nil)
 	br, as, _ := newTestBroker(b, rst, time.Hour)
 
 	ctx := context.Background()
@@ -151,12 +136,7 @@ func BenchmarkScaleCore(b *testing.B) {
 // but never refusing, and no background refresher.
 func newScaleBroker(b *testing.B, addr string, creds int) (*Broker, []string) {
 	b.Helper()
-	as := oauthtest.New(oauthtest.Options{ExpiresIn: time.Hour})
-	as.AddClient(oauthtest.Client{ID: "app", Secret: "test-secret", Scopes: []string{"IDENTITY"}})
-	if err := as.Start("127.0.0.1:0"); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = as.Close() })
+	as := startOAuth(b, time.Hour, nil)
 	secretFile := filepath.Join(b.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
 		b.Fatal(err)
@@ -165,18 +145,7 @@ func newScaleBroker(b *testing.B, addr string, creds int) (*Broker, []string) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	key := make([]byte, store.KeySize)
-	_, _ = rand.Read(key)
-	sealer, err := store.NewSealer(key)
-	if err != nil {
-		b.Fatal(err)
-	}
-	rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{addr}}),
-		Prefix: fmt.Sprintf("scale%d:", creds), Sealer: sealer})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = rst.Close() })
+	rst := newRedisStore(b, addr, fmt.Sprintf("scale%d:", creds), nil, nil)
 	var cs []Credential
 	var names []string
 	for i := range creds {

@@ -490,8 +490,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
 	e, err := b.store.Get(ctx, key)
 	switch {
-	case err == nil && b.usable(e, minTTL) && !b.revoked(key, e.Fingerprint):
-		b.keep(key, c, scopes, e)
+	case err == nil && b.usable(e, minTTL) && b.keep(key, c, scopes, e):
 		return flight{entry: e, source: b.store.Name()}, true
 	case err != nil && !errors.Is(err, store.ErrNotFound):
 		b.storeFailed("get", err)
@@ -542,7 +541,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		b.storeFailed("put", err)
 		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
 	}
-	b.keep(key, c, scopes, e)
+	b.keep(key, c, scopes, e) // new, so never revoked
 	_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: e.Scopes, Source: SourceUpstream,
 		Fingerprint: e.Fingerprint, ExpireTime: e.Expiry, Outcome: "ok"})
 	b.log.Info("token fetched",

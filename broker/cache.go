@@ -48,13 +48,6 @@ func (s *slot) isRevoked(fp string) bool {
 	return r != nil && *r == fp
 }
 
-// revoked reports whether fp was invalidated for key: a read of the store
-// that raced the invalidation must not bring the token back.
-func (b *Broker) revoked(key, fp string) bool {
-	v, ok := b.l1.Load(key)
-	return ok && v.(*slot).isRevoked(fp)
-}
-
 // lookup returns the slot for p's key, if there is one. A credential's
 // default scope set (nearly every call) is found through its hint.
 func (b *Broker) lookup(p prepared) *slot {
@@ -95,21 +88,23 @@ func (b *Broker) slotFor(key string, c *credential, scopes []string) *slot {
 }
 
 // keep makes e the cached token for key unless a later-expiring one is there,
-// schedules its refresh, and wakes whoever waits for a change of key.
-func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry) {
+// schedules its refresh, and wakes whoever waits for a change of key. It
+// reports false, keeping nothing, when e was invalidated: a read of the store
+// that raced the invalidation must not bring the token back.
+func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry) bool {
 	s := b.slotFor(key, c, scopes)
 	if s.isRevoked(e.Fingerprint) {
-		return
+		return false
 	}
 	for {
 		cur := s.entry.Load()
 		if cur != nil && !e.Expiry.After(cur.Expiry) {
-			return
+			return true
 		}
 		if s.entry.CompareAndSwap(cur, e) {
 			s.refreshAt.Store(refreshPoint(e, c.RefreshAt, max(c.MinTTL, time.Duration(s.minTTL.Load()))).UnixNano())
 			b.waiters.wake(key)
-			return
+			return true
 		}
 	}
 }

@@ -27,15 +27,10 @@ type simulation struct {
 func newSimulation(t *testing.T, n int, shared bool, ttl time.Duration) *simulation {
 	t.Helper()
 	clock := &fakeClock{t: time.Now()}
-	as := oauthtest.New(oauthtest.Options{ExpiresIn: ttl, Now: clock.Now})
-	as.AddClient(oauthtest.Client{ID: "app", Secret: "test-secret", Scopes: []string{"IDENTITY"}})
-	if err := as.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = as.Close() })
+	as := startOAuth(t, ttl, clock.Now)
 	sim := &simulation{as: as, clock: clock}
 	var addr string
-	key := make([]byte, store.KeySize)
+	key := make([]byte, store.KeySize) // one sealing key for every replica
 	if shared {
 		addr = redistest.Start(t).Addr()
 		_, _ = rand.Read(key)
@@ -43,17 +38,7 @@ func newSimulation(t *testing.T, n int, shared bool, ttl time.Duration) *simulat
 	for range n {
 		var st store.Store
 		if shared {
-			sealer, err := store.NewSealer(key)
-			if err != nil {
-				t.Fatal(err)
-			}
-			rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{addr}}),
-				Prefix: "sim:", Sealer: sealer, Now: clock.Now})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = rst.Close() })
-			st = rst
+			st = newRedisStore(t, addr, "sim:", key, clock.Now)
 		}
 		sim.replicas = append(sim.replicas, newReplica(t, st, as, clock))
 	}

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"crypto/rand"
 	"os"
 	"path/filepath"
 	"sync"
@@ -39,13 +40,43 @@ const testCaller = policy.Identity("spiffe://bank.internal/ns/kyc/sa/worker")
 func newTestBroker(t testing.TB, st store.Store, ttl time.Duration) (*Broker, *oauthtest.Server, *fakeClock) {
 	t.Helper()
 	clock := &fakeClock{t: time.Now()} // real time at first, so a store on the real clock agrees
-	as := oauthtest.New(oauthtest.Options{ExpiresIn: ttl, Now: clock.Now})
+	as := startOAuth(t, ttl, clock.Now)
+	return newReplica(t, st, as, clock), as, clock
+}
+
+// startOAuth starts an oauthtest server on loopback issuing tokens of
+// lifetime ttl to client "app" (secret "test-secret"), on clock now (nil:
+// real time).
+func startOAuth(t testing.TB, ttl time.Duration, now func() time.Time) *oauthtest.Server {
+	t.Helper()
+	as := oauthtest.New(oauthtest.Options{ExpiresIn: ttl, Now: now})
 	as.AddClient(oauthtest.Client{ID: "app", Secret: "test-secret", Scopes: []string{"IDENTITY"}})
 	if err := as.Start("127.0.0.1:0"); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = as.Close() })
-	return newReplica(t, st, as, clock), as, clock
+	return as
+}
+
+// newRedisStore returns a Redis store on the server at addr, sealing with
+// key (nil: a random one), keys under prefix, on clock now (nil: real time).
+func newRedisStore(t testing.TB, addr, prefix string, key []byte, now func() time.Time) *store.Redis {
+	t.Helper()
+	if key == nil {
+		key = make([]byte, store.KeySize)
+		_, _ = rand.Read(key)
+	}
+	sealer, err := store.NewSealer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rst, err := store.NewRedis(store.RedisOptions{Client: store.NewRedisClient(store.RedisConfig{Addrs: []string{addr}}),
+		Prefix: prefix, Sealer: sealer, Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rst.Close() })
+	return rst
 }
 
 // newReplica returns a Broker on st (nil: a memory store) in front of as, on

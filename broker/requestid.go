@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/hex"
 	"math/rand/v2"
 
@@ -24,10 +25,7 @@ func withRequestID(ctx context.Context) context.Context {
 	}
 	if id == "" {
 		var raw [8]byte
-		n := rand.Uint64()
-		for i := range raw {
-			raw[i] = byte(n >> (8 * i))
-		}
+		binary.LittleEndian.PutUint64(raw[:], rand.Uint64())
 		var b [16]byte
 		hex.Encode(b[:], raw[:])
 		id = string(b[:])

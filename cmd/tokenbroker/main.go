@@ -80,8 +80,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errors.New("--rate-limit goes with --dev; with --config, set rate_limit")
 	case *dev:
 		opts := devmode.Options{Dir: *devDir, RedisAddr: *devRedis}
-		if *devRate >= 0 {
-			opts.RateLimit = &config.RateLimit{RequestsPerSecond: *devRate, Burst: int(2 * *devRate)}
+		if rate := *devRate; rate >= 0 {
+			opts.RateLimit = &config.RateLimit{RequestsPerSecond: rate, Burst: max(int(2*rate), 1)}
 		}
 		if env, err = devmode.Start(opts); err != nil {
 			return fmt.Errorf("dev mode: %w", err)
