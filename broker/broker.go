@@ -99,6 +99,9 @@ type Options struct {
 	// its own, stricter limit); a zero RateLimit means no limit.
 	RateLimit float64
 	RateBurst int
+	// WatchStreams caps the WatchToken streams one caller identity may hold
+	// open at once; zero means DefaultWatchStreams.
+	WatchStreams int
 	// RefreshInterval is how often the background refresher looks for tokens
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
@@ -136,6 +139,7 @@ type Broker struct {
 	waiters       waiters
 	invalidations limiters // InvalidateToken, per caller
 	requests      limiters // the other calls, per caller
+	streams       streamCounts
 	gates         sync.Map // credential name → *gate; kept across SetCredentials
 	m             *metrics
 	audit         *audit.Logger
@@ -162,6 +166,10 @@ func New(opts Options) (*Broker, error) {
 	b := &Broker{store: opts.Store, log: opts.Logger, now: opts.Now, m: newMetrics(), audit: opts.Audit,
 		invalidations: limiters{rate: invalidateRate, burst: invalidateBurst},
 		requests:      limiters{rate: rate.Limit(opts.RateLimit), burst: max(opts.RateBurst, 1)}}
+	b.streams.limit = opts.WatchStreams
+	if b.streams.limit <= 0 {
+		b.streams.limit = DefaultWatchStreams
+	}
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
@@ -252,7 +260,18 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	if err != nil {
 		return Issued{}, err
 	}
-	return b.get(ctx, p)
+	is, err := b.get(ctx, p)
+	// While the token endpoint backs off, a caller that can wait for the
+	// next attempt does so, sharing it with the others, rather than be told
+	// to retry at the moment the attempt goes.
+	var ce *closedError
+	if errors.As(err, &ce) && mayWait(ctx, ce) {
+		if werr := b.gate(p.c.Name).await(ctx, ce, b.now); werr != nil {
+			return Issued{}, werr
+		}
+		return b.get(ctx, p)
+	}
+	return is, err
 }
 
 // prepared is a checked request.
@@ -618,6 +637,9 @@ func (b *Broker) upstreamFailed(c *credential, err error) error {
 		return fmt.Errorf("%w: the broker cannot use the client secret or key of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
 	case ue.Reason == upstream.ReasonScopeNotGranted:
 		return fmt.Errorf("%w: token endpoint granted fewer scopes than asked for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
+	case ue.Reason == upstream.ReasonRedirect:
+		return fmt.Errorf("%w: token endpoint of credential %q answered with a redirect (HTTP %d) to %s, which the broker never follows; token_url must be the token endpoint itself",
+			ErrFailedPrecondition, c.Name, ue.StatusCode, ue.Location)
 	case ue.Reason == upstream.ReasonTokenType:
 		return fmt.Errorf("%w: token endpoint issued a token that is not Bearer for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
 	default:

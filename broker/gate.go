@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -21,18 +22,41 @@ const (
 	breakerProbe  = 30 * time.Second
 	rejectedProbe = time.Minute
 	maxRetryAfter = 10 * time.Minute // a longer Retry-After is taken as this
+	// maxWaitNoDeadline is how long a caller without a deadline waits for a
+	// scheduled attempt; a caller with a deadline waits if the attempt is due
+	// before it.
+	maxWaitNoDeadline = 10 * time.Second
 )
 
 // gate decides when the next request for a credential may go to the token endpoint.
 type gate struct {
 	mu       sync.Mutex
-	failures int       // consecutive
-	next     time.Time // no attempt before this
-	lastErr  error     // what callers are told while waiting
-	reason   string    // failure class of the last attempt
-	refused  string    // the OAuth error code while the registration is refused
-	since    time.Time // start of the current failure run
+	failures int           // consecutive
+	next     time.Time     // no attempt before this
+	lastErr  error         // what callers are told while waiting
+	reason   string        // failure class of the last attempt
+	refused  string        // the OAuth error code while the registration is refused
+	since    time.Time     // start of the current failure run
+	probing  bool          // an attempt admitted while failing has not reported yet
+	settled  chan struct{} // closed, and replaced, when an attempt reports
 }
+
+// closedError is what admit returns while the gate holds attempts back. It
+// wraps the last failure, so it maps to that failure's status code.
+type closedError struct {
+	err     error
+	wait    time.Duration // until the next attempt may go
+	refused bool          // the registration is refused: not worth waiting for
+	probing bool          // an attempt is under way: wait is its longest
+	settled <-chan struct{}
+}
+
+func (e *closedError) Error() string {
+	secs := max(int64((e.wait+time.Second-1)/time.Second), 1) // whole seconds, rounded up: never "in 0s"
+	return fmt.Sprintf("%v (next attempt in %ds)", e.err, secs)
+}
+
+func (e *closedError) Unwrap() error { return e.err }
 
 // admit reports whether an attempt may go now. While failing, it lets one
 // attempt through and holds the others for hold (the fetch's duration).
@@ -43,16 +67,84 @@ func (g *gate) admit(now time.Time, hold time.Duration) error {
 		return nil
 	}
 	if now.Before(g.next) {
-		return fmt.Errorf("%w (next attempt in %s)", g.lastErr, g.next.Sub(now).Round(time.Second))
+		return &closedError{err: g.lastErr, wait: g.next.Sub(now), refused: g.refused != "", probing: g.probing, settled: g.settledLocked()}
 	}
 	g.next = now.Add(hold) // this caller probes; the others wait for its outcome
+	g.probing = true
 	return nil
+}
+
+func (g *gate) settledLocked() chan struct{} {
+	if g.settled == nil {
+		g.settled = make(chan struct{})
+	}
+	return g.settled
+}
+
+// report ends an attempt: whoever waits for one wakes.
+func (g *gate) reportLocked() {
+	g.probing = false
+	if g.settled != nil {
+		close(g.settled)
+		g.settled = nil
+	}
+}
+
+// mayWait reports whether a caller with ctx should wait for the attempt ce
+// announces rather than be told to come back: when that attempt is due
+// before the caller's deadline, or is under way.
+func mayWait(ctx context.Context, ce *closedError) bool {
+	if ce.refused {
+		return false // probed once a minute; the answer will not change sooner
+	}
+	if ce.probing {
+		return true // bounded by the caller's context and the attempt's timeout
+	}
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return ce.wait <= maxWaitNoDeadline
+	}
+	return time.Until(dl) > ce.wait
+}
+
+// await waits until the attempt ce announced may go, or until another attempt
+// reports. The wait is timed on the real clock: when it ends, the gate opens
+// at now() even if the broker's clock (a test's) has not moved, so that the
+// waiting callers' flight is the scheduled attempt.
+func (g *gate) await(ctx context.Context, ce *closedError, now func() time.Time) error {
+	t := time.NewTimer(ce.wait)
+	defer t.Stop()
+	select {
+	case <-ce.settled:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+	}
+	g.mu.Lock()
+	if g.settled != ce.settled || g.failures == 0 {
+		g.mu.Unlock()
+		return nil // reported meanwhile
+	}
+	if !g.probing {
+		g.next = now()
+		g.mu.Unlock()
+		return nil
+	}
+	g.mu.Unlock()
+	select { // someone else's attempt is under way: share its outcome
+	case <-ce.settled:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // failed records a failed attempt and schedules the next one.
 func (g *gate) failed(now time.Time, err error, ue *upstream.Error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.reportLocked()
 	if g.failures == 0 {
 		g.since = now
 	}
@@ -86,6 +178,7 @@ func (g *gate) failed(now time.Time, err error, ue *upstream.Error) {
 func (g *gate) succeeded() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.reportLocked()
 	g.failures, g.next, g.lastErr, g.reason, g.refused, g.since = 0, time.Time{}, nil, "", "", time.Time{}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/status"
@@ -23,8 +22,8 @@ type Service struct {
 	pb.UnimplementedTokenBrokerServer
 	broker   *Broker
 	log      *zap.Logger
-	draining chan struct{}
-	drain    sync.Once
+	draining context.Context // done once Drain is called
+	drain    context.CancelFunc
 }
 
 var _ pb.TokenBrokerServer = (*Service)(nil)
@@ -34,7 +33,8 @@ func NewService(b *Broker, log *zap.Logger) *Service {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &Service{broker: b, log: log, draining: make(chan struct{})}
+	draining, drain := context.WithCancel(context.Background())
+	return &Service{broker: b, log: log, draining: draining, drain: drain}
 }
 
 // errDraining ends watch streams at shutdown; clients reconnect elsewhere.
@@ -42,7 +42,7 @@ var errDraining = fmt.Errorf("%w: server shutting down; reconnect", ErrUnavailab
 
 // Drain ends every WatchToken stream with UNAVAILABLE, so that a graceful
 // stop need not wait for streams that would never end by themselves.
-func (s *Service) Drain() { s.drain.Do(func() { close(s.draining) }) }
+func (s *Service) Drain() { s.drain() }
 
 // GetToken returns a token for the requested credential.
 func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
@@ -110,13 +110,8 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	go func() {
-		select {
-		case <-s.draining:
-			cancel(errDraining)
-		case <-ctx.Done():
-		}
-	}()
+	// A callback, not a goroutine: an open stream should cost little.
+	defer context.AfterFunc(s.draining, func() { cancel(errDraining) })()
 	err = s.broker.Watch(ctx, caller, r, func(e *store.Entry) error {
 		if err := s.issued(ctx, caller, r.Credential, Issued{Entry: e, Source: "watch"}); err != nil {
 			return err
@@ -129,7 +124,7 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 	case stream.Context().Err() != nil:
 		return status.FromContextError(stream.Context().Err()).Err()
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrFailedPrecondition), errors.Is(err, ErrPermissionDenied),
-		errors.Is(err, ErrInvalidArgument):
+		errors.Is(err, ErrInvalidArgument), errors.Is(err, ErrResourceExhausted):
 		return s.deny(ctx, caller, r.Credential, r.Scopes, err)
 	}
 	return toStatus(err)

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
@@ -19,6 +20,11 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	if err != nil {
 		return err
 	}
+	if !b.streams.acquire(caller) {
+		return fmt.Errorf("%w: caller %s has %d WatchToken streams open, the most rate_limit.watch_streams allows; close some, or share one per process",
+			ErrResourceExhausted, caller, b.streams.limit)
+	}
+	defer b.streams.release(caller)
 	// Every get is preceded by registering for the key's next change, so a
 	// change that lands while it runs or before the next wait (a replacement
 	// or an InvalidateToken dropping the token) wakes that wait. A change the

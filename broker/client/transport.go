@@ -5,6 +5,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenbroker/tokenbroker/broker/bearer"
 )
 
 // Transport is an http.RoundTripper that sends each request with
@@ -14,7 +18,9 @@ import (
 // (none, or http.Request.GetBody set, as http.NewRequest does for in-memory
 // bodies), retries once with the new token. A second 401 is returned as is.
 //
-// It refuses to send a token over plain http except to a loopback address.
+// It refuses to send a token over plain http except to a loopback address,
+// and refuses (with an error, sending nothing) a token that is not a bearer
+// token in the syntax of RFC 6750 §2.1.
 type Transport struct {
 	// Source provides the tokens.
 	Source *Source
@@ -29,6 +35,9 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	tok, err := t.Source.Token()
+	if err == nil {
+		err = checkSyntax(tok)
+	}
 	if err != nil {
 		closeBody(req)
 		return nil, err
@@ -46,7 +55,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return resp, nil
 	}
 	next, err := t.Source.Token()
-	if err != nil || Fingerprint(next) == fp {
+	if err != nil || Fingerprint(next) == fp || checkSyntax(next) != nil {
 		return resp, nil // no other token to try
 	}
 	body := req.Body
@@ -74,6 +83,17 @@ func withBearer(req *http.Request, token string, body io.ReadCloser) *http.Reque
 	r.Header.Set("Authorization", "Bearer "+token)
 	r.Body = body
 	return r
+}
+
+// checkSyntax refuses a token that is not a bearer token (RFC 6750 §2.1):
+// white space, a line break or a quote in it could end the Authorization
+// header and start another. The broker vends none; this holds the line for
+// a broker of another version, or something posing as one.
+func checkSyntax(tok *oauth2.Token) error {
+	if !bearer.Valid(tok.AccessToken) {
+		return fmt.Errorf("client: the broker returned an access token (fingerprint %s) that is not a bearer token; not sending it", Fingerprint(tok))
+	}
+	return nil
 }
 
 // cleartext refuses plain http to anything but a loopback address.

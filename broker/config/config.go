@@ -96,6 +96,9 @@ type RateLimit struct {
 	RequestsPerSecond float64 `yaml:"requests_per_second"`
 	// Burst is how many calls may come at once.
 	Burst int `yaml:"burst"`
+	// WatchStreams caps the WatchToken streams one caller identity may hold
+	// open at once; 0 means the default (1,000).
+	WatchStreams int `yaml:"watch_streams"`
 }
 
 // Audit configures the audit trail (JSON lines).
@@ -384,6 +387,9 @@ func (c *Config) Validate() error {
 	}
 	if rl := c.RateLimit; rl != nil && (rl.RequestsPerSecond < 0 || rl.Burst < 0 || rl.RequestsPerSecond > 0 && rl.Burst < 1) {
 		return fieldErr("rate_limit", "requests_per_second must be 0 (off) or positive, with a burst of at least 1")
+	}
+	if rl := c.RateLimit; rl != nil && rl.WatchStreams < 0 {
+		return fieldErr("rate_limit.watch_streams", "must be 0 (the default, 1000) or positive")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -124,6 +124,7 @@ func TestParseInvalid(t *testing.T) {
 		{"no cert", strings.Replace(valid, "  cert_file: /tls/tls.crt\n", "", 1), "tls.cert_file: required"},
 		{"bad log level", valid + "log: {level: loud}\n", "log.level: must be one of"},
 		{"negative rate", valid + "rate_limit: {requests_per_second: -1}\n", "rate_limit: requests_per_second must be 0 (off) or positive"},
+		{"negative watch streams", valid + "rate_limit: {requests_per_second: 1, burst: 1, watch_streams: -1}\n", "rate_limit.watch_streams: must be 0"},
 		{"tls 1.1", strings.Replace(valid, "tls:\n", "tls:\n  min_version: \"1.1\"\n", 1), `tls.min_version: must be "1.3" or "1.2"`},
 		{"unknown backend", valid + "store: {backend: etcd}\n", "store.backend: must be memory or redis"},
 		{"redis without key", valid + "store: {backend: redis, redis: {addrs: [r:6379]}}\n", "store.encryption_key_file: required when store.backend is redis"},

@@ -90,6 +90,16 @@ type Faults struct {
 	TokenType string
 	// GrantScopes, when non-nil, overrides the scope field of the response.
 	GrantScopes []string
+	// RedirectTo, when set, answers every token request with a redirect
+	// (RedirectStatus, 307 when zero) to this URL, as a hijacked or
+	// misconfigured endpoint would.
+	RedirectTo     string
+	RedirectStatus int
+	// Body, when set, is sent as the whole 200 response to an authenticated
+	// request, with ContentType ("application/json" when empty): a crafted
+	// answer from a hostile or broken server.
+	Body        string
+	ContentType string
 }
 
 // Issued describes a token the server issued.
@@ -275,6 +285,13 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	s.recordForm(form)
 
 	switch {
+	case f.RedirectTo != "":
+		code := f.RedirectStatus
+		if code == 0 {
+			code = http.StatusTemporaryRedirect
+		}
+		http.Redirect(w, r, f.RedirectTo, code)
+		return
 	case f.Status != 0:
 		if f.RetryAfter != "" {
 			w.Header().Set("Retry-After", f.RetryAfter)
@@ -314,6 +331,15 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	if f.Malformed {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = w.Write([]byte(`{"access_token": "truncated`))
+		return
+	}
+	if f.Body != "" {
+		ct := f.ContentType
+		if ct == "" {
+			ct = "application/json"
+		}
+		w.Header().Set("Content-Type", ct)
+		_, _ = w.Write([]byte(f.Body))
 		return
 	}
 	s.issue(w, client, method, scopes, f)

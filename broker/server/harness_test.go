@@ -90,6 +90,7 @@ type harness struct {
 	stop func() error // cancels the first broker's Serve and waits for it to return
 
 	cfg      *config.Config // the brokers' configuration
+	adjust   func(*Options) // changes the brokers' options, when set
 	secrets  []string       // more secret values (keys in PEM) the log scan looks for
 	storeKey []byte         // the Redis sealing key
 }
@@ -97,7 +98,13 @@ type harness struct {
 // newHarness starts a broker whose config mutate may adjust.
 func newHarness(t testing.TB, mutate func(*config.Config)) *harness {
 	t.Helper()
-	h := &harness{t: t, clock: newClock(), logs: &logBuffer{}, audit: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
+	return newHarnessWith(t, mutate, nil)
+}
+
+// newHarnessWith is newHarness with the server's Options adjusted too.
+func newHarnessWith(t testing.TB, mutate func(*config.Config), adjust func(*Options)) *harness {
+	t.Helper()
+	h := &harness{adjust: adjust, t: t, clock: newClock(), logs: &logBuffer{}, audit: &logBuffer{}, dir: t.TempDir(), secret: "s3cret-" + t.Name()}
 	var err error
 	if h.ca, err = devpki.NewCA("test CA", time.Hour); err != nil {
 		t.Fatal(err)
@@ -180,7 +187,11 @@ func (h *harness) startBroker() (srv *Server, stop func() error) {
 		h.t.Fatal(err)
 	}
 	// The tests drive the refresher themselves, on the fake clock.
-	srv, err = New(Options{Config: h.cfg, Logger: log, Now: h.clock.Now, RefreshInterval: -1, AuditStdout: h.audit})
+	opts := Options{Config: h.cfg, Logger: log, Now: h.clock.Now, RefreshInterval: -1, AuditStdout: h.audit}
+	if h.adjust != nil {
+		h.adjust(&opts)
+	}
+	srv, err = New(opts)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -250,7 +261,14 @@ func (h *harness) client(ids ...string) pb.TokenBrokerClient {
 
 // get calls GetToken and records any token returned, for the log scan.
 func (h *harness) get(c pb.TokenBrokerClient, req *pb.GetTokenRequest) (*pb.Token, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	return h.getWithin(c, req, 10*time.Second)
+}
+
+// getWithin is get with a deadline of d. Tests that move the fake clock
+// through an outage use a short one: a caller waits (on the real clock) for
+// a retry due before its deadline.
+func (h *harness) getWithin(c pb.TokenBrokerClient, req *pb.GetTokenRequest, d time.Duration) (*pb.Token, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
 	resp, err := c.GetToken(ctx, req)
 	if err != nil {

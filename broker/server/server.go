@@ -8,6 +8,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -53,6 +54,16 @@ const GracePeriod = 20 * time.Second
 // TLSReloadInterval is how often the TLS files are checked for changes.
 const TLSReloadInterval = 5 * time.Second
 
+// HandshakeTimeout bounds a new connection's TLS and HTTP/2 handshakes, so
+// that connections that never present a certificate hold nothing for long.
+const HandshakeTimeout = 10 * time.Second
+
+// MaxStreamsPerConnection caps the concurrent calls on one connection (HTTP/2
+// SETTINGS_MAX_CONCURRENT_STREAMS); a client queues calls beyond it. It is
+// above rate_limit.watch_streams' default, so that a caller over that limit
+// is told so rather than left queueing.
+const MaxStreamsPerConnection = 2000
+
 // maxMessageSize caps request messages: requests are small, and a cap keeps a
 // misbehaving caller from making the server allocate.
 const maxMessageSize = 64 << 10
@@ -69,6 +80,10 @@ type Options struct {
 	RefreshInterval time.Duration
 	// AuditStdout receives the audit trail when audit.path is "stdout"; nil means os.Stdout.
 	AuditStdout io.Writer
+	// HandshakeTimeout and MaxStreamsPerConnection override the constants of
+	// the same names when non-zero (tests use small values).
+	HandshakeTimeout        time.Duration
+	MaxStreamsPerConnection uint32
 }
 
 // Server is a running tokenbroker. Create it with New, then call Run (or
@@ -172,7 +187,7 @@ func New(opts Options) (*Server, error) {
 	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
 		RefreshInterval: opts.RefreshInterval, Audit: s.audit,
-		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst})
+		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst, WatchStreams: rl.WatchStreams})
 	if err != nil {
 		return nil, err
 	}
@@ -203,8 +218,11 @@ func New(opts Options) (*Server, error) {
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		s.requests, s.broker, grpcMetrics, storeUp, certExpiry)
 
+	handshake, streams := cmp.Or(opts.HandshakeTimeout, HandshakeTimeout), cmp.Or(opts.MaxStreamsPerConnection, MaxStreamsPerConnection)
 	s.grpc = grpc.NewServer(
 		grpc.Creds(broker.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
+		grpc.ConnectionTimeout(handshake),
+		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
 		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),

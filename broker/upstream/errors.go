@@ -8,8 +8,6 @@ import (
 	"net/url"
 	"strconv"
 	"time"
-
-	"golang.org/x/oauth2"
 )
 
 // Reason says why a fetch failed. Its values are fit for metric labels.
@@ -36,6 +34,10 @@ const (
 	ReasonTokenType Reason = "token_type"
 	// ReasonScopeNotGranted: the server granted fewer scopes than were asked for.
 	ReasonScopeNotGranted Reason = "scope_not_granted"
+	// ReasonRedirect: the server answered with a redirect (3xx), which is never
+	// followed: token_url is not the token endpoint, or something between
+	// the broker and the bank is trying to divert its requests.
+	ReasonRedirect Reason = "redirect"
 )
 
 // knownCodes are the error codes of RFC 6749 §5.2. Other codes a server sends
@@ -59,6 +61,9 @@ type Error struct {
 	StatusCode int
 	// RetryAfter is the delay the server asked for in Retry-After, if any.
 	RetryAfter time.Duration
+	// Location is where a redirect pointed: scheme and host only, never a
+	// path or query (which may carry anything).
+	Location string
 
 	detail string
 	err    error // a cause that is safe to print (never an oauth2.RetrieveError)
@@ -73,6 +78,9 @@ func (e *Error) Error() string {
 	if e.StatusCode != 0 {
 		s += " (HTTP " + strconv.Itoa(e.StatusCode) + ")"
 	}
+	if e.Location != "" {
+		s += " to " + e.Location + ", not followed"
+	}
 	if e.detail != "" {
 		s += ": " + e.detail
 	}
@@ -85,12 +93,8 @@ func (e *Error) Error() string {
 // Unwrap returns the underlying cause, if it is safe to expose.
 func (e *Error) Unwrap() error { return e.err }
 
-// classify turns an error from the oauth2 library into an *Error.
+// classify turns an error of the HTTP exchange into an *Error.
 func classify(ctx context.Context, err error) *Error {
-	var re *oauth2.RetrieveError
-	if errors.As(err, &re) {
-		return fromResponse(re)
-	}
 	var ne net.Error
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded), errors.Is(err, context.DeadlineExceeded),
@@ -103,18 +107,31 @@ func classify(ctx context.Context, err error) *Error {
 	if errors.As(err, &ue) {
 		return &Error{Reason: ReasonNetwork, Temporary: true, err: ue.Err}
 	}
-	// The library's own parse errors ("cannot parse json", "missing access_token").
-	return &Error{Reason: ReasonMalformed, Temporary: true}
+	return &Error{Reason: ReasonNetwork, Temporary: true}
 }
 
-func fromResponse(re *oauth2.RetrieveError) *Error {
-	e := &Error{Code: re.ErrorCode}
+// redirected is the failure of a 3xx answer. Only the scheme and host of
+// its Location are kept.
+func redirected(resp *http.Response) *Error {
+	e := &Error{Reason: ReasonRedirect, StatusCode: resp.StatusCode, Location: "nowhere (no Location)"}
+	if loc := resp.Header.Get("Location"); loc != "" {
+		u, err := resp.Request.URL.Parse(loc) // relative to the token URL
+		switch {
+		case err != nil || u.Host == "" || len(u.Host) > 255:
+			e.Location = "an unparsable Location"
+		default:
+			e.Location = u.Scheme + "://" + u.Host
+		}
+	}
+	return e
+}
+
+// fromResponse is the failure of a response that carried an error status or
+// an RFC 6749 §5.2 error code.
+func fromResponse(resp *http.Response, code string) *Error {
+	e := &Error{Code: code, StatusCode: resp.StatusCode, RetryAfter: retryAfter(resp.Header.Get("Retry-After"), time.Now())}
 	if !knownCodes[e.Code] && e.Code != "" {
 		e.Code = "other"
-	}
-	if re.Response != nil {
-		e.StatusCode = re.Response.StatusCode
-		e.RetryAfter = retryAfter(re.Response.Header.Get("Retry-After"), time.Now())
 	}
 	switch {
 	case e.StatusCode == http.StatusTooManyRequests:

@@ -1,20 +1,26 @@
 package upstream
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/bearer"
 )
 
 // FuzzTokenResponse sends arbitrary token endpoint responses through the whole
-// client path (HTTP, the oauth2 library's parsing, our validation). A response
-// yields either a valid token or an *Error, never a panic, and an error never
-// carries the body.
+// client path (HTTP, parsing, validation). A response yields either a valid
+// token or an *Error, never a panic; an error never carries the body; an
+// accepted token is a bearer token (RFC 6750 b64token); and no body with a
+// member that appears twice is accepted.
 func FuzzTokenResponse(f *testing.F) {
 	type resp struct {
 		status int
@@ -60,6 +66,13 @@ func FuzzTokenResponse(f *testing.F) {
 		{429, false, `slow down`},
 		{500, false, `<html>oops</html>`},
 		{302, false, ``},
+		{200, false, `{"access_token":"a","token_type":"Bearer","expires_in":300,"expires_in":99999999}`},
+		{200, false, `{"access_token":"a","ACCESS_TOKEN":"b","token_type":"Bearer"}`},
+		{200, false, `{"access_token":"abc\r\nX-Evil: 1","token_type":"Bearer"}`},
+		{200, false, `{"access_token":"abc def","token_type":"Bearer"}`},
+		{200, false, `{"access_token":"YWJj==","token_type":"Bearer"} {}`},
+		{200, true, `access_token=a&access_token=b&token_type=Bearer`},
+		{200, true, `access_token=a%0d%0a&token_type=Bearer`},
 	} {
 		f.Add(seed.status, seed.form, []byte(seed.body))
 	}
@@ -83,8 +96,11 @@ func FuzzTokenResponse(f *testing.F) {
 			}
 			return
 		}
-		if tok.AccessToken == "" || !strings.EqualFold(tok.TokenType, "Bearer") {
+		if !bearer.Valid(tok.AccessToken) || !strings.EqualFold(tok.TokenType, "Bearer") {
 			t.Fatalf("accepted token %+v", tok)
+		}
+		if dup := duplicateMember(form, body); dup != "" {
+			t.Fatalf("accepted a body in which %q appears twice", dup)
 		}
 		if lt := tok.Expiry.Sub(tok.IssuedAt); lt <= 0 || lt > 24*time.Hour {
 			t.Fatalf("accepted lifetime %v", lt)
@@ -93,4 +109,57 @@ func FuzzTokenResponse(f *testing.F) {
 			t.Fatal("accepted a token without the scope asked for")
 		}
 	})
+}
+
+// duplicateMember returns a top-level member name that body holds twice
+// (case-folded for JSON), or "". It is the fuzz target's oracle, written
+// apart from the parser it checks.
+func duplicateMember(form bool, body []byte) string {
+	if form {
+		vals, err := url.ParseQuery(string(body))
+		if err != nil {
+			return ""
+		}
+		for k, v := range vals {
+			if len(v) > 1 {
+				return k
+			}
+		}
+		return ""
+	}
+	var top map[string]json.RawMessage
+	if json.Unmarshal(body, &top) != nil {
+		return ""
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	seen := map[string]bool{}
+	depth := 0
+	expectKey := false
+	for {
+		t, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		switch v := t.(type) {
+		case json.Delim:
+			if v == '{' || v == '[' {
+				depth++
+			} else {
+				depth--
+			}
+			expectKey = depth == 1
+			continue
+		case string:
+			if depth == 1 && expectKey {
+				k := strings.ToLower(v)
+				if seen[k] {
+					return v
+				}
+				seen[k] = true
+				expectKey = false
+				continue
+			}
+		}
+		expectKey = depth == 1
+	}
 }

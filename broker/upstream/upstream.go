@@ -6,6 +6,11 @@
 // and token_type present, a positive expires_in, the scopes granted) and
 // computes the expiry from its own clock. Failures are *Error values whose
 // messages never contain the response body, the secret or a token.
+//
+// The token endpoint is not trusted beyond its answer: a redirect is never
+// followed (the request, with the secret, goes to TokenURL and nowhere else),
+// and a response is refused whole when a member appears twice or the access
+// token is not a bearer token (see package bearer).
 package upstream
 
 import (
@@ -15,6 +20,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -24,9 +30,7 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/oauth2"
-	"golang.org/x/oauth2/clientcredentials"
-
+	"github.com/tokenbroker/tokenbroker/broker/bearer"
 	"github.com/tokenbroker/tokenbroker/broker/secret"
 )
 
@@ -95,8 +99,6 @@ type Config struct {
 	Timeout time.Duration
 	// ConnectTimeout bounds establishing the connection; it is at most Timeout.
 	ConnectTimeout time.Duration
-	// HTTPClient overrides the HTTP client; nil means one built from the timeouts.
-	HTTPClient *http.Client
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -166,15 +168,19 @@ func New(cfg Config) (*Client, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	hc := cfg.HTTPClient
-	if hc == nil {
-		tc, caSum, err := endpointTLS(cfg)
-		if err != nil {
-			return nil, err
-		}
-		hc = &http.Client{Transport: transportFor(cfg, tc, caSum)}
+	tc, caSum, err := endpointTLS(cfg)
+	if err != nil {
+		return nil, err
 	}
+	hc := &http.Client{Transport: transportFor(cfg, tc, caSum), CheckRedirect: refuseRedirects}
 	return &Client{cfg: cfg, http: hc}, nil
+}
+
+// refuseRedirects keeps the client on TokenURL: following a redirect would
+// send the form (with a client_secret_post secret or a client assertion) to
+// wherever the Location points. The 3xx is returned to Fetch as it is.
+func refuseRedirects(*http.Request, []*http.Request) error {
+	return http.ErrUseLastResponse
 }
 
 // transports holds the HTTP transports that credentials share: every
@@ -251,7 +257,6 @@ func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transpor
 func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, c.http)
 	if c.cfg.AuthMethod == PrivateKeyJWT {
 		a, err := c.assertion()
 		if err != nil {
@@ -283,64 +288,101 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 	panic("unreachable: New requires a secret file")
 }
 
-// fetchWith makes one token request with sec (empty for assertion-based
-// methods) and extra form fields.
+// fetchWith makes one token request (RFC 6749 §4.4.2) with sec (empty for
+// the methods that send no secret) and extra form fields.
 func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []string, extra url.Values) (*Token, error) {
-	params := c.cfg.EndpointParams
-	if len(extra) > 0 {
-		params = url.Values{}
-		for k, v := range c.cfg.EndpointParams {
-			params[k] = v
-		}
-		for k, v := range extra {
-			params[k] = v
-		}
+	form := url.Values{}
+	for k, v := range c.cfg.EndpointParams {
+		form[k] = v
 	}
-	cc := clientcredentials.Config{
-		ClientID:       c.cfg.ClientID,
-		ClientSecret:   sec.Reveal(),
-		TokenURL:       c.cfg.TokenURL,
-		Scopes:         scopes,
-		EndpointParams: params,
-		AuthStyle:      oauth2.AuthStyleInHeader,
+	for k, v := range extra {
+		form[k] = v
+	}
+	form.Set("grant_type", "client_credentials")
+	if len(scopes) > 0 {
+		form.Set("scope", strings.Join(scopes, " "))
 	}
 	if c.cfg.AuthMethod != ClientSecretBasic { // post, and every method that sends client_id in the body
-		cc.AuthStyle = oauth2.AuthStyleInParams
+		form.Set("client_id", c.cfg.ClientID)
+		if c.cfg.AuthMethod == ClientSecretPost {
+			form.Set("client_secret", sec.Reveal())
+		}
 	}
-	t, err := cc.Token(ctx)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.cfg.TokenURL, strings.NewReader(form.Encode()))
+	if err != nil {
+		return nil, &Error{Reason: ReasonNetwork, detail: "token_url does not make a request"}
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Accept", "application/json")
+	if c.cfg.AuthMethod == ClientSecretBasic {
+		// RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(sec.Reveal()))
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, classify(ctx, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection can be reused
+		return nil, redirected(resp)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
 	arrived := c.cfg.Now()
 	if err != nil {
 		return nil, classify(ctx, err)
 	}
-	return c.validate(t, scopes, arrived)
+	ok := resp.StatusCode >= 200 && resp.StatusCode < 300
+	if len(body) > maxBody {
+		if ok {
+			return nil, &Error{Reason: ReasonMalformed, Temporary: true, StatusCode: resp.StatusCode, detail: "body over 1 MiB"}
+		}
+		body = nil // an error page; its status says enough
+	}
+	r, perr := parseBody(resp.Header.Get("Content-Type"), body)
+	switch {
+	case errors.Is(perr, errDuplicate):
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, StatusCode: resp.StatusCode, detail: perr.Error()}
+	case !ok:
+		return nil, fromResponse(resp, r.errorCode)
+	case perr != nil:
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: perr.Error()}
+	case r.errorCode != "": // an error in a 2xx body
+		return nil, fromResponse(resp, r.errorCode)
+	}
+	return c.validate(r, scopes, arrived)
 }
 
 // validate checks a successful response and computes its expiry.
-func (c *Client) validate(t *oauth2.Token, asked []string, arrived time.Time) (*Token, error) {
-	if t.AccessToken == "" {
+func (c *Client) validate(r tokenResponse, asked []string, arrived time.Time) (*Token, error) {
+	if r.accessToken == "" {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no access_token"}
 	}
-	if t.TokenType == "" {
+	if !bearer.Valid(r.accessToken) {
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true,
+			detail: fmt.Sprintf("access_token is not a bearer token (RFC 6750 b64token of at most %d bytes)", bearer.MaxLen)}
+	}
+	if r.tokenType == "" {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no token_type"}
 	}
-	if !strings.EqualFold(t.TokenType, "Bearer") {
+	if !strings.EqualFold(r.tokenType, "Bearer") {
 		return nil, &Error{Reason: ReasonTokenType, detail: "token_type is not Bearer"}
 	}
-	ttl, err := lifetime(t.Extra("expires_in"), c.cfg.DefaultTTL, c.cfg.MaxTTL)
+	ttl, err := lifetime(r.expiresIn, c.cfg.DefaultTTL, c.cfg.MaxTTL)
 	if err != nil {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: err.Error()}
 	}
 	ttl -= min(max(c.cfg.ExpiryMargin, 0), ttl/2)
 	granted := asked
-	if s, ok := t.Extra("scope").(string); ok && strings.TrimSpace(s) != "" {
+	if s := strings.TrimSpace(r.scope); s != "" {
 		granted = strings.Fields(s)
 	}
 	if missing := missingScopes(asked, granted); len(missing) > 0 {
 		return nil, &Error{Reason: ReasonScopeNotGranted, detail: "not granted: " + strings.Join(missing, " ")}
 	}
 	return &Token{
-		AccessToken: t.AccessToken,
-		TokenType:   t.TokenType,
+		AccessToken: r.accessToken,
+		TokenType:   r.tokenType,
 		Scopes:      granted,
 		IssuedAt:    arrived,
 		Expiry:      arrived.Add(ttl),
@@ -360,8 +402,6 @@ func lifetime(v any, def, maxTTL time.Duration) (time.Duration, error) {
 		return min(def, maxTTL), nil
 	case float64:
 		secs = x
-	case int64: // form-encoded bodies, as parsed by the oauth2 library
-		secs = float64(x)
 	case string:
 		if x == "" {
 			return min(def, maxTTL), nil

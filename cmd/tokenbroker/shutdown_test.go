@@ -201,7 +201,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 }
 
 // waitReady polls url until it answers 200, failing if the process exits.
-func waitReady(t *testing.T, url string, exited <-chan error) {
+func waitReady(t testing.TB, url string, exited <-chan error) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {

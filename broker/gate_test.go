@@ -1,0 +1,54 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestClosedGateMessage: the wait is announced in whole seconds, rounded up,
+// never "in 0s".
+func TestClosedGateMessage(t *testing.T) {
+	cause := errors.New("token endpoint is failing")
+	for wait, want := range map[time.Duration]string{
+		time.Millisecond:        "(next attempt in 1s)",
+		999 * time.Millisecond:  "(next attempt in 1s)",
+		time.Second:             "(next attempt in 1s)",
+		1200 * time.Millisecond: "(next attempt in 2s)",
+		30 * time.Second:        "(next attempt in 30s)",
+	} {
+		err := &closedError{err: cause, wait: wait}
+		if got := err.Error(); !strings.HasSuffix(got, want) || !errors.Is(err, cause) {
+			t.Errorf("wait %v: %q, want it to end in %q and wrap the cause", wait, got, want)
+		}
+	}
+}
+
+// TestMayWait: a caller waits for an attempt due before its deadline, or
+// under way; never for a refused registration's probe.
+func TestMayWait(t *testing.T) {
+	short, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	long, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	tests := []struct {
+		name string
+		ctx  context.Context
+		ce   closedError
+		want bool
+	}{
+		{"due before the deadline", long, closedError{wait: time.Second}, true},
+		{"due after the deadline", short, closedError{wait: time.Second}, false},
+		{"no deadline, soon", context.Background(), closedError{wait: time.Second}, true},
+		{"no deadline, far", context.Background(), closedError{wait: time.Minute}, false},
+		{"under way", short, closedError{wait: time.Minute, probing: true}, true},
+		{"refused", long, closedError{wait: time.Second, refused: true}, false},
+	}
+	for _, tt := range tests {
+		if got := mayWait(tt.ctx, &tt.ce); got != tt.want {
+			t.Errorf("%s: mayWait = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
