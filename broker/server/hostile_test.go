@@ -138,43 +138,12 @@ func harnessFor(t *testing.T, method string) (*harness, *oauthtest.Server) {
 		h.secrets = append(h.secrets, string(keyPEM))
 		return h, h.as
 	case "tls_client_auth":
-		bankCA, err := devpki.NewCA("bank CA", time.Hour)
+		clientCA, err := devpki.NewCA("broker client CA", time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
-		srvPair, err := bankCA.Server(time.Hour)
-		if err != nil {
-			t.Fatal(err)
-		}
-		srvCert, err := srvPair.TLSCertificate()
-		if err != nil {
-			t.Fatal(err)
-		}
-		bank := oauthtest.New(oauthtest.Options{})
-		if err := bank.StartTLS("127.0.0.1:0", srvCert, bankCA.Pool()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = bank.Close() })
-		bank.AddClient(oauthtest.Client{ID: "mtls-app", TLSSubject: "broker.bank.internal", Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
-		dir := t.TempDir()
-		pair, err := bankCA.Client(time.Hour, "broker.bank.internal")
-		if err != nil {
-			t.Fatal(err)
-		}
-		certFile, keyFile, caFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem"), filepath.Join(dir, "bank-ca.pem")
-		if err := pair.WriteFiles(certFile, keyFile); err != nil {
-			t.Fatal(err)
-		}
-		if err := bankCA.WriteCertFile(caFile); err != nil {
-			t.Fatal(err)
-		}
-		h := newHarness(t, func(c *config.Config) {
-			cr := &c.Credentials[0]
-			cr.TokenURL, cr.ClientID, cr.AuthMethod, cr.ClientSecretFile = bank.TokenURL(), "mtls-app", method, ""
-			cr.TLSClientCertFile, cr.TLSClientKeyFile, cr.TLSCAFile = certFile, keyFile, caFile
-		})
-		h.secrets = append(h.secrets, string(pair.KeyPEM))
-		return h, bank
+		bank := startTLSBank(t, clientCA)
+		return bank.brokerFor(t, clientCA), bank.Server
 	}
 	t.Fatalf("no harness for %s", method)
 	return nil, nil

@@ -71,16 +71,17 @@ func TestPrivateKeyJWTEndToEnd(t *testing.T) {
 	}
 }
 
-func TestTLSClientAuthEndToEnd(t *testing.T) {
+// tlsBank is an https authorization server whose certificate chains to its
+// own CA and which admits tls_client_auth clients whose certificates chain
+// to clientCA.
+type tlsBank struct {
+	*oauthtest.Server
+	ca *devpki.CA
+}
+
+func startTLSBank(t *testing.T, clientCA *devpki.CA) tlsBank {
+	t.Helper()
 	bankCA, err := devpki.NewCA("bank CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clientCA, err := devpki.NewCA("broker client CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	otherCA, err := devpki.NewCA("unknown CA", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,33 +97,48 @@ func TestTLSClientAuthEndToEnd(t *testing.T) {
 	if err := bank.StartTLS("127.0.0.1:0", srvCert, clientCA.Pool()); err != nil {
 		t.Fatal(err)
 	}
-	defer bank.Close()
+	t.Cleanup(func() { _ = bank.Close() })
 	bank.AddClient(oauthtest.Client{ID: "mtls-app", TLSSubject: "broker.bank.internal", Scopes: []string{"IDENTITY", "IDENTITY_READ"}})
+	return tlsBank{Server: bank, ca: bankCA}
+}
 
-	// broker starts a broker whose client certificate for the bank comes from ca.
-	broker := func(ca *devpki.CA) *harness {
-		dir := t.TempDir()
-		pair, err := ca.Client(time.Hour, "broker.bank.internal")
-		if err != nil {
-			t.Fatal(err)
-		}
-		certFile, keyFile, caFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem"), filepath.Join(dir, "bank-ca.pem")
-		if err := pair.WriteFiles(certFile, keyFile); err != nil {
-			t.Fatal(err)
-		}
-		if err := bankCA.WriteCertFile(caFile); err != nil {
-			t.Fatal(err)
-		}
-		h := newHarness(t, func(c *config.Config) {
-			cr := &c.Credentials[0]
-			cr.TokenURL, cr.ClientID, cr.AuthMethod, cr.ClientSecretFile = bank.TokenURL(), "mtls-app", "tls_client_auth", ""
-			cr.TLSClientCertFile, cr.TLSClientKeyFile, cr.TLSCAFile = certFile, keyFile, caFile
-		})
-		h.secrets = append(h.secrets, string(pair.KeyPEM))
-		return h
+// brokerFor starts a broker whose credential authenticates to the bank with
+// tls_client_auth, with a client certificate from ca.
+func (b tlsBank) brokerFor(t *testing.T, ca *devpki.CA) *harness {
+	t.Helper()
+	dir := t.TempDir()
+	pair, err := ca.Client(time.Hour, "broker.bank.internal")
+	if err != nil {
+		t.Fatal(err)
 	}
+	certFile, keyFile, caFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem"), filepath.Join(dir, "bank-ca.pem")
+	if err := pair.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.ca.WriteCertFile(caFile); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		cr := &c.Credentials[0]
+		cr.TokenURL, cr.ClientID, cr.AuthMethod, cr.ClientSecretFile = b.TokenURL(), "mtls-app", "tls_client_auth", ""
+		cr.TLSClientCertFile, cr.TLSClientKeyFile, cr.TLSCAFile = certFile, keyFile, caFile
+	})
+	h.secrets = append(h.secrets, string(pair.KeyPEM))
+	return h
+}
 
-	good := broker(clientCA)
+func TestTLSClientAuthEndToEnd(t *testing.T) {
+	clientCA, err := devpki.NewCA("broker client CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherCA, err := devpki.NewCA("unknown CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bank := startTLSBank(t, clientCA)
+
+	good := bank.brokerFor(t, clientCA)
 	tok, err := good.get(good.client(payments), &pb.GetTokenRequest{Credential: "identity"})
 	if err != nil {
 		t.Fatalf("GetToken with tls_client_auth: %v", err)
@@ -132,7 +148,7 @@ func TestTLSClientAuthEndToEnd(t *testing.T) {
 	}
 
 	// A certificate from a CA the bank does not trust: refused, clearly.
-	bad := broker(otherCA)
+	bad := bank.brokerFor(t, otherCA)
 	_, err = bad.get(bad.client(payments), &pb.GetTokenRequest{Credential: "identity"})
 	if st := status.Convert(err); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), "(invalid_client)") {
 		t.Errorf("with an untrusted client certificate: %v %q, want FailedPrecondition invalid_client", st.Code(), st.Message())

@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -154,26 +153,8 @@ func TestHTTPSProxyHonoured(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	bin := filepath.Join(t.TempDir(), "tokenbroker")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	var stderr lockedBuffer
-	cmd := exec.Command(bin, "--config", cfgFile)
-	cmd.Env = append(withoutProxyVars(os.Environ()), "HTTPS_PROXY=http://"+proxy.ln.Addr().String())
-	cmd.Stdout, cmd.Stderr = io.Discard, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("tokenbroker stderr:\n%s", stderr.String())
-		}
-	}()
-	waitReady(t, "http://"+adminAddr+"/readyz", exited)
+	childEnv := append(withoutProxyVars(os.Environ()), "HTTPS_PROXY=http://"+proxy.ln.Addr().String())
+	startBinary(t, buildBinary(t), childEnv, adminAddr, "--config", cfgFile)
 
 	conn, err := client.DialFiles(grpcAddr, client.TLSFiles{CAFile: env.Path(devmode.CAFile),
 		CertFile: env.Path(devmode.ClientCertFile), KeyFile: env.Path(devmode.ClientKeyFile)})

@@ -59,25 +59,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	defer env.Close()
 
-	bin := filepath.Join(t.TempDir(), "tokenbroker")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	var stdout, stderr lockedBuffer
-	cmd := exec.Command(bin, "--config", env.Path(devmode.ConfigFile))
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("tokenbroker stderr:\n%s", stderr.String())
-		}
-	}()
-	waitReady(t, "http://"+adminAddr+"/readyz", exited)
+	p := startBinary(t, buildBinary(t), nil, adminAddr, "--config", env.Path(devmode.ConfigFile))
 
 	tc, err := client.TLSFiles{CAFile: env.Path(devmode.CAFile), CertFile: env.Path(devmode.ClientCertFile),
 		KeyFile: env.Path(devmode.ClientKeyFile)}.TLSConfig()
@@ -123,7 +105,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // let every call reach the broker
 
 	sent := time.Now()
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 
@@ -162,7 +144,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 
 	select {
-	case err := <-exited:
+	case err := <-p.exited:
 		if err != nil {
 			t.Fatalf("tokenbroker exited with %v, want 0", err)
 		}
@@ -192,15 +174,54 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		t.Errorf("no token stored in Redis; keys %v", keys)
 	}
 	// Every in-flight issuance reached the audit trail before exit.
-	if n := strings.Count(stdout.String(), `"event":"token.issued"`); n != inFlight {
+	if n := strings.Count(p.stdout.String(), `"event":"token.issued"`); n != inFlight {
 		t.Errorf("audit trail has %d token.issued events, want %d", n, inFlight)
 	}
-	if !strings.Contains(stderr.String(), `"msg":"stopped"`) {
+	if !strings.Contains(p.stderr.String(), `"msg":"stopped"`) {
 		t.Errorf("log has no \"stopped\" line")
 	}
 }
 
 // waitReady polls url until it answers 200, failing if the process exits.
+// buildBinary builds tokenbroker from this directory into a temporary one.
+func buildBinary(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "tokenbroker")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// process is a running tokenbroker binary.
+type process struct {
+	cmd            *exec.Cmd
+	exited         chan error // receives Wait's result
+	stdout, stderr lockedBuffer
+}
+
+// startBinary starts bin with args, in env (nil: this process's), and waits
+// until its /readyz on adminAddr answers 200. The process is killed at the
+// end of the test, and its stderr logged if the test failed.
+func startBinary(t testing.TB, bin string, env []string, adminAddr string, args ...string) *process {
+	t.Helper()
+	p := &process{cmd: exec.Command(bin, args...), exited: make(chan error, 1)}
+	p.cmd.Env = env
+	p.cmd.Stdout, p.cmd.Stderr = &p.stdout, &p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.exited <- p.cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = p.cmd.Process.Kill()
+		if t.Failed() {
+			t.Logf("tokenbroker stderr:\n%s", p.stderr.String())
+		}
+	})
+	waitReady(t, "http://"+adminAddr+"/readyz", p.exited)
+	return p
+}
+
 func waitReady(t testing.TB, url string, exited <-chan error) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)

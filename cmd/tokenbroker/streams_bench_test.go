@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -27,10 +26,7 @@ import (
 // a server.
 func BenchmarkWatchStreamMemory(b *testing.B) {
 	const streams, conns = 1000, 10
-	bin := filepath.Join(b.TempDir(), "tokenbroker")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		b.Fatalf("go build: %v\n%s", err, out)
-	}
+	bin := buildBinary(b)
 	var rss, goMem float64
 	for range b.N {
 		rss, goMem = measureStreams(b, bin, streams, conns)
@@ -44,16 +40,8 @@ func measureStreams(b *testing.B, bin string, streams, conns int) (rssPerStream,
 	grpcAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(b))
 	adminAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(b))
 	dir := b.TempDir()
-	cmd := exec.Command(bin, "--dev", "--dev-dir", dir, "--rate-limit", "0", "--listen-addr", grpcAddr, "--admin-addr", adminAddr)
-	var stderr lockedBuffer
-	cmd.Stdout, cmd.Stderr = &stderr, &stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	defer func() { _ = cmd.Process.Kill(); <-exited }()
-	waitReady(b, "http://"+adminAddr+"/readyz", exited)
+	p := startBinary(b, bin, nil, adminAddr, "--dev", "--dev-dir", dir, "--rate-limit", "0", "--listen-addr", grpcAddr, "--admin-addr", adminAddr)
+	defer func() { _ = p.cmd.Process.Kill(); <-p.exited }()
 
 	files := client.TLSFiles{CAFile: filepath.Join(dir, devmode.CAFile), CertFile: filepath.Join(dir, devmode.ClientCertFile),
 		KeyFile: filepath.Join(dir, devmode.ClientKeyFile)}
@@ -72,7 +60,7 @@ func measureStreams(b *testing.B, bin string, streams, conns int) (rssPerStream,
 		}
 		clients = append(clients, c)
 	}
-	rss0, go0 := serverMemory(b, cmd.Process.Pid, adminAddr)
+	rss0, go0 := serverMemory(b, p.cmd.Process.Pid, adminAddr)
 	for i := range streams {
 		s, err := clients[i%conns].WatchToken(ctx, &pb.WatchTokenRequest{Credential: devmode.Credential})
 		if err != nil {
@@ -82,7 +70,7 @@ func measureStreams(b *testing.B, bin string, streams, conns int) (rssPerStream,
 			b.Fatalf("stream %d: %v", i, err)
 		}
 	}
-	rss1, go1 := serverMemory(b, cmd.Process.Pid, adminAddr)
+	rss1, go1 := serverMemory(b, p.cmd.Process.Pid, adminAddr)
 	return (rss1 - rss0) / float64(streams), (go1 - go0) / float64(streams)
 }
 
