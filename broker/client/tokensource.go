@@ -63,6 +63,13 @@ func WithWatch() Option {
 	return func(s *Source) { s.watch = true }
 }
 
+// WithNotify makes the Source signal ch each time it takes a new token,
+// from the watch stream or a GetToken. The send never blocks: a full channel
+// already holds a pending signal. Call Token to read the token.
+func WithNotify(ch chan<- struct{}) Option {
+	return func(s *Source) { s.notify = ch }
+}
+
 // Source is an oauth2.TokenSource backed by tokenbroker. It keeps the last
 // token and returns it while it has more than the minimum lifetime left;
 // concurrent calls that need a new one share a single call to the broker.
@@ -75,6 +82,7 @@ type Source struct {
 	timeout    time.Duration
 	watch      bool
 	now        func() time.Time
+	notify     chan<- struct{}
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
@@ -171,6 +179,15 @@ func (s *Source) fetch(f *flight) {
 func (s *Source) keepLocked(t *pb.Token) {
 	if s.tok == nil || !t.GetExpireTime().AsTime().Before(s.tok.GetExpireTime().AsTime()) {
 		s.tok = t
+		s.notifyLocked()
+	}
+}
+
+// notifyLocked signals the WithNotify channel, if any, without blocking.
+func (s *Source) notifyLocked() {
+	select {
+	case s.notify <- struct{}{}:
+	default:
 	}
 }
 
@@ -220,6 +237,7 @@ func (s *Source) watchLoop() {
 			if resp, err = stream.Recv(); err == nil && resp.GetToken().GetAccessToken() != "" {
 				s.mu.Lock()
 				s.tok = resp.GetToken() // the broker's current token, even if it expires sooner
+				s.notifyLocked()
 				s.mu.Unlock()
 				backoff = watchBackoffMin
 			}

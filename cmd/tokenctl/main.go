@@ -10,6 +10,10 @@
 //	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print each rotation until interrupted
 //	list [--json]                                               list usable credentials
 //	health [--service S] [--json]                               the broker's gRPC health
+//	agent CREDENTIAL [--scope S]... [--min-ttl D] [--write FILE [--mode 0640]]
+//	      [--listen ADDR --upstream URL [--upstream-ca FILE] [--listen-any]] [--health ADDR]
+//	                                                            keep a token file fresh and serve a
+//	                                                            proxy that adds the token (a sidecar)
 //
 // The exit code reflects the outcome: 0 ok (health: SERVING); 1 the broker is
 // unreachable or failing; 2 usage error or invalid request; 3 not allowed
@@ -90,6 +94,10 @@ commands:
   watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
   list [--json]                                            list the credentials you may use
   health [--service S] [--json]                            the broker's gRPC health (exit 6 unless SERVING)
+  agent CREDENTIAL [--scope S]... [--min-ttl D] [--write FILE [--mode 0640]]
+        [--listen ADDR --upstream URL [--upstream-ca FILE] [--listen-any]] [--health ADDR]
+                                                           keep FILE holding the current token and/or
+                                                           serve a loopback proxy to URL that adds it
 
 exit codes: 0 ok, 1 broker unreachable or failing, 2 usage or invalid request,
 3 not allowed, 4 bank refuses the registration, 5 rate limited, 6 not serving
@@ -146,6 +154,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		cmd = listCmd
 	case "health":
 		cmd = healthCmd
+	case "agent":
+		cmd = func(ctx context.Context, conn *grpc.ClientConn, args []string, _ io.Writer) (int, error) {
+			return agentCmd(ctx, conn, args, stderr, files)
+		}
 	default:
 		fmt.Fprintf(stderr, "tokenctl: unknown command %q\n", fs.Arg(0))
 		fs.Usage()
@@ -158,7 +170,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	defer conn.Close()
-	if fs.Arg(0) != "watch" { // a watch runs until interrupted
+	if fs.Arg(0) != "watch" && fs.Arg(0) != "agent" { // these run until interrupted
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, *timeout)
 		defer cancel()
@@ -168,7 +180,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		code = exitCode(err)
 	}
 	if err != nil {
-		if st, ok := status.FromError(err); ok && st.Code() != 0 {
+		if hint := client.HandshakeHint(err, files); hint != "" {
+			fmt.Fprintln(stderr, "tokenctl:", hint)
+		} else if st, ok := status.FromError(err); ok && st.Code() != 0 {
 			fmt.Fprintf(stderr, "tokenctl: %s: %s\n", st.Code(), st.Message())
 		} else {
 			fmt.Fprintln(stderr, "tokenctl:", err)
