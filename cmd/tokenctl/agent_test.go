@@ -109,7 +109,9 @@ func startAgent(t *testing.T, e *agentEnv, args ...string) *runningAgent {
 	ctx, cancel := context.WithCancel(context.Background())
 	ra := &runningAgent{stderr: &syncBuffer{}}
 	done := make(chan int, 1)
-	go func() { done <- run(ctx, e.args(append([]string{"agent", devmode.Credential}, args...)...), io.Discard, ra.stderr) }()
+	go func() {
+		done <- run(ctx, e.args(append([]string{"agent", devmode.Credential}, args...)...), io.Discard, ra.stderr)
+	}()
 	var once sync.Once
 	var code int
 	ra.stop = func() int { once.Do(func() { cancel(); code = <-done }); return code }
