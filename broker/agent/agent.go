@@ -157,6 +157,14 @@ func addrOf(ln net.Listener) net.Addr {
 	return ln.Addr()
 }
 
+// addrString is ln's address, or "" without a listener (for the log).
+func addrString(ln net.Listener) string {
+	if ln == nil {
+		return ""
+	}
+	return ln.Addr().String()
+}
+
 func (a *Agent) closeListeners() {
 	for _, ln := range []net.Listener{a.proxyLn, a.health} {
 		if ln != nil {
@@ -198,8 +206,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.proxySrv != nil {
 		go func() { _ = a.proxySrv.Serve(a.proxyLn) }()
 	}
-	a.log.Info("agent ready", zap.String("file", a.cfg.File), zap.Stringer("proxy", a.ProxyAddr()),
-		zap.Stringer("health", a.HealthAddr()))
+	a.log.Info("agent ready", zap.String("file", a.cfg.File), zap.String("proxy", addrString(a.proxyLn)),
+		zap.String("health", addrString(a.health)))
 
 	wait := checkInterval
 	t := time.NewTimer(wait)

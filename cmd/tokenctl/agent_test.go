@@ -172,6 +172,9 @@ func TestAgentTokenFile(t *testing.T) {
 		t.Errorf("agent exit code = %d, want 0; stderr:\n%s", code, ra.stderr.String())
 	}
 	logs := ra.stderr.String()
+	if !strings.Contains(logs, `"msg":"agent ready"`) || strings.Contains(logs, "PANIC") {
+		t.Errorf("agent log lacks its ready line or holds a logging failure:\n%s", logs)
+	}
 	for _, tok := range []string{first, second, third} {
 		if strings.Contains(logs, tok) {
 			t.Error("a token is in the agent's log")
