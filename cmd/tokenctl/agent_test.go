@@ -40,14 +40,17 @@ type agentEnv struct {
 
 func newAgentEnv(t *testing.T) *agentEnv {
 	t.Helper()
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Close() })
-	cfg := *env.Config
-	cfg.ListenAddr, cfg.AdminAddr = "127.0.0.1:0", "127.0.0.1:0"
-	cfg.Audit.Path = filepath.Join(env.Dir, "audit.log")
+	e := prepareAgentEnv(t)
+	e.startBroker(t, "127.0.0.1:0")
+	return e
+}
+
+// startBroker starts the broker on addr.
+func (e *agentEnv) startBroker(t *testing.T, addr string) {
+	t.Helper()
+	cfg := *e.env.Config
+	cfg.ListenAddr, cfg.AdminAddr = addr, "127.0.0.1:0"
+	cfg.Audit.Path = filepath.Join(e.env.Dir, "audit.log")
 	srv, err := server.New(server.Options{Config: &cfg})
 	if err != nil {
 		t.Fatal(err)
@@ -59,8 +62,18 @@ func newAgentEnv(t *testing.T) *agentEnv {
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
+	e.addr = srv.GRPCAddr().String()
+}
 
-	e := &agentEnv{env: env, addr: srv.GRPCAddr().String(), reject: func(int, string) bool { return false }}
+// prepareAgentEnv makes the dev environment and the upstream API, without a broker.
+func prepareAgentEnv(t *testing.T) *agentEnv {
+	t.Helper()
+	env, err := devmode.Start(devmode.Options{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Close() })
+	e := &agentEnv{env: env, reject: func(int, string) bool { return false }}
 	e.api = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
@@ -188,6 +201,27 @@ func TestAgentTokenFile(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(filepath.Dir(file)); len(entries) != 1 {
 		t.Errorf("the directory holds %d entries, want only the token file (no temporary leftovers)", len(entries))
+	}
+}
+
+// TestAgentWaitsForTheBroker: started while the broker is unreachable, the
+// agent keeps trying (with backoff, saying so) and writes the file once the
+// broker is up.
+func TestAgentWaitsForTheBroker(t *testing.T) {
+	e := prepareAgentEnv(t)
+	e.addr = "127.0.0.1:" + freePort(t)
+	file := filepath.Join(t.TempDir(), "token")
+	ra := startAgent(t, e, "--write", file)
+	eventually(t, "the agent says the broker is unreachable", func() bool {
+		return strings.Contains(ra.stderr.String(), "no token from the broker")
+	})
+	if readToken(file) != "" {
+		t.Fatal("a token file without a broker")
+	}
+	e.startBroker(t, e.addr)
+	eventually(t, "the token file appears once the broker is up", func() bool { return readToken(file) != "" })
+	if code := ra.stop(); code != 0 {
+		t.Errorf("exit %d, want 0", code)
 	}
 }
 
