@@ -141,6 +141,7 @@ type Broker struct {
 	requests      limiters // the other calls, per caller
 	streams       streamCounts
 	gates         sync.Map // credential name → *gate; kept across SetCredentials
+	credStats     sync.Map // credential name → *credStats; likewise
 	m             *metrics
 	audit         *audit.Logger
 	stop          context.CancelFunc
@@ -153,6 +154,7 @@ type credential struct {
 	defaultKey string
 	ruleScopes map[int]scopeSet   // per restricted policy rule: its default scopes and their key
 	hits       prometheus.Counter // tokenbroker_token_source_total{source="memory"}, resolved once
+	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
 	hint atomic.Pointer[slot]
@@ -248,9 +250,13 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 			}
 		}
 		cr.hits = b.m.source.WithLabelValues(c.Name, SourceMemory)
+		cr.stats = b.stats(c.Name)
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
+	// A removed credential stops being served at once (authorize finds it no
+	// more) and its tokens leave this process.
+	b.forgetRemoved(m)
 	return nil
 }
 
@@ -260,10 +266,27 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	if err != nil {
 		return Issued{}, err
 	}
+	is, err := b.getToken(ctx, p)
+	if err == nil {
+		p.c.stats.noteIssued(caller, b.now())
+	}
+	return is, err
+}
+
+func (b *Broker) getToken(ctx context.Context, p prepared) (Issued, error) {
 	is, err := b.get(ctx, p)
 	// While the token endpoint backs off, a caller that can wait for the
 	// next attempt does so, sharing it with the others, rather than be told
 	// to retry at the moment the attempt goes.
+	if err != nil {
+		return b.afterBackoff(ctx, p, err)
+	}
+	return is, nil
+}
+
+// afterBackoff waits for the gate's next attempt and tries again when err
+// says the token endpoint backs off and ctx can wait that long.
+func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
 		if werr := b.gate(p.c.Name).await(ctx, ce, b.now); werr != nil {
@@ -271,7 +294,7 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 		}
 		return b.get(ctx, p)
 	}
-	return is, err
+	return Issued{}, err
 }
 
 // prepared is a checked request.
@@ -537,11 +560,13 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			outcome = string(ue.Reason)
 		}
 		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
+		c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
 		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
 	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
+	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
 	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
 	if t.SecretIndex > 0 {
 		b.log.Warn("an older client secret worked; the first in client_secret_files was refused (is the rotation done at the bank?)",

@@ -3,9 +3,12 @@ package broker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
 // TestClosedGateMessage: the wait is announced in whole seconds, rounded up,
@@ -50,5 +53,25 @@ func TestMayWait(t *testing.T) {
 		if got := mayWait(tt.ctx, &tt.ce); got != tt.want {
 			t.Errorf("%s: mayWait = %v, want %v", tt.name, got, tt.want)
 		}
+	}
+}
+
+// TestRecentCallersBounded: the inventory keeps the 100 most recent callers
+// of a credential.
+func TestRecentCallersBounded(t *testing.T) {
+	var s credStats
+	base := time.Unix(1_000_000, 0)
+	for i := range 150 {
+		s.noteIssued(policy.Identity(fmt.Sprintf("spiffe://t/c%03d", i)), base.Add(time.Duration(i)*time.Second))
+	}
+	s.noteIssued("spiffe://t/c149", base.Add(200*time.Second)) // a known caller again: no eviction
+	if len(s.callers) != MaxRecentCallers {
+		t.Fatalf("%d callers kept, want %d", len(s.callers), MaxRecentCallers)
+	}
+	if _, ok := s.callers["spiffe://t/c049"]; ok {
+		t.Error("an old caller was kept over a recent one")
+	}
+	if got := s.callers["spiffe://t/c050"]; got != base.Add(50*time.Second).Unix() {
+		t.Errorf("c050 last = %d, want kept with its time", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // metrics are the Broker's Prometheus collectors. Labels carry credential
@@ -114,4 +115,23 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(healthyDesc, prometheus.GaugeValue, v, name)
 	}
+}
+
+// issuedByCredential sums tokenbroker_token_source_total by credential.
+func (m *metrics) issuedByCredential() map[string]int64 {
+	ch := make(chan prometheus.Metric, 64)
+	go func() { m.source.Collect(ch); close(ch) }()
+	out := map[string]int64{}
+	for mt := range ch {
+		var d dto.Metric
+		if mt.Write(&d) != nil {
+			continue
+		}
+		for _, l := range d.GetLabel() {
+			if l.GetName() == "credential" {
+				out[l.GetValue()] += int64(d.GetCounter().GetValue())
+			}
+		}
+	}
+	return out
 }

@@ -37,6 +37,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	if err := send(is.Entry); err != nil {
 		return err
 	}
+	p.c.stats.noteIssued(caller, b.now())
 	last := is.Entry
 	s := b.slotFor(p.key, p.c, p.scopes)
 	s.watchers.Add(1) // a watched key is never idle
@@ -81,6 +82,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			if err := send(is.Entry); err != nil {
 				return err
 			}
+			p.c.stats.noteIssued(caller, b.now())
 			last = is.Entry
 		}
 	}

@@ -14,6 +14,8 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
+	"reflect"
 	"strings"
 	"time"
 
@@ -70,7 +72,19 @@ type Config struct {
 	Store Store `yaml:"store"`
 	// Credentials are the client registrations the broker holds.
 	Credentials []Credential `yaml:"credentials"`
+	// CredentialsDir, if set, is a directory whose every *.yaml file holds a
+	// list of credentials in the schema of Credentials; they are merged
+	// with Credentials. A relative path is taken from the configuration
+	// file's directory. Names starting with a dot are skipped (Kubernetes
+	// keeps its ConfigMap bookkeeping there).
+	CredentialsDir string `yaml:"credentials_dir,omitempty"`
+
+	credentialsDirPath string // CredentialsDir, resolved
 }
+
+// CredentialsDirPath is credentials_dir resolved against the configuration
+// file's directory, or "" without one.
+func (c *Config) CredentialsDirPath() string { return c.credentialsDirPath }
 
 // TLS names the server certificate and the CA that client certificates must chain to.
 type TLS struct {
@@ -209,14 +223,30 @@ type Credential struct {
 	ExpiryMargin Duration `yaml:"expiry_margin"`
 	// AllowedCallers are the callers admitted; none means nobody.
 	AllowedCallers []AllowedCaller `yaml:"allowed_callers"`
+
+	// DefinedIn is the credentials_dir file the credential comes from, as
+	// credentials_dir names it ("" for the main file); Index is its place
+	// in that file's list.
+	DefinedIn string `yaml:"-"`
+	Index     int    `yaml:"-"`
+}
+
+// Key is the credential's place in the configuration, as validation errors
+// name it: "credentials[2]", or "teams/kyc.yaml: credentials[2]" for one
+// from credentials_dir.
+func (cr *Credential) Key() string {
+	if cr.DefinedIn == "" {
+		return fmt.Sprintf("credentials[%d]", cr.Index)
+	}
+	return fmt.Sprintf("%s: credentials[%d]", cr.DefinedIn, cr.Index)
 }
 
 // AllowedCaller admits the callers Caller matches, to Scopes (all of the
 // credential's scopes when empty). In YAML it is either the pattern alone or
 // a mapping {caller: pattern, scopes: [...]}.
 type AllowedCaller struct {
-	Caller string   `yaml:"caller"`
-	Scopes []string `yaml:"scopes"`
+	Caller string   `yaml:"caller" json:"caller"`
+	Scopes []string `yaml:"scopes" json:"scopes,omitempty"`
 }
 
 // UnmarshalYAML accepts a bare pattern or a mapping.
@@ -274,17 +304,23 @@ const (
 	DefaultRate       = 200 // calls per second per caller
 )
 
-// Load reads and parses the file at path.
+// Load reads and parses the file at path, and the files of its
+// credentials_dir.
 func Load(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	return Parse(b)
+	return parse(b, filepath.Dir(path))
 }
 
-// Parse parses and validates a configuration document.
+// Parse parses and validates a configuration document; a relative
+// credentials_dir is taken from the working directory.
 func Parse(b []byte) (*Config, error) {
+	return parse(b, ".")
+}
+
+func parse(b []byte, base string) (*Config, error) {
 	if len(b) > maxFileBytes {
 		return nil, errors.New("config: larger than 1 MiB")
 	}
@@ -303,11 +339,77 @@ func Parse(b []byte) (*Config, error) {
 	if err := root.Decode(&c); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
+	for i := range c.Credentials {
+		c.Credentials[i].Index = i
+	}
+	if c.CredentialsDir != "" {
+		c.credentialsDirPath = c.CredentialsDir
+		if !filepath.IsAbs(c.credentialsDirPath) {
+			c.credentialsDirPath = filepath.Join(base, c.CredentialsDir)
+		}
+		more, err := loadDir(c.credentialsDirPath, c.CredentialsDir)
+		if err != nil {
+			return nil, err
+		}
+		c.Credentials = append(c.Credentials, more...)
+	}
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// loadDir reads the credentials of every *.yaml file in dir, in name order.
+// shown is dir as the configuration names it, for errors.
+func loadDir(dir, shown string) ([]Credential, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fieldErr("credentials_dir", "%v", err)
+	}
+	var out []Credential
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".yaml") {
+			continue
+		}
+		where := filepath.Join(shown, name)
+		b, err := os.ReadFile(filepath.Join(dir, name)) // follows the symlinks of a ConfigMap mount
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", where, err)
+		}
+		list, err := parseCredentials(b)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", where, err)
+		}
+		for i := range list {
+			list[i].DefinedIn, list[i].Index = where, i
+		}
+		out = append(out, list...)
+	}
+	return out, nil
+}
+
+// parseCredentials parses one credentials_dir file: a list of credentials.
+func parseCredentials(b []byte) ([]Credential, error) {
+	if len(b) > maxFileBytes {
+		return nil, errors.New("larger than 1 MiB")
+	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return nil, err
+	}
+	if len(root.Content) == 0 {
+		return nil, nil // an empty file: no credentials
+	}
+	if err := checkKeys(&root, reflect.TypeFor[[]Credential](), "credentials"); err != nil {
+		return nil, err
+	}
+	var list []Credential
+	if err := root.Decode(&list); err != nil {
+		return nil, err
+	}
+	return list, nil
 }
 
 func (c *Config) applyDefaults() {
@@ -400,17 +502,28 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if len(c.Credentials) == 0 {
-		return fieldErr("credentials", "at least one credential is required")
+		return fieldErr("credentials", "at least one credential is required (in credentials or credentials_dir)")
 	}
-	seen := map[string]bool{}
+	seen := make(map[string]*Credential, len(c.Credentials))
 	for i := range c.Credentials {
-		if err := c.Credentials[i].validate(fmt.Sprintf("credentials[%d]", i)); err != nil {
+		cr := &c.Credentials[i]
+		if err := cr.validate(cr.Key()); err != nil {
 			return err
 		}
-		if n := c.Credentials[i].Name; seen[n] {
-			return fieldErr(fmt.Sprintf("credentials[%d].name", i), "%q is used by an earlier credential", n)
+		if first := seen[cr.Name]; first != nil {
+			if first.DefinedIn == cr.DefinedIn && cr.DefinedIn == "" {
+				return fieldErr(cr.Key()+".name", "%q is used by an earlier credential", cr.Name)
+			}
+			other := first.DefinedIn // another file
+			switch first.DefinedIn {
+			case "":
+				other = "the main configuration (" + first.Key() + ")"
+			case cr.DefinedIn:
+				other = first.Key()
+			}
+			return fieldErr(cr.Key()+".name", "%q is also defined in %s", cr.Name, other)
 		}
-		seen[c.Credentials[i].Name] = true
+		seen[cr.Name] = cr
 	}
 	return nil
 }
@@ -648,14 +761,14 @@ func (c *Config) CheckFiles() error {
 			}
 		}
 	}
-	for i, cr := range c.Credentials {
+	for _, cr := range c.Credentials {
 		if cr.ClientSecretFile != "" {
-			if err := check(fmt.Sprintf("credentials[%d].client_secret_file", i), cr.ClientSecretFile); err != nil {
+			if err := check(cr.Key()+".client_secret_file", cr.ClientSecretFile); err != nil {
 				return err
 			}
 		}
 		for j, f := range cr.ClientSecretFiles {
-			if err := check(fmt.Sprintf("credentials[%d].client_secret_files[%d]", i, j), f); err != nil {
+			if err := check(fmt.Sprintf("%s.client_secret_files[%d]", cr.Key(), j), f); err != nil {
 				return err
 			}
 		}
@@ -664,7 +777,7 @@ func (c *Config) CheckFiles() error {
 			if path == "" {
 				continue
 			}
-			if err := check(fmt.Sprintf("credentials[%d].%s", i, key), path); err != nil {
+			if err := check(cr.Key()+"."+key, path); err != nil {
 				return err
 			}
 		}

@@ -78,7 +78,7 @@ func checkKeys(n *yaml.Node, t reflect.Type, path string) error {
 func fieldByTag(t reflect.Type, name string) (reflect.StructField, bool) {
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
-		if tag, _, _ := strings.Cut(f.Tag.Get("yaml"), ","); tag == name {
+		if tag, _, _ := strings.Cut(f.Tag.Get("yaml"), ","); tag == name && tag != "-" {
 			return f, true
 		}
 	}
@@ -88,7 +88,7 @@ func fieldByTag(t reflect.Type, name string) (reflect.StructField, bool) {
 func tags(t reflect.Type) []string {
 	var out []string
 	for i := 0; i < t.NumField(); i++ {
-		if tag, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); tag != "" {
+		if tag, _, _ := strings.Cut(t.Field(i).Tag.Get("yaml"), ","); tag != "" && tag != "-" {
 			out = append(out, tag)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -11,6 +12,8 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/devpki"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
@@ -57,8 +60,28 @@ func TestAlertRules(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The metrics one served call makes the server export.
-	h := newHarness(t, nil)
+	// The metrics one served call makes the server export, with a
+	// tls_client_auth credential configured (its certificate's expiry).
+	dir := t.TempDir()
+	ca, err := devpki.NewCA("bank client CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := ca.Client(time.Hour, "broker.bank.internal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
+	if err := pair.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		mtls := c.Credentials[0]
+		mtls.Name, mtls.AuthMethod, mtls.ClientSecretFile, mtls.TLSClientCertFile, mtls.TLSClientKeyFile = "mtls", "tls_client_auth", "", certFile, keyFile
+		mtls.TokenURL = "https://127.0.0.1:1/oauth2/token" // never called
+		c.Credentials = append(c.Credentials, mtls)
+	})
+	h.secrets = append(h.secrets, string(pair.KeyPEM))
 	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
 		t.Fatal(err)
 	}

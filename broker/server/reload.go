@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -27,6 +29,7 @@ func (s *Server) Reload(cfg *config.Config) error {
 	if err := s.broker.SetCredentials(creds); err != nil {
 		return err
 	}
+	s.cfgNow.Store(cfg)
 	restart := restartKeys(s.cfg, cfg)
 	s.log.Info("configuration reloaded", zap.Int("credentials", len(cfg.Credentials)), zap.Strings("need_restart", restart))
 	reason := ""
@@ -55,14 +58,16 @@ func (s *Server) ReloadFile(path string) error {
 	return err
 }
 
-// WatchConfig reloads the file at path whenever its content changes, checking
-// every interval, until ctx ends.
+// WatchConfig reloads the file at path whenever its content changes, or
+// that of its credentials_dir (a file changed, added or removed, also through
+// the symlinks of a ConfigMap mount), checking every interval, until ctx ends.
 func (s *Server) WatchConfig(ctx context.Context, path string, interval time.Duration) {
-	sum := func() [32]byte {
-		b, _ := os.ReadFile(path)
-		return sha256.Sum256(b)
-	}
-	last := sum()
+	s.watchConfigFrom(ctx, path, interval, configSum(path))
+}
+
+// watchConfigFrom is WatchConfig from a known state of the files.
+func (s *Server) watchConfigFrom(ctx context.Context, path string, interval time.Duration, last [32]byte) {
+	sum := func() [32]byte { return configSum(path) }
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -103,4 +108,33 @@ func restartKeys(old, cur *config.Config) []string {
 		}
 	}
 	return out
+}
+
+// configSum hashes the configuration file and every file its
+// credentials_dir holds (names and contents, in name order).
+func configSum(path string) [32]byte {
+	h := sha256.New()
+	b, _ := os.ReadFile(path)
+	h.Write(b)
+	var top struct {
+		Dir string `yaml:"credentials_dir"`
+	}
+	if yaml.Unmarshal(b, &top) != nil || top.Dir == "" {
+		return [32]byte(h.Sum(nil))
+	}
+	dir := top.Dir
+	if !filepath.IsAbs(dir) {
+		dir = filepath.Join(filepath.Dir(path), dir)
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".yaml") {
+			continue
+		}
+		content, err := os.ReadFile(filepath.Join(dir, name))
+		fmt.Fprintf(h, "\x00%s\x00%d\x00%v\x00", name, len(content), err != nil)
+		h.Write(content)
+	}
+	return [32]byte(h.Sum(nil))
 }

@@ -89,17 +89,19 @@ type Options struct {
 // Server is a running tokenbroker. Create it with New, then call Run (or
 // Listen and Serve to learn the bound addresses first).
 type Server struct {
-	cfg    *config.Config
-	log    *zap.Logger
-	now    func() time.Time
-	store  store.Store
-	broker *broker.Broker
-	svc    *broker.Service
-	audit  *audit.Logger
-	grpc   *grpc.Server
-	health *healthServer
-	admin  *http.Server
-	tls    *tlsreload.Reloader
+	cfg       *config.Config
+	cfgNow    atomic.Pointer[config.Config] // the configuration in force: cfg, or the last reloaded
+	materials materials
+	log       *zap.Logger
+	now       func() time.Time
+	store     store.Store
+	broker    *broker.Broker
+	svc       *broker.Service
+	audit     *audit.Logger
+	grpc      *grpc.Server
+	health    *healthServer
+	admin     *http.Server
+	tls       *tlsreload.Reloader
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
@@ -154,6 +156,7 @@ func (s *Server) countStream(srv any, ss grpc.ServerStream, info *grpc.StreamSer
 // credential, but opens no listener.
 func New(opts Options) (*Server, error) {
 	s := &Server{cfg: opts.Config, log: opts.Logger, now: opts.Now}
+	s.cfgNow.Store(opts.Config)
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -216,7 +219,7 @@ func New(opts Options) (*Server, error) {
 		Help: "When the server certificate in use expires (Unix time); follows TLS reloads.",
 	}, func() float64 { return float64(s.tls.Leaf().NotAfter.Unix()) })
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		s.requests, s.broker, grpcMetrics, storeUp, certExpiry)
+		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s})
 
 	handshake, streams := cmp.Or(opts.HandshakeTimeout, HandshakeTimeout), cmp.Or(opts.MaxStreamsPerConnection, MaxStreamsPerConnection)
 	s.grpc = grpc.NewServer(
@@ -242,6 +245,7 @@ func New(opts Options) (*Server, error) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
+	mux.HandleFunc("GET /credentials", s.credentials)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	if s.cfg.Pprof {
 		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
@@ -258,7 +262,7 @@ func New(opts Options) (*Server, error) {
 // and caller policies, from cfg.
 func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Credential, error) {
 	out := make([]broker.Credential, 0, len(cfg.Credentials))
-	for i, c := range cfg.Credentials {
+	for _, c := range cfg.Credentials {
 		params := url.Values{}
 		for k, v := range c.EndpointParams {
 			params.Set(k, v)
@@ -284,7 +288,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 			Now:               now,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("credentials[%d]: %w", i, err)
+			return nil, fmt.Errorf("%s: %w", c.Key(), err)
 		}
 		rules := make([]policy.Rule, len(c.AllowedCallers))
 		for j, a := range c.AllowedCallers {
@@ -292,7 +296,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 		}
 		callers, err := policy.CompileRules(rules)
 		if err != nil {
-			return nil, fmt.Errorf("credentials[%d].allowed_callers: %w", i, err)
+			return nil, fmt.Errorf("%s.allowed_callers: %w", c.Key(), err)
 		}
 		out = append(out, broker.Credential{
 			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,

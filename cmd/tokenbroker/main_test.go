@@ -42,6 +42,30 @@ func TestCheckConfig(t *testing.T) {
 		t.Errorf("--check-config with a missing secret file = %v, want an error naming credentials[0].client_secret_file", err)
 	}
 
+	// A credentials_dir file's missing secret is reported with the file and key.
+	if err := os.WriteFile(env.Path(devmode.ClientSecretFile), []byte("dev-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(env.Path("teams"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	team := "- name: team-cred\n  token_url: https://auth.bank.example/oauth2/token\n  client_id: team\n  client_secret_file: /nonexistent/secret\n"
+	if err := os.WriteFile(env.Path("teams/payments.yaml"), []byte(team), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	withDir := env.Path("with-dir.yaml")
+	if err := os.WriteFile(withDir, append(raw, []byte("credentials_dir: teams\n")...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := runArgs(t, "--config", withDir, "--check-config"); err == nil ||
+		!strings.HasPrefix(err.Error(), "teams/payments.yaml: credentials[0].client_secret_file: ") {
+		t.Errorf("--check-config with a credentials_dir file's missing secret = %v, want the file and key named", err)
+	}
+
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
 	if err := os.WriteFile(bad, []byte("listen_adr: x\n"), 0o600); err != nil {
 		t.Fatal(err)

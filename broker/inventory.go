@@ -1,0 +1,174 @@
+package broker
+
+import (
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
+)
+
+// Bounds of what the inventory remembers per credential.
+const (
+	// MaxRecentCallers is how many distinct callers the inventory lists per
+	// credential, the most recent first.
+	MaxRecentCallers = 100
+	// RecentCallersWindow is how far back the inventory's callers go.
+	RecentCallersWindow = time.Hour
+)
+
+// credStats is what the broker remembers about a credential's use for the
+// inventory. It outlives reloads that keep the credential.
+type credStats struct {
+	lastFetch atomic.Pointer[FetchRecord]
+	mark      atomic.Pointer[callerMark] // the caller noted last, and when
+
+	mu      sync.Mutex
+	callers map[policy.Identity]int64 // Unix seconds of each caller's last token
+}
+
+type callerMark struct {
+	caller policy.Identity
+	sec    int64
+}
+
+// noteIssued records that caller received a token. On the hit path: when the
+// same caller was noted within the same second (the steady state of a busy
+// caller) it costs a pointer load and a string comparison, and takes no lock;
+// otherwise a map update under the credential's lock.
+func (s *credStats) noteIssued(caller policy.Identity, now time.Time) {
+	sec := now.Unix()
+	if m := s.mark.Load(); m != nil && m.sec == sec && m.caller == caller {
+		return
+	}
+	s.mu.Lock()
+	if s.callers == nil {
+		s.callers = map[policy.Identity]int64{}
+	}
+	if _, known := s.callers[caller]; !known && len(s.callers) >= MaxRecentCallers {
+		var oldestID policy.Identity
+		oldest := int64(1<<63 - 1)
+		for id, t := range s.callers {
+			if t < oldest {
+				oldest, oldestID = t, id
+			}
+		}
+		delete(s.callers, oldestID)
+	}
+	s.callers[caller] = sec
+	s.mu.Unlock()
+	s.mark.Store(&callerMark{caller: caller, sec: sec})
+}
+
+// FetchRecord is the last request to a credential's token endpoint.
+type FetchRecord struct {
+	// Time is when it ended.
+	Time time.Time `json:"time"`
+	// Outcome is "ok" or the failure class.
+	Outcome string `json:"outcome"`
+}
+
+// CallerRecord is a caller that received a token of a credential.
+type CallerRecord struct {
+	// Caller is the caller's identity.
+	Caller string `json:"caller"`
+	// Last is when it last received one.
+	Last time.Time `json:"last"`
+}
+
+// TokenSet is a cached token of a credential, for one scope set.
+type TokenSet struct {
+	// Scopes are the scopes of the set.
+	Scopes []string `json:"scopes"`
+	// Fingerprint identifies the token (never the token itself).
+	Fingerprint string `json:"fingerprint"`
+	// ExpireTime is when the token expires.
+	ExpireTime time.Time `json:"expire_time"`
+}
+
+// CredentialUse is what the broker knows of a credential's state and use.
+type CredentialUse struct {
+	// Upstream is the state of its token endpoint.
+	Upstream CredentialHealth `json:"upstream"`
+	// Cached are the tokens this process holds, by scope set.
+	Cached []TokenSet `json:"cached_tokens"`
+	// LastFetch is the last request to the token endpoint, if any.
+	LastFetch *FetchRecord `json:"last_fetch,omitempty"`
+	// Issued counts tokens handed out since the process started (the sum of
+	// tokenbroker_token_source_total over sources).
+	Issued int64 `json:"tokens_issued"`
+	// RecentCallers received a token within RecentCallersWindow, the most
+	// recent first, at most MaxRecentCallers.
+	RecentCallers []CallerRecord `json:"recent_callers"`
+}
+
+// Use returns the state and use of every configured credential, by name.
+func (b *Broker) Use() map[string]CredentialUse {
+	now := b.now()
+	issued := b.m.issuedByCredential()
+	out := map[string]CredentialUse{}
+	for name := range *b.creds.Load() {
+		st := b.stats(name)
+		u := CredentialUse{Upstream: b.gate(name).health(), Issued: issued[name], LastFetch: st.lastFetch.Load(),
+			Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
+		st.mu.Lock()
+		for id, sec := range st.callers {
+			if last := time.Unix(sec, 0); now.Sub(last) <= RecentCallersWindow {
+				u.RecentCallers = append(u.RecentCallers, CallerRecord{Caller: string(id), Last: last})
+			}
+		}
+		st.mu.Unlock()
+		sort.Slice(u.RecentCallers, func(i, j int) bool { return u.RecentCallers[i].Last.After(u.RecentCallers[j].Last) })
+		out[name] = u
+	}
+	b.l1.Range(func(_, v any) bool {
+		s := v.(*slot)
+		u, ok := out[s.cred]
+		if e := s.entry.Load(); ok && e != nil && now.Before(e.Expiry) {
+			u.Cached = append(u.Cached, TokenSet{Scopes: slices.Clone(s.scopes), Fingerprint: e.Fingerprint, ExpireTime: e.Expiry})
+			out[s.cred] = u
+		}
+		return true
+	})
+	return out
+}
+
+// stats returns the statistics of the credential named name.
+func (b *Broker) stats(name string) *credStats {
+	if v, ok := b.credStats.Load(name); ok {
+		return v.(*credStats)
+	}
+	v, _ := b.credStats.LoadOrStore(name, &credStats{})
+	return v.(*credStats)
+}
+
+// forgetRemoved drops what the broker holds for credentials that are no
+// longer configured: their cached tokens (in this process), their retry
+// state and their statistics.
+func (b *Broker) forgetRemoved(current map[string]*credential) {
+	b.l1.Range(func(k, v any) bool {
+		if s := v.(*slot); current[s.cred] == nil {
+			b.forget(k.(string), s)
+		}
+		return true
+	})
+	for _, m := range []*sync.Map{&b.gates, &b.credStats} {
+		m.Range(func(k, _ any) bool {
+			if current[k.(string)] == nil {
+				m.Delete(k)
+			}
+			return true
+		})
+	}
+}
+
+// EachSlot calls f with the credential name of each in-process cache entry
+// (for tests and diagnostics).
+func (b *Broker) EachSlot(f func(credential string)) {
+	b.l1.Range(func(_, v any) bool {
+		f(v.(*slot).cred)
+		return true
+	})
+}
