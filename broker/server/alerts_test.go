@@ -4,6 +4,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -157,4 +158,76 @@ func balanced(expr string) string {
 		return "unclosed bracket or quote"
 	}
 	return ""
+}
+
+// needTool returns the path of a tool from Debian's prometheus package. A
+// missing tool skips the test on a developer's machine and fails it in CI,
+// where .ci/run installs the package.
+func needTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s is not installed (apt-get install prometheus); CI must run this test", name)
+	}
+	t.Skipf("%s is not on PATH: apt-get install prometheus to run this test", name)
+	return ""
+}
+
+// rulesFile writes the PrometheusRule's .spec, a plain Prometheus rules
+// file, into dir and returns the alert names it holds.
+func rulesFile(t *testing.T, dir string) []string {
+	t.Helper()
+	raw, err := os.ReadFile(alertsFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pr struct {
+		Spec yaml.Node `yaml:"spec"`
+	}
+	if err := yaml.Unmarshal(raw, &pr); err != nil {
+		t.Fatal(err)
+	}
+	spec, err := yaml.Marshal(&pr.Spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "tokenbroker.rules.yaml"), spec, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return regexp.MustCompile(`(?m)^\s*-?\s*alert: (\S+)`).FindAllString(string(spec), -1)
+}
+
+// TestAlertRulesWithPromtool runs promtool's own checks on the alert rules,
+// and their unit tests (alerts_test.yaml beside them): every alert fires on
+// the series that should fire it and stays silent otherwise.
+func TestAlertRulesWithPromtool(t *testing.T) {
+	promtool := needTool(t, "promtool")
+	dir := t.TempDir()
+	alerts := rulesFile(t, dir)
+	tests, err := os.ReadFile(filepath.Join(filepath.Dir(alertsFile), "alerts_test.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "alerts_test.yaml"), tests, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if len(alerts) < 8 {
+		t.Fatalf("found %d alerts in the rules, want all of them", len(alerts))
+	}
+	for _, a := range alerts {
+		name := a[strings.LastIndex(a, " ")+1:]
+		if !strings.Contains(string(tests), "alertname: "+name+"\n") {
+			t.Errorf("%s has no unit test in alerts_test.yaml", name)
+		}
+	}
+	for _, args := range [][]string{{"check", "rules", "tokenbroker.rules.yaml"}, {"test", "rules", "alerts_test.yaml"}} {
+		cmd := exec.Command(promtool, args...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
 }
