@@ -14,6 +14,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
@@ -102,6 +106,9 @@ type Options struct {
 	// WatchStreams caps the WatchToken streams one caller identity may hold
 	// open at once; zero means DefaultWatchStreams.
 	WatchStreams int
+	// Tracer, when set, traces what a call that misses the in-process cache
+	// does: the store read, the lease wait, the token endpoint request.
+	Tracer trace.Tracer
 	// RefreshInterval is how often the background refresher looks for tokens
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
@@ -144,6 +151,7 @@ type Broker struct {
 	credStats     sync.Map // credential name → *credStats; likewise
 	m             *metrics
 	audit         *audit.Logger
+	tracer        trace.Tracer
 	stop          context.CancelFunc
 }
 
@@ -174,6 +182,10 @@ func New(opts Options) (*Broker, error) {
 	}
 	if b.log == nil {
 		b.log = zap.NewNop()
+	}
+	b.tracer = opts.Tracer
+	if b.tracer == nil {
+		b.tracer = noop.NewTracerProvider().Tracer("")
 	}
 	if b.now == nil {
 		b.now = time.Now
@@ -505,6 +517,9 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		case errors.Is(err, store.ErrLocked):
 			if waitStart.IsZero() {
 				waitStart = time.Now()
+				var span trace.Span
+				_, span = b.tracer.Start(ctx, "tokenbroker.lease.wait", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name)))
+				defer span.End() // until this flight has its token, another replica's or its own
 			}
 			wake := b.waiters.wait(key)
 			t := time.NewTimer(pollInterval)
@@ -530,7 +545,11 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 
 // fromStore returns the stored token for key if it has minTTL left.
 func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
+	ctx, span := b.tracer.Start(ctx, "tokenbroker.store.get", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name),
+		attribute.String("tokenbroker.store", b.store.Name())))
+	defer span.End()
 	e, err := b.store.Get(ctx, key)
+	span.SetAttributes(attribute.Bool("tokenbroker.found", err == nil))
 	switch {
 	case err == nil && b.usable(e, minTTL) && b.keep(key, c, scopes, e):
 		return flight{entry: e, source: b.store.Name()}, true
@@ -550,6 +569,8 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	}
 	start := b.now()
 	began := time.Now() // real time for the histogram, whatever the clock seam says
+	ctx, span := b.tracer.Start(ctx, "tokenbroker.token_endpoint", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name)))
+	defer span.End()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
 	b.m.upstreamDur.WithLabelValues(c.Name).Observe(time.Since(began).Seconds())
 	if err != nil {
@@ -560,12 +581,15 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			outcome = string(ue.Reason)
 		}
 		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
+		span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
+		span.SetStatus(otelcodes.Error, outcome)
 		c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
 		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
 	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
+	span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
 	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
 	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
 	if t.SecretIndex > 0 {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -65,6 +67,10 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	if err := s.issued(ctx, caller, r.Credential, is); err != nil {
 		return nil, toStatus(err)
 	}
+	if span := trace.SpanFromContext(ctx); span.IsRecording() { // only with tracing on
+		span.SetAttributes(attribute.String("tokenbroker.credential", r.Credential), attribute.String("tokenbroker.source", is.Source),
+			attribute.String("tokenbroker.fingerprint", is.Fingerprint), attribute.String("tokenbroker.outcome", "ok"))
+	}
 	return &pb.GetTokenResponse{Token: tokenProto(is.Entry)}, nil
 }
 
@@ -88,6 +94,9 @@ func (s *Service) issued(ctx context.Context, caller policy.Identity, credential
 // deny records a refused request and returns its status.
 func (s *Service) deny(ctx context.Context, caller policy.Identity, credential string, scopes []string, err error) error {
 	st := toStatus(err)
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.outcome", status.Code(st).String()))
+	}
 	_ = s.broker.Record(audit.Event{Event: audit.TokenDenied, RequestID: RequestID(ctx), Caller: string(caller),
 		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})
 	s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", credential), zap.Error(err))

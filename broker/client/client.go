@@ -76,7 +76,8 @@ func DialFiles(target string, files TLSFiles, opts ...grpc.DialOption) (*grpc.Cl
 }
 
 func dial(target string, creds credentials.TransportCredentials, opts []grpc.DialOption) (*grpc.ClientConn, error) {
-	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(creds), grpc.WithDefaultServiceConfig(roundRobin)}, opts...)
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(creds), grpc.WithDefaultServiceConfig(roundRobin),
+		grpc.WithChainUnaryInterceptor(propagateUnary), grpc.WithChainStreamInterceptor(propagateStream)}, opts...)
 	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", target, err)

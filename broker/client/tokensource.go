@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/oauth2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -124,6 +125,14 @@ func TokenSource(conn grpc.ClientConnInterface, credential string, opts ...Optio
 // one, or a new one from the broker. If the broker cannot be reached, the
 // cached token is returned while it is still valid at all.
 func (s *Source) Token() (*oauth2.Token, error) {
+	return s.TokenContext(context.Background())
+}
+
+// TokenContext is Token for a caller with a context: a call it makes to the
+// broker carries ctx's trace context (see Dial), so that the broker's spans
+// join the caller's trace. The call is bounded by the Source's timeout, not
+// by ctx: callers that join it share it.
+func (s *Source) TokenContext(ctx context.Context) (*oauth2.Token, error) {
 	s.mu.Lock()
 	if t := s.tok; t != nil && t.GetExpireTime().AsTime().Sub(s.now()) > s.minTTL {
 		s.mu.Unlock()
@@ -133,7 +142,7 @@ func (s *Source) Token() (*oauth2.Token, error) {
 	if f == nil {
 		f = &flight{done: make(chan struct{})}
 		s.flight = f
-		go s.fetch(f)
+		go s.fetch(f, trace.SpanContextFromContext(ctx))
 	}
 	s.mu.Unlock()
 
@@ -152,9 +161,13 @@ func (s *Source) Token() (*oauth2.Token, error) {
 	return nil, f.err
 }
 
-// fetch makes the shared GetToken call of f.
-func (s *Source) fetch(f *flight) {
-	ctx, cancel := context.WithTimeout(s.ctx, s.timeout)
+// fetch makes the shared GetToken call of f, in the trace of sc when valid.
+func (s *Source) fetch(f *flight, sc trace.SpanContext) {
+	ctx := s.ctx
+	if sc.IsValid() {
+		ctx = trace.ContextWithSpanContext(ctx, sc)
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	resp, err := s.c.GetToken(ctx, &pb.GetTokenRequest{Credential: s.credential, Scopes: s.scopes,
 		MinTtl: durationpb.New(s.minTTL)})

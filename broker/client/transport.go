@@ -34,7 +34,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(req)
 		return nil, err
 	}
-	tok, err := t.Source.Token()
+	tok, err := t.Source.TokenContext(req.Context())
 	if err == nil {
 		err = checkSyntax(tok)
 	}
@@ -54,7 +54,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !replayable {
 		return resp, nil
 	}
-	next, err := t.Source.Token()
+	next, err := t.Source.TokenContext(req.Context())
 	if err != nil || Fingerprint(next) == fp || checkSyntax(next) != nil {
 		return resp, nil // no other token to try
 	}

@@ -22,7 +22,7 @@ import (
 // Keys that only a restart applies (listeners, TLS file paths, store, audit,
 // log, rate limit) are left as they are and named in the log.
 func (s *Server) Reload(cfg *config.Config) error {
-	creds, err := brokerCredentials(cfg, s.now)
+	creds, err := brokerCredentials(cfg, s.now, s.tp)
 	if err != nil {
 		return err
 	}

@@ -28,6 +28,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
@@ -80,6 +83,10 @@ type Options struct {
 	RefreshInterval time.Duration
 	// AuditStdout receives the audit trail when audit.path is "stdout"; nil means os.Stdout.
 	AuditStdout io.Writer
+	// TracerProvider, when set, traces every RPC (honouring an incoming W3C
+	// traceparent), the store reads, lease waits, token endpoint requests
+	// and Redis commands; nil means no tracing at all (see package tracing).
+	TracerProvider trace.TracerProvider
 	// HandshakeTimeout and MaxStreamsPerConnection override the constants of
 	// the same names when non-zero (tests use small values).
 	HandshakeTimeout        time.Duration
@@ -89,6 +96,7 @@ type Options struct {
 // Server is a running tokenbroker. Create it with New, then call Run (or
 // Listen and Serve to learn the bound addresses first).
 type Server struct {
+	tp        trace.TracerProvider // nil: tracing off
 	cfg       *config.Config
 	cfgNow    atomic.Pointer[config.Config] // the configuration in force: cfg, or the last reloaded
 	materials materials
@@ -173,11 +181,12 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	creds, err := brokerCredentials(s.cfg, s.now)
+	s.tp = opts.TracerProvider
+	creds, err := brokerCredentials(s.cfg, s.now, s.tp)
 	if err != nil {
 		return nil, err
 	}
-	if s.store, err = newStore(s.cfg.Store, s.log, s.now); err != nil {
+	if s.store, err = newStore(s.cfg.Store, s.log, s.now, opts.TracerProvider); err != nil {
 		return nil, err
 	}
 	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout}); err != nil {
@@ -189,7 +198,7 @@ func New(opts Options) (*Server, error) {
 		rl = *s.cfg.RateLimit
 	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
-		RefreshInterval: opts.RefreshInterval, Audit: s.audit,
+		RefreshInterval: opts.RefreshInterval, Audit: s.audit, Tracer: tracer(s.tp),
 		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst, WatchStreams: rl.WatchStreams})
 	if err != nil {
 		return nil, err
@@ -222,7 +231,12 @@ func New(opts Options) (*Server, error) {
 		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s})
 
 	handshake, streams := cmp.Or(opts.HandshakeTimeout, HandshakeTimeout), cmp.Or(opts.MaxStreamsPerConnection, MaxStreamsPerConnection)
-	s.grpc = grpc.NewServer(
+	serverOpts := []grpc.ServerOption{}
+	if s.tp != nil { // off, no handler at all: tracing costs nothing
+		serverOpts = append(serverOpts, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(s.tp),
+			otelgrpc.WithPropagators(propagation.TraceContext{}))))
+	}
+	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.Creds(broker.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
@@ -230,7 +244,7 @@ func New(opts Options) (*Server, error) {
 		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	)...)
 	s.svc = broker.NewService(s.broker, s.log)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
 	s.health = newHealthServer()
@@ -260,7 +274,7 @@ func New(opts Options) (*Server, error) {
 
 // brokerCredentials builds the Broker's credentials, with their upstream clients
 // and caller policies, from cfg.
-func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Credential, error) {
+func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.TracerProvider) ([]broker.Credential, error) {
 	out := make([]broker.Credential, 0, len(cfg.Credentials))
 	for _, c := range cfg.Credentials {
 		params := url.Values{}
@@ -286,6 +300,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time) ([]broker.Crede
 			ExpiryMargin:      c.ExpiryMargin.D(),
 			Timeout:           c.Timeout.D(),
 			Now:               now,
+			TracerProvider:    tp,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", c.Key(), err)
@@ -447,4 +462,12 @@ func NewLogger(level string, w io.Writer) (*zap.Logger, error) {
 	enc.EncodeTime = zapcore.RFC3339NanoTimeEncoder
 	core := zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.Lock(zapcore.AddSync(w)), lvl)
 	return zap.New(core), nil
+}
+
+// tracer is the broker's tracer: tp's, or nil (off) without one.
+func tracer(tp trace.TracerProvider) trace.Tracer {
+	if tp == nil {
+		return nil
+	}
+	return tp.Tracer("github.com/tokenbroker/tokenbroker/broker")
 }

@@ -9,7 +9,9 @@ import (
 	"os"
 	"time"
 
+	"github.com/redis/go-redis/extra/redisotel/v9"
 	"github.com/redis/go-redis/v9"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -20,7 +22,7 @@ import (
 // newStore builds the configured store. For redis it reads the sealing keys
 // and the password from their files; it does not contact Redis, so a broker
 // starts and serves while Redis is down.
-func newStore(c config.Store, log *zap.Logger, now func() time.Time) (store.Store, error) {
+func newStore(c config.Store, log *zap.Logger, now func() time.Time, tp trace.TracerProvider) (store.Store, error) {
 	if c.Backend != "redis" {
 		return store.NewMemory(now), nil
 	}
@@ -54,8 +56,14 @@ func newStore(c config.Store, log *zap.Logger, now func() time.Time) (store.Stor
 		}
 	}
 	redis.SetLogger(redisLog{log.With(zap.String("component", "go-redis"))})
+	client := store.NewRedisClient(rc)
+	if tp != nil { // a span per command, without the command's arguments (keys, sealed values)
+		if err := redisotel.InstrumentTracing(client, redisotel.WithTracerProvider(tp), redisotel.WithDBStatement(false)); err != nil {
+			return nil, fmt.Errorf("store: tracing: %w", err)
+		}
+	}
 	return store.NewRedis(store.RedisOptions{
-		Client: store.NewRedisClient(rc),
+		Client: client,
 		Prefix: c.Redis.KeyPrefix,
 		Sealer: sealer,
 		Logger: log.With(zap.String("component", "store")),

@@ -30,6 +30,10 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/tokenbroker/tokenbroker/broker/bearer"
 	"github.com/tokenbroker/tokenbroker/broker/secret"
 )
@@ -101,6 +105,10 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// TracerProvider, when set, traces each token request (method, host,
+	// status; never the body or the form). The request carries no trace
+	// context to the bank.
+	TracerProvider trace.TracerProvider
 }
 
 // Token is an access token fetched from the authorization server.
@@ -172,7 +180,12 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	hc := &http.Client{Transport: transportFor(cfg, tc, caSum), CheckRedirect: refuseRedirects}
+	var rt http.RoundTripper = transportFor(cfg, tc, caSum)
+	if cfg.TracerProvider != nil {
+		rt = otelhttp.NewTransport(rt, otelhttp.WithTracerProvider(cfg.TracerProvider),
+			otelhttp.WithPropagators(propagation.NewCompositeTextMapPropagator())) // nothing injected
+	}
+	hc := &http.Client{Transport: rt, CheckRedirect: refuseRedirects}
 	return &Client{cfg: cfg, http: hc}, nil
 }
 

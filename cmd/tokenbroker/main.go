@@ -22,6 +22,7 @@ import (
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
 	"github.com/tokenbroker/tokenbroker/broker/server"
+	"github.com/tokenbroker/tokenbroker/broker/tracing"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -117,7 +118,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer func() { _ = log.Sync() }()
-	srv, err := server.New(server.Options{Config: cfg, Logger: log})
+	tp, stopTracing, err := tracing.Setup(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = stopTracing(context.WithoutCancel(ctx)) }() // flushes the last spans
+	srv, err := server.New(server.Options{Config: cfg, Logger: log, TracerProvider: tp})
 	if err != nil {
 		return err
 	}
