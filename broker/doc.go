@@ -5,7 +5,8 @@
 // least the caller's min_ttl left, otherwise from the shared store, otherwise
 // from the authorization server. Concurrent misses on one key collapse into a
 // single fetch. It never serves a token below the caller's min_ttl and never
-// an expired one. Service exposes the Broker over gRPC; errors become gRPC
-// status codes in this package only (status.go), with messages that never
-// hold a secret, a token or an upstream response body.
+// an expired one. It knows nothing of gRPC: package grpcapi exposes the
+// Broker over gRPC and turns its errors (the sentinels in errors.go, whose
+// messages never hold a secret, a token or an upstream response body) into
+// status codes.
 package broker

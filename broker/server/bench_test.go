@@ -7,7 +7,9 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
@@ -31,23 +33,33 @@ func benchConfig(b *testing.B) func(*config.Config) {
 // from the in-process cache, served from Redis after an in-process miss, and
 // cold (no valid token anywhere: a fetch from the oauthtest authorization
 // server on loopback), and grpc.health.v1.Health/Check, the floor set by gRPC
-// over TLS on loopback.
+// over TLS on loopback; and Floor, a test-only method that answers the same
+// GetToken request with a pre-built response of the same bytes through the
+// same server options and interceptors: what carrying the token costs
+// without the broker's work.
 //
 //	go test -run '^$' -bench BenchmarkServer -benchmem -count 5 ./broker/server/
 func BenchmarkServer(b *testing.B) {
 	rs := redistest.Start(b)
-	h := newHarness(b, func(c *config.Config) {
+	floor := &floorServer{}
+	h := newHarnessWith(b, func(c *config.Config) {
 		benchConfig(b)(c)
 		withRedis("", rs.Addr())(c)
-	})
+	}, func(o *Options) { o.Register = floor.register })
 	conn := h.conn(nil, payments)
 	tb := pb.NewTokenBrokerClient(conn)
 	hc := healthpb.NewHealthClient(conn)
 	ctx := context.Background()
 	getReq := &pb.GetTokenRequest{Credential: "identity"}
 	healthReq := &healthpb.HealthCheckRequest{}
-	if _, err := tb.GetToken(ctx, getReq); err != nil { // warm the cache
+	warm, err := tb.GetToken(ctx, getReq) // warms the cache
+	if err != nil {
 		b.Fatal(err)
+	}
+	floor.resp = warm
+	floorResp := &pb.GetTokenResponse{}
+	if err := conn.Invoke(ctx, floorMethod, getReq, floorResp); err != nil || !proto.Equal(floorResp, warm) {
+		b.Fatalf("floor = %v, %v; want the same response as GetToken", floorResp, err)
 	}
 
 	var coldCalls atomic.Int64 // b.Loop runs more iterations than the final b.N
@@ -67,8 +79,12 @@ func BenchmarkServer(b *testing.B) {
 			return err
 		},
 		"Health": func() error { _, err := hc.Check(ctx, healthReq); return err },
+		"Floor": func() error {
+			resp := &pb.GetTokenResponse{}
+			return conn.Invoke(ctx, floorMethod, getReq, resp)
+		},
 	}
-	for _, name := range []string{"GetToken", "GetTokenFromRedis", "GetTokenCold", "Health"} {
+	for _, name := range []string{"GetToken", "Floor", "GetTokenFromRedis", "GetTokenCold", "Health"} {
 		call := calls[name]
 		for _, mode := range []string{"serial", "parallel"} {
 			fetches := h.as.TokenRequests()
@@ -208,4 +224,29 @@ func warm(b *testing.B, h *harness, names []string) {
 	if n := h.as.TokenRequests(); n != int64(len(names)) {
 		b.Fatalf("%d token requests to warm %d credentials", n, len(names))
 	}
+}
+
+// floorMethod is the same-bytes floor: GetToken's request and response
+// types, a pre-built answer, on the broker's own gRPC server.
+const floorMethod = "/tokenbroker.v1.Floor/GetToken"
+
+// floorServer answers floorMethod with resp, a token the broker issued.
+type floorServer struct {
+	pb.UnimplementedTokenBrokerServer
+	resp *pb.GetTokenResponse
+}
+
+// GetToken returns the pre-built response.
+func (f *floorServer) GetToken(context.Context, *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
+	return f.resp, nil
+}
+
+// register adds the floor service under its own name, with TokenBroker's
+// GetToken handler (decoding, interceptors and all).
+func (f *floorServer) register(s *grpc.Server) {
+	desc := pb.TokenBroker_ServiceDesc
+	desc.ServiceName = "tokenbroker.v1.Floor"
+	desc.Methods = []grpc.MethodDesc{{MethodName: "GetToken", Handler: pb.TokenBroker_ServiceDesc.Methods[0].Handler}}
+	desc.Streams = nil
+	s.RegisterService(&desc, f)
 }

@@ -44,6 +44,7 @@ import (
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/grpcapi"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/tlsreload"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -87,6 +88,10 @@ type Options struct {
 	// traceparent), the store reads, lease waits, token endpoint requests
 	// and Redis commands; nil means no tracing at all (see package tracing).
 	TracerProvider trace.TracerProvider
+	// Register, when set, registers more services on the gRPC server, which
+	// then share its options and interceptors (benchmarks use it for a
+	// same-bytes floor).
+	Register func(*grpc.Server)
 	// HandshakeTimeout and MaxStreamsPerConnection override the constants of
 	// the same names when non-zero (tests use small values).
 	HandshakeTimeout        time.Duration
@@ -104,7 +109,7 @@ type Server struct {
 	now       func() time.Time
 	store     store.Store
 	broker    *broker.Broker
-	svc       *broker.Service
+	svc       *grpcapi.Service
 	audit     *audit.Logger
 	grpc      *grpc.Server
 	health    *healthServer
@@ -237,7 +242,7 @@ func New(opts Options) (*Server, error) {
 			otelgrpc.WithPropagators(propagation.TraceContext{}))))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.Creds(broker.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
+		grpc.Creds(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
@@ -245,8 +250,11 @@ func New(opts Options) (*Server, error) {
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
-	s.svc = broker.NewService(s.broker, s.log)
+	s.svc = grpcapi.NewService(s.broker, s.log)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
+	if opts.Register != nil {
+		opts.Register(s.grpc)
+	}
 	s.health = newHealthServer()
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	if s.cfg.Reflection {

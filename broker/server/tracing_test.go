@@ -49,6 +49,7 @@ func TestTracesOfAColdGetToken(t *testing.T) {
 	}
 	tc := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: h.ca.Pool(), Certificates: []tls.Certificate{cert}}
 	var wg sync.WaitGroup
+	var mu sync.Mutex
 	var tok string
 	for _, srv := range []*Server{h.srv, second} {
 		conn, err := client.Dial(srv.GRPCAddr().String(), tc)
@@ -63,7 +64,9 @@ func TestTracesOfAColdGetToken(t *testing.T) {
 				t.Errorf("GetToken: %v", err)
 				return
 			}
+			mu.Lock()
 			tok = got.AccessToken
+			mu.Unlock()
 		})
 	}
 	wg.Wait()

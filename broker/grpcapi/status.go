@@ -1,4 +1,4 @@
-package broker
+package grpcapi
 
 import (
 	"context"
@@ -6,6 +6,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/tokenbroker/tokenbroker/broker"
 )
 
 // toStatus is the one place where errors become gRPC status codes. Messages
@@ -16,17 +18,17 @@ func toStatus(err error) error {
 	switch {
 	case err == nil:
 		return nil
-	case errors.Is(err, ErrUnauthenticated):
+	case errors.Is(err, broker.ErrUnauthenticated):
 		code = codes.Unauthenticated
-	case errors.Is(err, ErrPermissionDenied):
+	case errors.Is(err, broker.ErrPermissionDenied):
 		code = codes.PermissionDenied
-	case errors.Is(err, ErrInvalidArgument):
+	case errors.Is(err, broker.ErrInvalidArgument):
 		code = codes.InvalidArgument
-	case errors.Is(err, ErrResourceExhausted):
+	case errors.Is(err, broker.ErrResourceExhausted):
 		code = codes.ResourceExhausted
-	case errors.Is(err, ErrUnavailable):
+	case errors.Is(err, broker.ErrUnavailable):
 		code = codes.Unavailable
-	case errors.Is(err, ErrFailedPrecondition):
+	case errors.Is(err, broker.ErrFailedPrecondition):
 		code = codes.FailedPrecondition
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded before a token could be had")

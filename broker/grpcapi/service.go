@@ -1,4 +1,4 @@
-package broker
+package grpcapi
 
 import (
 	"context"
@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
@@ -22,7 +23,7 @@ import (
 // from the verified leaf.
 type Service struct {
 	pb.UnimplementedTokenBrokerServer
-	broker   *Broker
+	core     *broker.Broker
 	log      *zap.Logger
 	draining context.Context // done once Drain is called
 	drain    context.CancelFunc
@@ -31,16 +32,16 @@ type Service struct {
 var _ pb.TokenBrokerServer = (*Service)(nil)
 
 // NewService returns a Service for b. log may be nil.
-func NewService(b *Broker, log *zap.Logger) *Service {
+func NewService(b *broker.Broker, log *zap.Logger) *Service {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	draining, drain := context.WithCancel(context.Background())
-	return &Service{broker: b, log: log, draining: draining, drain: drain}
+	return &Service{core: b, log: log, draining: draining, drain: drain}
 }
 
 // errDraining ends watch streams at shutdown; clients reconnect elsewhere.
-var errDraining = fmt.Errorf("%w: server shutting down; reconnect", ErrUnavailable)
+var errDraining = fmt.Errorf("%w: server shutting down; reconnect", broker.ErrUnavailable)
 
 // Drain ends every WatchToken stream with UNAVAILABLE, so that a graceful
 // stop need not wait for streams that would never end by themselves.
@@ -53,14 +54,14 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	if err != nil {
 		return nil, s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
 	}
-	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
+	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return nil, s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+			return nil, s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
-	is, err := s.broker.GetToken(ctx, caller, r)
+	is, err := s.core.GetToken(ctx, caller, r)
 	if err != nil {
 		return nil, s.deny(ctx, caller, r.Credential, r.Scopes, err)
 	}
@@ -76,13 +77,13 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 
 // issued records a token handed out. Under a fail-closed audit trail, a
 // failure to record it withholds the token.
-func (s *Service) issued(ctx context.Context, caller policy.Identity, credential string, is Issued) error {
-	err := s.broker.Record(audit.Event{Event: audit.TokenIssued, RequestID: RequestID(ctx), Caller: string(caller),
+func (s *Service) issued(ctx context.Context, caller policy.Identity, credential string, is broker.Issued) error {
+	err := s.core.Record(audit.Event{Event: audit.TokenIssued, RequestID: broker.RequestID(ctx), Caller: string(caller),
 		Credential: credential, Scopes: is.Scopes, Source: is.Source, Fingerprint: is.Fingerprint,
 		ExpireTime: is.Expiry, Outcome: "ok"})
 	if err != nil {
 		s.log.Error("audit trail cannot be written; token withheld (audit.fail_closed)", zap.Error(err))
-		return fmt.Errorf("%w: the audit trail cannot be written", ErrUnavailable)
+		return fmt.Errorf("%w: the audit trail cannot be written", broker.ErrUnavailable)
 	}
 	if ce := s.log.Check(zap.DebugLevel, "token issued"); ce != nil {
 		ce.Write(zap.String("caller", string(caller)), zap.String("credential", credential),
@@ -97,7 +98,7 @@ func (s *Service) deny(ctx context.Context, caller policy.Identity, credential s
 	if span := trace.SpanFromContext(ctx); span.IsRecording() {
 		span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.outcome", status.Code(st).String()))
 	}
-	_ = s.broker.Record(audit.Event{Event: audit.TokenDenied, RequestID: RequestID(ctx), Caller: string(caller),
+	_ = s.core.Record(audit.Event{Event: audit.TokenDenied, RequestID: broker.RequestID(ctx), Caller: string(caller),
 		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})
 	s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", credential), zap.Error(err))
 	return st
@@ -110,10 +111,10 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 	if err != nil {
 		return s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
 	}
-	r := Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
+	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument))
+			return s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
@@ -121,8 +122,8 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 	defer cancel(nil)
 	// A callback, not a goroutine: an open stream should cost little.
 	defer context.AfterFunc(s.draining, func() { cancel(errDraining) })()
-	err = s.broker.Watch(ctx, caller, r, func(e *store.Entry) error {
-		if err := s.issued(ctx, caller, r.Credential, Issued{Entry: e, Source: "watch"}); err != nil {
+	err = s.core.Watch(ctx, caller, r, func(e *store.Entry) error {
+		if err := s.issued(ctx, caller, r.Credential, broker.Issued{Entry: e, Source: "watch"}); err != nil {
 			return err
 		}
 		return stream.Send(&pb.WatchTokenResponse{Token: tokenProto(e)})
@@ -132,8 +133,8 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 		return toStatus(cause)
 	case stream.Context().Err() != nil:
 		return status.FromContextError(stream.Context().Err()).Err()
-	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrFailedPrecondition), errors.Is(err, ErrPermissionDenied),
-		errors.Is(err, ErrInvalidArgument), errors.Is(err, ErrResourceExhausted):
+	case errors.Is(err, broker.ErrUnavailable), errors.Is(err, broker.ErrFailedPrecondition), errors.Is(err, broker.ErrPermissionDenied),
+		errors.Is(err, broker.ErrInvalidArgument), errors.Is(err, broker.ErrResourceExhausted):
 		return s.deny(ctx, caller, r.Credential, r.Scopes, err)
 	}
 	return toStatus(err)
@@ -156,7 +157,7 @@ func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRe
 		return nil, toStatus(err)
 	}
 	ctx = withRequestID(ctx)
-	ok, err := s.broker.Invalidate(ctx, caller, InvalidateRequest{
+	ok, err := s.core.Invalidate(ctx, caller, broker.InvalidateRequest{
 		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
 	if err != nil {
 		return nil, toStatus(err)
@@ -170,7 +171,7 @@ func (s *Service) ListCredentials(ctx context.Context, _ *pb.ListCredentialsRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	infos, err := s.broker.ListCredentials(caller)
+	infos, err := s.core.ListCredentials(caller)
 	if err != nil {
 		return nil, toStatus(err)
 	}

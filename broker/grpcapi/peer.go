@@ -1,4 +1,4 @@
-package broker
+package grpcapi
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 
+	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
@@ -53,7 +54,7 @@ type callerInfo struct {
 func callerFrom(ctx context.Context) (policy.Identity, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return "", fmt.Errorf("%w: no peer", ErrUnauthenticated)
+		return "", fmt.Errorf("%w: no peer", broker.ErrUnauthenticated)
 	}
 	switch ai := p.AuthInfo.(type) {
 	case callerInfo:
@@ -61,18 +62,18 @@ func callerFrom(ctx context.Context) (policy.Identity, error) {
 	case credentials.TLSInfo: // a server without CallerCredentials
 		return identityOf(ai)
 	}
-	return "", fmt.Errorf("%w: no verified client certificate", ErrUnauthenticated)
+	return "", fmt.Errorf("%w: no verified client certificate", broker.ErrUnauthenticated)
 }
 
 // identityOf reads the identity from a connection's verified client
 // certificate.
 func identityOf(ti credentials.TLSInfo) (policy.Identity, error) {
 	if len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return "", fmt.Errorf("%w: no verified client certificate", ErrUnauthenticated)
+		return "", fmt.Errorf("%w: no verified client certificate", broker.ErrUnauthenticated)
 	}
 	id, err := policy.IdentityFromCert(ti.State.VerifiedChains[0][0])
 	if err != nil {
-		return "", fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+		return "", fmt.Errorf("%w: %w", broker.ErrUnauthenticated, err)
 	}
 	return id, nil
 }
