@@ -63,26 +63,7 @@ func TestAlertRules(t *testing.T) {
 
 	// The metrics one served call makes the server export, with a
 	// tls_client_auth credential configured (its certificate's expiry).
-	dir := t.TempDir()
-	ca, err := devpki.NewCA("bank client CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pair, err := ca.Client(time.Hour, "broker.bank.internal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
-	if err := pair.WriteFiles(certFile, keyFile); err != nil {
-		t.Fatal(err)
-	}
-	h := newHarness(t, func(c *config.Config) {
-		mtls := c.Credentials[0]
-		mtls.Name, mtls.AuthMethod, mtls.ClientSecretFile, mtls.TLSClientCertFile, mtls.TLSClientKeyFile = "mtls", "tls_client_auth", "", certFile, keyFile
-		mtls.TokenURL = "https://127.0.0.1:1/oauth2/token" // never called
-		c.Credentials = append(c.Credentials, mtls)
-	})
-	h.secrets = append(h.secrets, string(pair.KeyPEM))
+	h := newHarnessWithMTLS(t)
 	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
 		t.Fatal(err)
 	}
@@ -230,4 +211,32 @@ func TestAlertRulesWithPromtool(t *testing.T) {
 			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
+}
+
+// newHarnessWithMTLS starts a harness with a second credential, "mtls", that
+// authenticates to the bank with a client certificate (never used: its token
+// URL is closed), so that the certificate's expiry is exported.
+func newHarnessWithMTLS(t *testing.T) *harness {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := devpki.NewCA("bank client CA", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, err := ca.Client(time.Hour, "broker.bank.internal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
+	if err := pair.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		mtls := c.Credentials[0]
+		mtls.Name, mtls.AuthMethod, mtls.ClientSecretFile, mtls.TLSClientCertFile, mtls.TLSClientKeyFile = "mtls", "tls_client_auth", "", certFile, keyFile
+		mtls.TokenURL = "https://127.0.0.1:1/oauth2/token" // never called
+		c.Credentials = append(c.Credentials, mtls)
+	})
+	h.secrets = append(h.secrets, string(pair.KeyPEM))
+	return h
 }

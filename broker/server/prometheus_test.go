@@ -17,8 +17,6 @@ import (
 	"google.golang.org/grpc/status"
 	"gopkg.in/yaml.v3"
 
-	"github.com/tokenbroker/tokenbroker/broker/config"
-	"github.com/tokenbroker/tokenbroker/broker/devpki"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
@@ -102,26 +100,8 @@ func promQuery(base, expr string) (int, error) {
 // data.
 func TestDashboardAndAlertsAgainstPrometheus(t *testing.T) {
 	prometheus := needTool(t, "prometheus")
-	ca, err := devpki.NewCA("bank client CA", time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
-	pair, err := ca.Client(time.Hour, "broker.bank.internal")
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
-	if err := pair.WriteFiles(certFile, keyFile); err != nil {
-		t.Fatal(err)
-	}
-	h := newHarness(t, func(c *config.Config) {
-		mtls := c.Credentials[0]
-		mtls.Name, mtls.AuthMethod, mtls.ClientSecretFile, mtls.TLSClientCertFile, mtls.TLSClientKeyFile = "mtls", "tls_client_auth", "", certFile, keyFile
-		mtls.TokenURL = "https://127.0.0.1:1/oauth2/token" // never called
-		c.Credentials = append(c.Credentials, mtls)
-	})
-	h.secrets = append(h.secrets, string(pair.KeyPEM))
+	h := newHarnessWithMTLS(t)
 
 	// Calls that give every panel something to show.
 	c := h.client(payments)
