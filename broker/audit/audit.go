@@ -16,8 +16,8 @@ import (
 	"os"
 	"sync"
 	"time"
+	"unicode/utf8"
 
-	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
 
@@ -44,50 +44,90 @@ type Event struct {
 	Reason      string
 }
 
-// MarshalLogObject writes the event's fields.
-func (e Event) MarshalLogObject(enc zapcore.ObjectEncoder) error { return e.encode(enc) }
-
-func (e *Event) encode(enc zapcore.ObjectEncoder) error {
+// appendJSON appends e as one JSON line: "time" (now), "event", then the
+// fields that are set, in a fixed order. Written by hand rather than through
+// a generic encoder: it runs for every token handed out.
+func (e *Event) appendJSON(b []byte, now time.Time) []byte {
+	b = append(b, `{"time":"`...)
+	b = now.AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","event":`...)
+	b = appendString(b, e.Event)
 	add := func(k, v string) {
 		if v != "" {
-			enc.AddString(k, v)
+			b = append(b, ',', '"')
+			b = append(b, k...)
+			b = append(b, '"', ':')
+			b = appendString(b, v)
 		}
 	}
 	add("request_id", e.RequestID)
 	add("caller", e.Caller)
 	add("credential", e.Credential)
 	if len(e.Scopes) > 0 {
-		_ = enc.AddArray("scopes", (*scopeList)(&e.Scopes))
+		b = append(b, `,"scopes":[`...)
+		for i, sc := range e.Scopes {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendString(b, sc)
+		}
+		b = append(b, ']')
 	}
 	add("source", e.Source)
 	add("fingerprint", e.Fingerprint)
 	if !e.ExpireTime.IsZero() {
-		enc.AddTime("expire_time", e.ExpireTime)
+		b = append(b, `,"expire_time":"`...)
+		b = e.ExpireTime.AppendFormat(b, time.RFC3339Nano)
+		b = append(b, '"')
 	}
 	add("outcome", e.Outcome)
 	add("reason", e.Reason)
-	return nil
+	return append(b, '}', '\n')
 }
 
-type scopeList []string
-
-func (l *scopeList) MarshalLogArray(a zapcore.ArrayEncoder) error {
-	for _, s := range *l {
-		a.AppendString(s)
+// appendString appends s as a JSON string: quotes, backslashes and control
+// characters escaped, invalid UTF-8 replaced by U+FFFD.
+func appendString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	plain := 0 // the common case: nothing to escape, copied at once
+	for plain < len(s) && s[plain] >= 0x20 && s[plain] < 0x7f && s[plain] != '"' && s[plain] != '\\' {
+		plain++
 	}
-	return nil
+	b = append(b, s[:plain]...)
+	for i := plain; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\':
+				b = append(b, '\\', c)
+			case c == '\n':
+				b = append(b, '\\', 'n')
+			case c == '\r':
+				b = append(b, '\\', 'r')
+			case c == '\t':
+				b = append(b, '\\', 't')
+			case c < 0x20 || c == 0x7f:
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+			default:
+				b = append(b, c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, `\ufffd`...)
+		} else {
+			b = append(b, s[i:i+size]...)
+		}
+		i += size
+	}
+	return append(b, '"')
 }
 
-// record is an event on its way to the encoder, with the field that carries
-// it; records are reused so that writing an event allocates nothing.
-type record struct {
-	Event
-	fields [1]zapcore.Field
-}
-
-func (r *record) MarshalLogObject(enc zapcore.ObjectEncoder) error { return r.encode(enc) }
-
-var records = sync.Pool{New: func() any { return new(record) }}
+// lines are reusable line buffers, so that writing an event allocates nothing.
+var lines = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
 // Config configures a Logger.
 type Config struct {
@@ -101,7 +141,7 @@ type Config struct {
 
 // Logger writes audit events. The zero value and nil discard them.
 type Logger struct {
-	core       zapcore.Core
+	ws         zapcore.WriteSyncer // safe for concurrent writes
 	failClosed bool
 	close      func() error
 }
@@ -134,11 +174,10 @@ func New(cfg Config) (*Logger, error) {
 		inner := closeFn
 		closeFn = func() error { return errors.Join(b.Stop(), inner()) }
 	}
-	enc := zapcore.EncoderConfig{
-		TimeKey: "time", MessageKey: "event", LineEnding: "\n",
-		EncodeTime: zapcore.RFC3339NanoTimeEncoder, EncodeDuration: zapcore.StringDurationEncoder,
+	l.ws = ws
+	if cfg.FailClosed {
+		l.ws = zapcore.Lock(ws) // one whole line per write, whatever the sink (the buffer locks itself)
 	}
-	l.core = zapcore.NewCore(zapcore.NewJSONEncoder(enc), zapcore.Lock(ws), zap.InfoLevel)
 	l.close = closeFn
 	return l, nil
 }
@@ -146,18 +185,17 @@ func New(cfg Config) (*Logger, error) {
 // Write records e. It returns an error only with FailClosed, when the event
 // could not be written; without it, failures are left to the buffer.
 func (l *Logger) Write(e Event) error {
-	if l == nil || l.core == nil {
+	if l == nil || l.ws == nil {
 		return nil
 	}
 	// Unbuffered under FailClosed, so a failed write shows here. (No fsync per
 	// event: a pipe cannot be synced, and the write error is what counts.)
-	r := records.Get().(*record)
-	r.Event = e
-	r.fields[0] = zap.Inline(r)
-	// The encoder is done with r when Write returns.
-	err := l.core.Write(zapcore.Entry{Time: time.Now(), Message: e.Event}, r.fields[:])
-	*r = record{}
-	records.Put(r)
+	buf := lines.Get().(*[]byte)
+	*buf = e.appendJSON((*buf)[:0], time.Now())
+	_, err := l.ws.Write(*buf)
+	if cap(*buf) <= 64<<10 { // an outsized line's buffer is not kept
+		lines.Put(buf)
+	}
 	if err != nil && l.failClosed {
 		return fmt.Errorf("%w: %w", ErrWrite, err)
 	}
@@ -169,6 +207,6 @@ func (l *Logger) Close() error {
 	if l == nil || l.close == nil {
 		return nil
 	}
-	_ = l.core.Sync()
+	_ = l.ws.Sync()
 	return l.close()
 }

@@ -1,0 +1,119 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+// decoded is an event line as a JSON reader sees it.
+type decoded struct {
+	Time        time.Time `json:"time"`
+	Event       string    `json:"event"`
+	RequestID   string    `json:"request_id"`
+	Caller      string    `json:"caller"`
+	Credential  string    `json:"credential"`
+	Scopes      []string  `json:"scopes"`
+	Source      string    `json:"source"`
+	Fingerprint string    `json:"fingerprint"`
+	ExpireTime  time.Time `json:"expire_time"`
+	Outcome     string    `json:"outcome"`
+	Reason      string    `json:"reason"`
+}
+
+// roundTrip encodes e and decodes the line with encoding/json.
+func roundTrip(t *testing.T, e Event, now time.Time) (decoded, string) {
+	t.Helper()
+	line := string(e.appendJSON(nil, now))
+	if !strings.HasSuffix(line, "}\n") || strings.Count(line, "\n") != 1 {
+		t.Fatalf("not one line: %q", line)
+	}
+	var d decoded
+	dec := json.NewDecoder(strings.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&d); err != nil {
+		t.Fatalf("line %q does not decode: %v", line, err)
+	}
+	return d, line
+}
+
+// valid is s as the encoder writes it: each byte of invalid UTF-8 becomes U+FFFD.
+func valid(s string) string {
+	var b strings.Builder
+	for _, r := range s { // ranging over a string yields U+FFFD per invalid byte
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+func TestEventLine(t *testing.T) {
+	now := time.Date(2026, 11, 24, 20, 40, 12, 500000000, time.UTC)
+	e := Event{Event: TokenIssued, RequestID: "req-42", Caller: "spiffe://bank.internal/ns/payments/sa/api", Credential: "identity",
+		Scopes: []string{"IDENTITY", "READ"}, Source: "memory", Fingerprint: "156e2a7ffa412e481cd2e53a4eaf71ff",
+		ExpireTime: now.Add(time.Hour), Outcome: "ok"}
+	_, line := roundTrip(t, e, now)
+	want := `{"time":"2026-11-24T20:40:12.5Z","event":"token.issued","request_id":"req-42","caller":"spiffe://bank.internal/ns/payments/sa/api",` +
+		`"credential":"identity","scopes":["IDENTITY","READ"],"source":"memory","fingerprint":"156e2a7ffa412e481cd2e53a4eaf71ff",` +
+		`"expire_time":"2026-11-24T21:40:12.5Z","outcome":"ok"}` + "\n"
+	if line != want {
+		t.Errorf("line =\n%s\nwant\n%s", line, want)
+	}
+	// Empty fields are left out.
+	if _, line := roundTrip(t, Event{Event: ConfigReloaded, Outcome: "ok"}, now); strings.Contains(line, "caller") || strings.Contains(line, "expire_time") {
+		t.Errorf("empty fields written: %s", line)
+	}
+}
+
+// FuzzEventLine: whatever the strings (a caller's request ID, a status
+// message), the line is one valid JSON object that reads back the same.
+func FuzzEventLine(f *testing.F) {
+	for _, s := range []string{"plain", `quote " and \ backslash`, "line\nbreak\r\t", "\x00\x1f\x7f", "caf\xc3\xa9", "bad \xff utf8", "\u2028\u2029", "</script>"} {
+		f.Add(s, s)
+	}
+	f.Fuzz(func(t *testing.T, a, b string) {
+		now := time.Unix(1_800_000_000, 123)
+		e := Event{Event: TokenDenied, RequestID: a, Caller: b, Scopes: []string{a, b}, Reason: a + b, Outcome: "PermissionDenied"}
+		d, line := roundTrip(t, e, now)
+		if d.RequestID != valid(a) || d.Caller != valid(b) || d.Reason != valid(a+b) || len(d.Scopes) != 2 || d.Scopes[1] != valid(b) {
+			t.Errorf("line %q reads back as %+v", line, d)
+		}
+		if !utf8.ValidString(line) || !d.Time.Equal(now) {
+			t.Errorf("line %q: invalid UTF-8 or time %v", line, d.Time)
+		}
+	})
+}
+
+// TestLoggerWritesAndFailsClosed: events reach the file at Close; with
+// FailClosed a failed write is an error.
+func TestLoggerWritesAndFailsClosed(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := New(Config{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := l.Write(Event{Event: TokenIssued, Outcome: "ok"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(path)
+	if n := bytes.Count(raw, []byte(`"event":"token.issued"`)); n != 3 {
+		t.Errorf("%d events in the file, want 3:\n%s", n, raw)
+	}
+	full, err := New(Config{Path: "/dev/full", FailClosed: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer full.Close()
+	if err := full.Write(Event{Event: TokenIssued}); err == nil {
+		t.Error("a failed write under FailClosed returned no error")
+	}
+}
