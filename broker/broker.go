@@ -17,7 +17,6 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
-	"go.opentelemetry.io/otel/trace/noop"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
 	"golang.org/x/time/rate"
@@ -151,7 +150,7 @@ type Broker struct {
 	credStats     sync.Map // credential name → *credStats; likewise
 	m             *metrics
 	audit         *audit.Logger
-	tracer        trace.Tracer
+	tracer        trace.Tracer // nil when tracing is off
 	stop          context.CancelFunc
 }
 
@@ -183,10 +182,7 @@ func New(opts Options) (*Broker, error) {
 	if b.log == nil {
 		b.log = zap.NewNop()
 	}
-	b.tracer = opts.Tracer
-	if b.tracer == nil {
-		b.tracer = noop.NewTracerProvider().Tracer("")
-	}
+	b.tracer = opts.Tracer // nil: off
 	if b.now == nil {
 		b.now = time.Now
 	}
@@ -278,21 +274,17 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	if err != nil {
 		return Issued{}, err
 	}
-	is, err := b.getToken(ctx, p)
-	if err == nil {
-		p.c.stats.noteIssued(caller, b.now())
-	}
-	return is, err
-}
-
-func (b *Broker) getToken(ctx context.Context, p prepared) (Issued, error) {
-	is, err := b.get(ctx, p)
-	// While the token endpoint backs off, a caller that can wait for the
-	// next attempt does so, sharing it with the others, rather than be told
-	// to retry at the moment the attempt goes.
+	now := b.now() // one clock read for the hit and the inventory's note
+	is, err := b.get(ctx, p, now)
 	if err != nil {
-		return b.afterBackoff(ctx, p, err)
+		// While the token endpoint backs off, a caller that can wait for the
+		// next attempt does so, sharing it with the others, rather than be
+		// told to retry at the moment the attempt goes.
+		if is, err = b.afterBackoff(ctx, p, err); err != nil {
+			return Issued{}, err
+		}
 	}
+	p.c.stats.noteIssued(caller, now)
 	return is, nil
 }
 
@@ -304,7 +296,7 @@ func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issue
 		if werr := b.gate(p.c.Name).await(ctx, ce, b.now); werr != nil {
 			return Issued{}, werr
 		}
-		return b.get(ctx, p)
+		return b.get(ctx, p, b.now())
 	}
 	return Issued{}, err
 }
@@ -341,10 +333,10 @@ func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) 
 	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL}, nil
 }
 
-// get serves a prepared request from the in-process cache, or obtains a token.
-func (b *Broker) get(ctx context.Context, p prepared) (Issued, error) {
+// get serves a prepared request from the in-process cache, as of now, or
+// obtains a token.
+func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, error) {
 	if s := b.lookup(p); s != nil {
-		now := b.now()
 		s.touch(now, p.demand)
 		if e := s.entry.Load(); e != nil {
 			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
@@ -517,8 +509,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		case errors.Is(err, store.ErrLocked):
 			if waitStart.IsZero() {
 				waitStart = time.Now()
-				var span trace.Span
-				_, span = b.tracer.Start(ctx, "tokenbroker.lease.wait", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name)))
+				_, span := b.span(ctx, "tokenbroker.lease.wait", c)
 				defer span.End() // until this flight has its token, another replica's or its own
 			}
 			wake := b.waiters.wait(key)
@@ -545,11 +536,12 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 
 // fromStore returns the stored token for key if it has minTTL left.
 func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
-	ctx, span := b.tracer.Start(ctx, "tokenbroker.store.get", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name),
-		attribute.String("tokenbroker.store", b.store.Name())))
+	ctx, span := b.span(ctx, "tokenbroker.store.get", c)
 	defer span.End()
 	e, err := b.store.Get(ctx, key)
-	span.SetAttributes(attribute.Bool("tokenbroker.found", err == nil))
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("tokenbroker.store", b.store.Name()), attribute.Bool("tokenbroker.found", err == nil))
+	}
 	switch {
 	case err == nil && b.usable(e, minTTL) && b.keep(key, c, scopes, e):
 		return flight{entry: e, source: b.store.Name()}, true
@@ -569,7 +561,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	}
 	start := b.now()
 	began := time.Now() // real time for the histogram, whatever the clock seam says
-	ctx, span := b.tracer.Start(ctx, "tokenbroker.token_endpoint", trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name)))
+	ctx, span := b.span(ctx, "tokenbroker.token_endpoint", c)
 	defer span.End()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
 	b.m.upstreamDur.WithLabelValues(c.Name).Observe(time.Since(began).Seconds())
@@ -581,15 +573,19 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			outcome = string(ue.Reason)
 		}
 		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
-		span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
-		span.SetStatus(otelcodes.Error, outcome)
+		if span.IsRecording() {
+			span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
+			span.SetStatus(otelcodes.Error, outcome)
+		}
 		c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
 		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
 	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
-	span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
+	}
 	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
 	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
 	if t.SecretIndex > 0 {
@@ -722,4 +718,16 @@ func (b *Broker) ListCredentials(caller policy.Identity) ([]CredentialInfo, erro
 	}
 	slices.SortFunc(out, func(a, b CredentialInfo) int { return strings.Compare(a.Name, b.Name) })
 	return out, nil
+}
+
+// noSpan is the span of the work of a broker that does not trace.
+var noSpan = trace.SpanFromContext(context.Background())
+
+// span starts a span named name for credential c when tracing is on; off,
+// it returns ctx and a span that records nothing, without allocating.
+func (b *Broker) span(ctx context.Context, name string, c *credential) (context.Context, trace.Span) {
+	if b.tracer == nil {
+		return ctx, noSpan
+	}
+	return b.tracer.Start(ctx, name, trace.WithAttributes(attribute.String("tokenbroker.credential", c.Name)))
 }

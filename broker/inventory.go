@@ -163,12 +163,3 @@ func (b *Broker) forgetRemoved(current map[string]*credential) {
 		})
 	}
 }
-
-// EachSlot calls f with the credential name of each in-process cache entry
-// (for tests and diagnostics).
-func (b *Broker) EachSlot(f func(credential string)) {
-	b.l1.Range(func(_, v any) bool {
-		f(v.(*slot).cred)
-		return true
-	})
-}

@@ -30,7 +30,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	// or an InvalidateToken dropping the token) wakes that wait. A change the
 	// get itself made costs one extra in-process lookup.
 	changed := b.waiters.wait(p.key)
-	is, err := b.get(ctx, p)
+	is, err := b.get(ctx, p, b.now())
 	if err != nil {
 		return err
 	}
@@ -69,7 +69,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			// Anything with more time left than last will do.
 			q.minTTL = max(p.minTTL, last.Expiry.Sub(now)+time.Second)
 		}
-		is, err := b.get(ctx, q)
+		is, err := b.get(ctx, q, b.now())
 		if err != nil {
 			if left := last.Expiry.Sub(b.now()); left > 0 && left >= p.minTTL {
 				failedAt, retry = b.now(), min(2*retry, 30*time.Second)

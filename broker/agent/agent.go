@@ -144,19 +144,6 @@ func New(cfg Config) (*Agent, error) {
 	return a, nil
 }
 
-// ProxyAddr is the proxy's bound address, or nil without --listen.
-func (a *Agent) ProxyAddr() net.Addr { return addrOf(a.proxyLn) }
-
-// HealthAddr is the health endpoint's bound address, or nil without --health.
-func (a *Agent) HealthAddr() net.Addr { return addrOf(a.health) }
-
-func addrOf(ln net.Listener) net.Addr {
-	if ln == nil {
-		return nil
-	}
-	return ln.Addr()
-}
-
 // addrString is ln's address, or "" without a listener (for the log).
 func addrString(ln net.Listener) string {
 	if ln == nil {

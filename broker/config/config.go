@@ -343,10 +343,7 @@ func parse(b []byte, base string) (*Config, error) {
 		c.Credentials[i].Index = i
 	}
 	if c.CredentialsDir != "" {
-		c.credentialsDirPath = c.CredentialsDir
-		if !filepath.IsAbs(c.credentialsDirPath) {
-			c.credentialsDirPath = filepath.Join(base, c.CredentialsDir)
-		}
+		c.credentialsDirPath = resolveDir(base, c.CredentialsDir)
 		more, err := loadDir(c.credentialsDirPath, c.CredentialsDir)
 		if err != nil {
 			return nil, err
@@ -360,19 +357,57 @@ func parse(b []byte, base string) (*Config, error) {
 	return &c, nil
 }
 
-// loadDir reads the credentials of every *.yaml file in dir, in name order.
-// shown is dir as the configuration names it, for errors.
-func loadDir(dir, shown string) ([]Credential, error) {
+// resolveDir is credentials_dir dir of a configuration file in directory base.
+func resolveDir(base, dir string) string {
+	if filepath.IsAbs(dir) {
+		return dir
+	}
+	return filepath.Join(base, dir)
+}
+
+// CredentialsDirOf returns the credentials_dir that the configuration file
+// at path names, resolved, or "" when it names none or does not parse.
+// (Watching the files needs it without loading them.)
+func CredentialsDirOf(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	var top struct {
+		Dir string `yaml:"credentials_dir"`
+	}
+	if yaml.Unmarshal(b, &top) != nil || top.Dir == "" {
+		return ""
+	}
+	return resolveDir(filepath.Dir(path), top.Dir)
+}
+
+// CredentialFiles lists the names of the files of a credentials_dir that
+// are read: every *.yaml whose name does not start with a dot (Kubernetes
+// keeps its ConfigMap bookkeeping there), in name order.
+func CredentialFiles(dir string) ([]string, error) {
 	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		if name := e.Name(); !strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".yaml") {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+// loadDir reads the credentials of the CredentialFiles of dir. shown is dir
+// as the configuration names it, for errors.
+func loadDir(dir, shown string) ([]Credential, error) {
+	names, err := CredentialFiles(dir)
 	if err != nil {
 		return nil, fieldErr("credentials_dir", "%v", err)
 	}
 	var out []Credential
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".yaml") {
-			continue
-		}
+	for _, name := range names {
 		where := filepath.Join(shown, name)
 		b, err := os.ReadFile(filepath.Join(dir, name)) // follows the symlinks of a ConfigMap mount
 		if err != nil {

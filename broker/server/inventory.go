@@ -138,15 +138,19 @@ func (m *materials) of(cr config.Credential) []material {
 	return out
 }
 
-// expiry is the earliest known expiry of cr's material, if any.
+// expiry is when cr's material expires, where that is known: a
+// tls_client_auth certificate's notAfter. (Secrets and keys have none; they
+// are not looked at on each scrape.)
 func (m *materials) expiry(cr config.Credential) (time.Time, bool) {
-	var first time.Time
-	for _, mt := range m.of(cr) {
-		if mt.Expires != nil && (first.IsZero() || mt.Expires.Before(first)) {
-			first = *mt.Expires
-		}
+	if cr.TLSClientCertFile == "" {
+		return time.Time{}, false
 	}
-	return first, !first.IsZero()
+	fi, err := os.Stat(cr.TLSClientCertFile)
+	if err != nil {
+		return time.Time{}, false
+	}
+	na, errMsg := m.notAfter(cr.TLSClientCertFile, fi)
+	return na, errMsg == ""
 }
 
 func (m *materials) notAfter(file string, fi os.FileInfo) (time.Time, string) {

@@ -167,15 +167,13 @@ func TestCredentialsDirThroughTheServer(t *testing.T) {
 	if _, ok := inv["kyc-api"]; ok {
 		t.Error("the removed credential is still in the inventory")
 	}
-	for _, u := range h.srv.broker.Use() {
-		for _, ts := range u.Cached {
-			if ts.Fingerprint == "" {
-				t.Error("a cached token set without a fingerprint")
-			}
-		}
+	// tokenbroker_token_expiry_seconds has a series for every credential with
+	// a token in this process's cache.
+	if v := h.metric(t, "tokenbroker_token_expiry_seconds", "credential=kyc-api"); v != -1 {
+		t.Errorf("the removed credential's token is still cached (expiry metric %v)", v)
 	}
-	if n := countSlots(h, "kyc-api"); n != 0 {
-		t.Errorf("%d cached token sets of the removed credential remain in this process", n)
+	if v := h.metric(t, "tokenbroker_token_expiry_seconds", "credential=payments-api"); v <= 0 {
+		t.Errorf("expiry metric of a kept credential = %v, want its cached token's", v)
 	}
 
 	// ConfigMap-style: files are links into ..data, which is swapped atomically.
@@ -225,17 +223,6 @@ func TestCredentialsDirThroughTheServer(t *testing.T) {
 	if len(rejected) != 2 || !strings.Contains(rejected[0], "teams/zz-dup.yaml") || !strings.Contains(rejected[1], "teams/zz-dup.yaml") {
 		t.Errorf("rejected reloads audited = %q, want two naming teams/zz-dup.yaml", rejected)
 	}
-}
-
-// countSlots counts the in-process cache entries of credential name.
-func countSlots(h *harness, name string) int {
-	n := 0
-	h.srv.broker.EachSlot(func(cred string) {
-		if cred == name {
-			n++
-		}
-	})
-	return n
 }
 
 // TestInventory: /credentials shows each credential's configuration,
@@ -327,6 +314,20 @@ func TestInventory(t *testing.T) {
 	}
 	if v := h.metric(t, "tokenbroker_credential_material_expiry_timestamp_seconds", "credential=mtls"); v < float64(time.Now().Unix()) {
 		t.Errorf("material expiry metric = %v, want the certificate's notAfter", v)
+	}
+
+	// A renewed certificate: the metric follows the file.
+	renewed, err := clientCA.Client(48*time.Hour, "broker.bank.internal")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := renewed.WriteFiles(certFile, keyFile); err != nil {
+		t.Fatal(err)
+	}
+	h.secrets = append(h.secrets, string(renewed.KeyPEM))
+	want := float64(time.Now().Add(48 * time.Hour).Unix())
+	if v := h.metric(t, "tokenbroker_credential_material_expiry_timestamp_seconds", "credential=mtls"); v < want-120 || v > want+120 {
+		t.Errorf("material expiry metric after renewal = %v, want the new notAfter (%v)", v, want)
 	}
 }
 

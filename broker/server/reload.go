@@ -67,7 +67,6 @@ func (s *Server) WatchConfig(ctx context.Context, path string, interval time.Dur
 
 // watchConfigFrom is WatchConfig from a known state of the files.
 func (s *Server) watchConfigFrom(ctx context.Context, path string, interval time.Duration, last [32]byte) {
-	sum := func() [32]byte { return configSum(path) }
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -75,7 +74,7 @@ func (s *Server) watchConfigFrom(ctx context.Context, path string, interval time
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if cur := sum(); cur != last {
+			if cur := configSum(path); cur != last {
 				last = cur
 				_ = s.ReloadFile(path)
 			}
@@ -116,25 +115,13 @@ func configSum(path string) [32]byte {
 	h := sha256.New()
 	b, _ := os.ReadFile(path)
 	h.Write(b)
-	var top struct {
-		Dir string `yaml:"credentials_dir"`
-	}
-	if yaml.Unmarshal(b, &top) != nil || top.Dir == "" {
-		return [32]byte(h.Sum(nil))
-	}
-	dir := top.Dir
-	if !filepath.IsAbs(dir) {
-		dir = filepath.Join(filepath.Dir(path), dir)
-	}
-	entries, _ := os.ReadDir(dir)
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".yaml") {
-			continue
+	if dir := config.CredentialsDirOf(path); dir != "" {
+		names, _ := config.CredentialFiles(dir)
+		for _, name := range names {
+			content, err := os.ReadFile(filepath.Join(dir, name)) // through a ConfigMap's links
+			fmt.Fprintf(h, "\x00%s\x00%d\x00%v\x00", name, len(content), err != nil)
+			h.Write(content)
 		}
-		content, err := os.ReadFile(filepath.Join(dir, name))
-		fmt.Fprintf(h, "\x00%s\x00%d\x00%v\x00", name, len(content), err != nil)
-		h.Write(content)
 	}
 	return [32]byte(h.Sum(nil))
 }

@@ -336,6 +336,11 @@ func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []strin
 		return nil, classify(ctx, err)
 	}
 	defer resp.Body.Close()
+	return c.read(ctx, resp, scopes)
+}
+
+// read reads and checks the token endpoint's answer to a request for scopes.
+func (c *Client) read(ctx context.Context, resp *http.Response, scopes []string) (*Token, error) {
 	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection can be reused
 		return nil, redirected(resp)

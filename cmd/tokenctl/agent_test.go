@@ -45,8 +45,8 @@ func newAgentEnv(t *testing.T) *agentEnv {
 	return e
 }
 
-// startBroker starts the broker on addr.
-func (e *agentEnv) startBroker(t *testing.T, addr string) {
+// startBroker starts the broker on addr; stop stops it (cleanup does too).
+func (e *agentEnv) startBroker(t *testing.T, addr string) (stop func()) {
 	t.Helper()
 	cfg := *e.env.Config
 	cfg.ListenAddr, cfg.AdminAddr = addr, "127.0.0.1:0"
@@ -61,8 +61,11 @@ func (e *agentEnv) startBroker(t *testing.T, addr string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
 	e.addr = srv.GRPCAddr().String()
+	return stop
 }
 
 // prepareAgentEnv makes the dev environment and the upstream API, without a broker.
@@ -206,7 +209,8 @@ func TestAgentTokenFile(t *testing.T) {
 
 // TestAgentWaitsForTheBroker: started while the broker is unreachable, the
 // agent keeps trying (with backoff, saying so) and writes the file once the
-// broker is up.
+// broker is up; when the broker goes away again, the agent keeps running
+// and the last token stays in the file.
 func TestAgentWaitsForTheBroker(t *testing.T) {
 	e := prepareAgentEnv(t)
 	e.addr = "127.0.0.1:" + freePort(t)
@@ -218,8 +222,14 @@ func TestAgentWaitsForTheBroker(t *testing.T) {
 	if readToken(file) != "" {
 		t.Fatal("a token file without a broker")
 	}
-	e.startBroker(t, e.addr)
+	stopBroker := e.startBroker(t, e.addr)
 	eventually(t, "the token file appears once the broker is up", func() bool { return readToken(file) != "" })
+	tok := readToken(file)
+	stopBroker()
+	time.Sleep(1500 * time.Millisecond) // the watch stream breaks and is retried
+	if got := readToken(file); got != tok {
+		t.Errorf("with the broker gone the file holds %q, want the last token", got)
+	}
 	if code := ra.stop(); code != 0 {
 		t.Errorf("exit %d, want 0", code)
 	}
@@ -247,6 +257,9 @@ func TestAgentProxy(t *testing.T) {
 	req.Host = "evil.example"
 	req.Header.Set("Authorization", "Bearer caller-supplied")
 	req.Header.Set("X-Forwarded-For", "10.1.2.3")
+	req.Header.Set("Connection", "X-Hop")
+	req.Header.Set("X-Hop", "hop-by-hop, named in Connection")
+	req.Header.Set("X-Kept", "end to end")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -260,6 +273,9 @@ func TestAgentProxy(t *testing.T) {
 	got := reqs[0]
 	if tok, _ := strings.CutPrefix(got.Header.Get("Authorization"), "Bearer "); tok == "caller-supplied" || len(got.Header.Values("Authorization")) != 1 {
 		t.Errorf("upstream Authorization = %q, want only the broker's token", got.Header.Values("Authorization"))
+	}
+	if got.Header.Get("X-Hop") != "" || got.Header.Get("X-Kept") != "end to end" {
+		t.Errorf("upstream X-Hop %q, X-Kept %q: want hop-by-hop headers dropped and the others kept", got.Header.Get("X-Hop"), got.Header.Get("X-Kept"))
 	}
 	if got.Host != strings.TrimPrefix(e.api.URL, "https://") || got.Header.Get("X-Forwarded-For") != "" {
 		t.Errorf("upstream Host %q, X-Forwarded-For %q; want the upstream's host and no X-Forwarded-For", got.Host, got.Header.Get("X-Forwarded-For"))
