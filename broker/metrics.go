@@ -5,6 +5,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/tokenbroker/tokenbroker/broker/audit"
 )
 
 // metrics are the Broker's Prometheus collectors. Labels carry credential
@@ -15,8 +17,9 @@ type metrics struct {
 	upstreamDur *prometheus.HistogramVec // credential
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
-	audit       *prometheus.CounterVec // event
-	secretUsed  *prometheus.CounterVec // credential, secret (index in client_secret_files)
+	audit       *prometheus.CounterVec        // event
+	auditByName map[string]prometheus.Counter // the known events' series, looked up once
+	secretUsed  *prometheus.CounterVec        // credential, secret (index in client_secret_files)
 }
 
 // storeOps are the store operations counted in tokenbroker_store_errors_total;
@@ -58,6 +61,10 @@ func newMetrics() *metrics {
 	}
 	for _, op := range storeOps {
 		m.storeErrors.WithLabelValues(op)
+	}
+	m.auditByName = map[string]prometheus.Counter{}
+	for _, e := range []string{audit.TokenIssued, audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
+		m.auditByName[e] = m.audit.WithLabelValues(e)
 	}
 	return m
 }

@@ -9,7 +9,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/audit"
@@ -27,6 +26,8 @@ type Service struct {
 	log      *zap.Logger
 	draining context.Context // done once Drain is called
 	drain    context.CancelFunc
+	// responses are the messages of recently issued tokens, reused on hits.
+	responses *responses
 }
 
 var _ pb.TokenBrokerServer = (*Service)(nil)
@@ -37,7 +38,7 @@ func NewService(b *broker.Broker, log *zap.Logger) *Service {
 		log = zap.NewNop()
 	}
 	draining, drain := context.WithCancel(context.Background())
-	return &Service{core: b, log: log, draining: draining, drain: drain}
+	return &Service{core: b, log: log, draining: draining, drain: drain, responses: newResponses()}
 }
 
 // errDraining ends watch streams at shutdown; clients reconnect elsewhere.
@@ -49,36 +50,41 @@ func (s *Service) Drain() { s.drain() }
 
 // GetToken returns a token for the requested credential.
 func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
-	ctx = withRequestID(ctx)
+	id := sentRequestID(ctx)
+	var made [16]byte // the ID does not outlive the call: no allocation
+	if id == "" {
+		makeRequestID(&made)
+		id = string(made[:])
+	}
 	caller, err := callerFrom(ctx)
 	if err != nil {
-		return nil, s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
+		return nil, s.deny(ctx, id, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return nil, s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
+			return nil, s.deny(ctx, id, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
 	is, err := s.core.GetToken(ctx, caller, r)
 	if err != nil {
-		return nil, s.deny(ctx, caller, r.Credential, r.Scopes, err)
+		return nil, s.deny(ctx, id, caller, r.Credential, r.Scopes, err)
 	}
-	if err := s.issued(ctx, caller, r.Credential, is); err != nil {
+	if err := s.issued(id, caller, r.Credential, is); err != nil {
 		return nil, toStatus(err)
 	}
 	if span := trace.SpanFromContext(ctx); span.IsRecording() { // only with tracing on
 		span.SetAttributes(attribute.String("tokenbroker.credential", r.Credential), attribute.String("tokenbroker.source", is.Source),
 			attribute.String("tokenbroker.fingerprint", is.Fingerprint), attribute.String("tokenbroker.outcome", "ok"))
 	}
-	return &pb.GetTokenResponse{Token: tokenProto(is.Entry)}, nil
+	return s.responses.get(is.Entry), nil
 }
 
-// issued records a token handed out. Under a fail-closed audit trail, a
-// failure to record it withholds the token.
-func (s *Service) issued(ctx context.Context, caller policy.Identity, credential string, is broker.Issued) error {
-	err := s.core.Record(audit.Event{Event: audit.TokenIssued, RequestID: broker.RequestID(ctx), Caller: string(caller),
+// issued records a token handed out under request ID id. Under a fail-closed
+// audit trail, a failure to record it withholds the token.
+func (s *Service) issued(id string, caller policy.Identity, credential string, is broker.Issued) error {
+	err := s.core.Record(audit.Event{Event: audit.TokenIssued, RequestID: id, Caller: string(caller),
 		Credential: credential, Scopes: is.Scopes, Source: is.Source, Fingerprint: is.Fingerprint,
 		ExpireTime: is.Expiry, Outcome: "ok"})
 	if err != nil {
@@ -92,13 +98,13 @@ func (s *Service) issued(ctx context.Context, caller policy.Identity, credential
 	return nil
 }
 
-// deny records a refused request and returns its status.
-func (s *Service) deny(ctx context.Context, caller policy.Identity, credential string, scopes []string, err error) error {
+// deny records a refused request with request ID id and returns its status.
+func (s *Service) deny(ctx context.Context, id string, caller policy.Identity, credential string, scopes []string, err error) error {
 	st := toStatus(err)
 	if span := trace.SpanFromContext(ctx); span.IsRecording() {
 		span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.outcome", status.Code(st).String()))
 	}
-	_ = s.core.Record(audit.Event{Event: audit.TokenDenied, RequestID: broker.RequestID(ctx), Caller: string(caller),
+	_ = s.core.Record(audit.Event{Event: audit.TokenDenied, RequestID: id, Caller: string(caller),
 		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})
 	s.log.Debug("token denied", zap.String("caller", string(caller)), zap.String("credential", credential), zap.Error(err))
 	return st
@@ -106,15 +112,16 @@ func (s *Service) deny(ctx context.Context, caller policy.Identity, credential s
 
 // WatchToken streams the current token and each replacement.
 func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_WatchTokenServer) error {
-	ctx := withRequestID(stream.Context())
+	ctx := stream.Context()
+	id := requestID(ctx)
 	caller, err := callerFrom(ctx)
 	if err != nil {
-		return s.deny(ctx, "", req.GetCredential(), req.GetScopes(), err)
+		return s.deny(ctx, id, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	if d := req.GetMinTtl(); d != nil {
 		if err := d.CheckValid(); err != nil {
-			return s.deny(ctx, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
+			return s.deny(ctx, id, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
@@ -123,10 +130,10 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 	// A callback, not a goroutine: an open stream should cost little.
 	defer context.AfterFunc(s.draining, func() { cancel(errDraining) })()
 	err = s.core.Watch(ctx, caller, r, func(e *store.Entry) error {
-		if err := s.issued(ctx, caller, r.Credential, broker.Issued{Entry: e, Source: "watch"}); err != nil {
+		if err := s.issued(id, caller, r.Credential, broker.Issued{Entry: e, Source: "watch"}); err != nil {
 			return err
 		}
-		return stream.Send(&pb.WatchTokenResponse{Token: tokenProto(e)})
+		return stream.Send(&pb.WatchTokenResponse{Token: s.responses.get(e).Token})
 	})
 	switch cause := context.Cause(ctx); {
 	case errors.Is(cause, errDraining):
@@ -135,19 +142,9 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 		return status.FromContextError(stream.Context().Err()).Err()
 	case errors.Is(err, broker.ErrUnavailable), errors.Is(err, broker.ErrFailedPrecondition), errors.Is(err, broker.ErrPermissionDenied),
 		errors.Is(err, broker.ErrInvalidArgument), errors.Is(err, broker.ErrResourceExhausted):
-		return s.deny(ctx, caller, r.Credential, r.Scopes, err)
+		return s.deny(ctx, id, caller, r.Credential, r.Scopes, err)
 	}
 	return toStatus(err)
-}
-
-func tokenProto(e *store.Entry) *pb.Token {
-	return &pb.Token{
-		AccessToken: e.AccessToken,
-		TokenType:   e.TokenType,
-		ExpireTime:  timestamppb.New(e.Expiry),
-		Scopes:      e.Scopes,
-		Fingerprint: e.Fingerprint,
-	}
 }
 
 // InvalidateToken drops a token a resource server rejected, if it is still current.
@@ -156,7 +153,7 @@ func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	ctx = withRequestID(ctx)
+	ctx = broker.WithRequestID(ctx, requestID(ctx)) // the core writes its audit event
 	ok, err := s.core.Invalidate(ctx, caller, broker.InvalidateRequest{
 		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
 	if err != nil {
