@@ -44,12 +44,15 @@ type Event struct {
 	Reason      string
 }
 
+// lineStamps format the two times of a line; zero values work.
+type lineStamps struct{ now, expiry stamps }
+
 // appendJSON appends e as one JSON line: "time" (now), "event", then the
 // fields that are set, in a fixed order. Written by hand rather than through
 // a generic encoder: it runs for every token handed out.
-func (e *Event) appendJSON(b []byte, now time.Time) []byte {
+func (e *Event) appendJSON(b []byte, now time.Time, ts *lineStamps) []byte {
 	b = append(b, `{"time":"`...)
-	b = now.AppendFormat(b, time.RFC3339Nano)
+	b = ts.now.appendTime(b, now)
 	b = append(b, `","event":`...)
 	b = appendString(b, e.Event)
 	add := func(k, v string) {
@@ -77,7 +80,7 @@ func (e *Event) appendJSON(b []byte, now time.Time) []byte {
 	add("fingerprint", e.Fingerprint)
 	if !e.ExpireTime.IsZero() {
 		b = append(b, `,"expire_time":"`...)
-		b = e.ExpireTime.AppendFormat(b, time.RFC3339Nano)
+		b = ts.expiry.appendTime(b, e.ExpireTime)
 		b = append(b, '"')
 	}
 	add("outcome", e.Outcome)
@@ -85,17 +88,26 @@ func (e *Event) appendJSON(b []byte, now time.Time) []byte {
 	return append(b, '}', '\n')
 }
 
+// plain marks the bytes a JSON string holds as they are: printable ASCII
+// other than the quote and the backslash.
+var plain = func() (t [256]bool) {
+	for c := 0x20; c < 0x7f; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
+
 // appendString appends s as a JSON string: quotes, backslashes and control
 // characters escaped, invalid UTF-8 replaced by U+FFFD.
 func appendString(b []byte, s string) []byte {
 	const hex = "0123456789abcdef"
 	b = append(b, '"')
-	plain := 0 // the common case: nothing to escape, copied at once
-	for plain < len(s) && s[plain] >= 0x20 && s[plain] < 0x7f && s[plain] != '"' && s[plain] != '\\' {
-		plain++
+	n := 0 // the common case: nothing to escape, copied at once
+	for n < len(s) && plain[s[n]] {
+		n++
 	}
-	b = append(b, s[:plain]...)
-	for i := plain; i < len(s); {
+	b = append(b, s[:n]...)
+	for i := n; i < len(s); {
 		c := s[i]
 		if c < utf8.RuneSelf {
 			switch {
@@ -144,6 +156,7 @@ type Logger struct {
 	ws         zapcore.WriteSyncer // safe for concurrent writes
 	failClosed bool
 	close      func() error
+	stamps     lineStamps
 }
 
 // ErrWrite is returned by Write when an event could not be written.
@@ -191,7 +204,7 @@ func (l *Logger) Write(e Event) error {
 	// Unbuffered under FailClosed, so a failed write shows here. (No fsync per
 	// event: a pipe cannot be synced, and the write error is what counts.)
 	buf := lines.Get().(*[]byte)
-	*buf = e.appendJSON((*buf)[:0], time.Now())
+	*buf = e.appendJSON((*buf)[:0], time.Now(), &l.stamps)
 	_, err := l.ws.Write(*buf)
 	if cap(*buf) <= 64<<10 { // an outsized line's buffer is not kept
 		lines.Put(buf)

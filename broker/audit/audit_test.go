@@ -29,7 +29,7 @@ type decoded struct {
 // roundTrip encodes e and decodes the line with encoding/json.
 func roundTrip(t *testing.T, e Event, now time.Time) (decoded, string) {
 	t.Helper()
-	line := string(e.appendJSON(nil, now))
+	line := string(e.appendJSON(nil, now, &lineStamps{}))
 	if !strings.HasSuffix(line, "}\n") || strings.Count(line, "\n") != 1 {
 		t.Fatalf("not one line: %q", line)
 	}
