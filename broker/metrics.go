@@ -18,7 +18,8 @@ type metrics struct {
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
 	audit       *prometheus.CounterVec        // event
-	auditByName map[string]prometheus.Counter // the known events' series, looked up once
+	auditIssued prometheus.Counter            // the most frequent event's series, looked up once
+	auditOther  map[string]prometheus.Counter // the other known events' series
 	secretUsed  *prometheus.CounterVec        // credential, secret (index in client_secret_files)
 }
 
@@ -62,11 +63,20 @@ func newMetrics() *metrics {
 	for _, op := range storeOps {
 		m.storeErrors.WithLabelValues(op)
 	}
-	m.auditByName = map[string]prometheus.Counter{}
-	for _, e := range []string{audit.TokenIssued, audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
-		m.auditByName[e] = m.audit.WithLabelValues(e)
+	m.auditIssued = m.audit.WithLabelValues(audit.TokenIssued)
+	m.auditOther = map[string]prometheus.Counter{}
+	for _, e := range []string{audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
+		m.auditOther[e] = m.audit.WithLabelValues(e)
 	}
 	return m
+}
+
+// auditCounter returns the series of a known audit event, or nil.
+func (m *metrics) auditCounter(event string) prometheus.Counter {
+	if event == audit.TokenIssued { // every token handed out: no hashing
+		return m.auditIssued
+	}
+	return m.auditOther[event]
 }
 
 var (

@@ -90,5 +90,5 @@ func newTestService(b testing.TB) (svc *Service, trail *audit.Logger, path strin
 		b.Fatal(err)
 	}
 	b.Cleanup(core.Close)
-	return NewService(core, nil), trail, path
+	return NewService(core, nil, false), trail, path
 }

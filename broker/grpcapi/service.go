@@ -28,17 +28,21 @@ type Service struct {
 	drain    context.CancelFunc
 	// responses are the messages of recently issued tokens, reused on hits.
 	responses *responses
+	// traced: the server puts a span in each call's context.
+	traced bool
 }
 
 var _ pb.TokenBrokerServer = (*Service)(nil)
 
-// NewService returns a Service for b. log may be nil.
-func NewService(b *broker.Broker, log *zap.Logger) *Service {
+// NewService returns a Service for b. log may be nil. traced says whether the
+// server traces calls (a stats handler puts a span in each call's context);
+// without it the service does not look for one.
+func NewService(b *broker.Broker, log *zap.Logger, traced bool) *Service {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	draining, drain := context.WithCancel(context.Background())
-	return &Service{core: b, log: log, draining: draining, drain: drain, responses: newResponses()}
+	return &Service{core: b, log: log, draining: draining, drain: drain, responses: newResponses(), traced: traced}
 }
 
 // errDraining ends watch streams at shutdown; clients reconnect elsewhere.
@@ -74,11 +78,18 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	if err := s.issued(id, caller, r.Credential, is); err != nil {
 		return nil, toStatus(err)
 	}
-	if span := trace.SpanFromContext(ctx); span.IsRecording() { // only with tracing on
-		span.SetAttributes(attribute.String("tokenbroker.credential", r.Credential), attribute.String("tokenbroker.source", is.Source),
-			attribute.String("tokenbroker.fingerprint", is.Fingerprint), attribute.String("tokenbroker.outcome", "ok"))
+	if s.traced {
+		s.annotate(ctx, r.Credential, is)
 	}
 	return s.responses.get(is.Entry), nil
+}
+
+// annotate adds what the broker did to the call's span.
+func (s *Service) annotate(ctx context.Context, credential string, is broker.Issued) {
+	if span := trace.SpanFromContext(ctx); span.IsRecording() {
+		span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.source", is.Source),
+			attribute.String("tokenbroker.fingerprint", is.Fingerprint), attribute.String("tokenbroker.outcome", "ok"))
+	}
 }
 
 // issued records a token handed out under request ID id. Under a fail-closed
@@ -101,8 +112,10 @@ func (s *Service) issued(id string, caller policy.Identity, credential string, i
 // deny records a refused request with request ID id and returns its status.
 func (s *Service) deny(ctx context.Context, id string, caller policy.Identity, credential string, scopes []string, err error) error {
 	st := toStatus(err)
-	if span := trace.SpanFromContext(ctx); span.IsRecording() {
-		span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.outcome", status.Code(st).String()))
+	if s.traced {
+		if span := trace.SpanFromContext(ctx); span.IsRecording() {
+			span.SetAttributes(attribute.String("tokenbroker.credential", credential), attribute.String("tokenbroker.outcome", status.Code(st).String()))
+		}
 	}
 	_ = s.core.Record(audit.Event{Event: audit.TokenDenied, RequestID: id, Caller: string(caller),
 		Credential: credential, Scopes: scopes, Outcome: status.Code(st).String(), Reason: status.Convert(st).Message()})

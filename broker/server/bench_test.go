@@ -5,13 +5,9 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync/atomic"
-	"syscall"
 	"testing"
-	"time"
 
-	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
@@ -43,29 +39,12 @@ func benchConfig(b *testing.B) func(*config.Config) {
 //	go test -run '^$' -bench BenchmarkServer -benchmem -count 5 ./broker/server/
 func BenchmarkServer(b *testing.B) {
 	rs := redistest.Start(b)
-	floor := &floorServer{}
-	h := newHarnessWith(b, func(c *config.Config) {
-		benchConfig(b)(c)
-		withRedis("", rs.Addr())(c)
-	}, func(o *Options) { o.Register = floor.register })
-	conn := h.conn(nil, payments)
-	tb := pb.NewTokenBrokerClient(conn)
-	hc := healthpb.NewHealthClient(conn)
-	ctx := context.Background()
-	getReq := &pb.GetTokenRequest{Credential: "identity"}
-	healthReq := &healthpb.HealthCheckRequest{}
-	warm, err := tb.GetToken(ctx, getReq) // warms the cache
-	if err != nil {
-		b.Fatal(err)
-	}
-	floor.resp = warm
-	if floorResp, err := floorGetToken(ctx, conn, getReq); err != nil || !proto.Equal(floorResp, warm) {
-		b.Fatalf("floor = %v, %v; want the same response as GetToken", floorResp, err)
-	}
+	fb := newFloorBench(b, withRedis("", rs.Addr()))
+	h, tb, ctx, getReq := fb.h, fb.tb, context.Background(), fb.getReq
 
 	var coldCalls atomic.Int64 // b.Loop runs more iterations than the final b.N
 	calls := map[string]func() error{
-		"GetToken": func() error { _, err := tb.GetToken(ctx, getReq); return err },
+		"GetToken": fb.getToken,
 		"GetTokenFromRedis": func() error {
 			h.srv.broker.EvictLocal()
 			_, err := tb.GetToken(ctx, getReq)
@@ -79,8 +58,8 @@ func BenchmarkServer(b *testing.B) {
 			_, err := tb.GetToken(ctx, getReq)
 			return err
 		},
-		"Health": func() error { _, err := hc.Check(ctx, healthReq); return err },
-		"Floor":  func() error { _, err := floorGetToken(ctx, conn, getReq); return err },
+		"Health": fb.health,
+		"Floor":  fb.floor,
 	}
 	for _, name := range []string{"GetToken", "Floor", "GetTokenFromRedis", "GetTokenCold", "Health"} {
 		call := calls[name]
@@ -224,53 +203,4 @@ func warm(b *testing.B, h *harness, names []string) {
 	if n := h.as.TokenRequests(); n != int64(len(names)) {
 		b.Fatalf("%d token requests to warm %d credentials", n, len(names))
 	}
-}
-
-// floorMethod is the same-bytes floor: GetToken's request and response
-// types, a pre-built answer, on the broker's own gRPC server.
-const floorMethod = "/tokenbroker.v1.Floor/GetToken"
-
-// floorServer answers floorMethod with resp, a token the broker issued.
-type floorServer struct {
-	pb.UnimplementedTokenBrokerServer
-	resp *pb.GetTokenResponse
-}
-
-// GetToken returns the pre-built response.
-func (f *floorServer) GetToken(context.Context, *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
-	return f.resp, nil
-}
-
-// floorGetToken calls the floor as the generated TokenBroker client calls
-// GetToken, so that the client side of the two costs the same.
-func floorGetToken(ctx context.Context, conn grpc.ClientConnInterface, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
-	opts := append([]grpc.CallOption{grpc.StaticMethod()}, []grpc.CallOption(nil)...)
-	out := new(pb.GetTokenResponse)
-	if err := conn.Invoke(ctx, floorMethod, req, out, opts...); err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-// register adds the floor service under its own name, with TokenBroker's
-// GetToken handler (decoding, interceptors and all).
-func (f *floorServer) register(s *grpc.Server) {
-	desc := pb.TokenBroker_ServiceDesc
-	desc.ServiceName = "tokenbroker.v1.Floor"
-	desc.Methods = []grpc.MethodDesc{{MethodName: "GetToken", Handler: pb.TokenBroker_ServiceDesc.Methods[0].Handler}}
-	desc.Streams = nil
-	s.RegisterService(&desc, f)
-}
-
-// cpuTime is the CPU time (user and system) this process has used so far:
-// client and server together, as both run here. Unlike ns/op it leaves out
-// the time a call waits to be woken, which on a small VM varies more from
-// run to run than the work does.
-func cpuTime(b *testing.B) time.Duration {
-	b.Helper()
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

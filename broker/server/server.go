@@ -250,7 +250,7 @@ func New(opts Options) (*Server, error) {
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
-	s.svc = grpcapi.NewService(s.broker, s.log)
+	s.svc = grpcapi.NewService(s.broker, s.log, s.tp != nil)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
 	if opts.Register != nil {
 		opts.Register(s.grpc)
