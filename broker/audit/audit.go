@@ -17,8 +17,6 @@ import (
 	"sync"
 	"time"
 	"unicode/utf8"
-
-	"go.uber.org/zap/zapcore"
 )
 
 // Event names.
@@ -138,9 +136,6 @@ func appendString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
-// lines are reusable line buffers, so that writing an event allocates nothing.
-var lines = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
-
 // Config configures a Logger.
 type Config struct {
 	// Path is "stdout", or a file that events are appended to.
@@ -151,12 +146,25 @@ type Config struct {
 	Stdout io.Writer
 }
 
+// bufferSize is how much the buffered mode holds before it writes.
+const bufferSize = 256 << 10
+
 // Logger writes audit events. The zero value and nil discard them.
+//
+// A line is encoded straight into the Logger's buffer under its lock: with
+// FailClosed the buffer holds that one line and is written at once; without
+// it, lines gather until bufferSize, the next tick of a one-second flusher,
+// or Close, and go out in one write.
 type Logger struct {
-	ws         zapcore.WriteSyncer // safe for concurrent writes
-	failClosed bool
-	close      func() error
+	mu         sync.Mutex
+	sink       io.Writer
+	buf        []byte
 	stamps     lineStamps
+	failClosed bool
+	closed     bool
+	stop       chan struct{} // closed by Close: the flusher writes and ends
+	stopped    chan struct{}
+	closeSink  func() error
 }
 
 // ErrWrite is returned by Write when an event could not be written.
@@ -164,62 +172,105 @@ var ErrWrite = errors.New("audit: event not written")
 
 // New opens the audit sink.
 func New(cfg Config) (*Logger, error) {
-	var ws zapcore.WriteSyncer
-	closeFn := func() error { return nil }
+	l := &Logger{failClosed: cfg.FailClosed, closeSink: func() error { return nil }}
 	switch cfg.Path {
 	case "", "stdout":
-		w := cfg.Stdout
-		if w == nil {
-			w = os.Stdout
+		l.sink = cfg.Stdout
+		if l.sink == nil {
+			l.sink = os.Stdout
 		}
-		ws = zapcore.AddSync(w)
 	default:
 		f, err := os.OpenFile(cfg.Path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("audit.path: %w", err)
 		}
-		ws, closeFn = f, f.Close
+		l.sink, l.closeSink = f, f.Close
 	}
-	l := &Logger{failClosed: cfg.FailClosed}
 	if !cfg.FailClosed {
-		b := &zapcore.BufferedWriteSyncer{WS: ws, Size: 256 << 10, FlushInterval: time.Second}
-		ws = b
-		inner := closeFn
-		closeFn = func() error { return errors.Join(b.Stop(), inner()) }
+		l.buf = make([]byte, 0, bufferSize+1024)
+		l.stop, l.stopped = make(chan struct{}), make(chan struct{})
+		go l.flushEverySecond()
 	}
-	l.ws = ws
-	if cfg.FailClosed {
-		l.ws = zapcore.Lock(ws) // one whole line per write, whatever the sink (the buffer locks itself)
-	}
-	l.close = closeFn
 	return l, nil
 }
 
 // Write records e. It returns an error only with FailClosed, when the event
-// could not be written; without it, failures are left to the buffer.
+// could not be written; without it, write failures are the buffer's to
+// ignore, and an event written after Close is dropped.
 func (l *Logger) Write(e Event) error {
-	if l == nil || l.ws == nil {
+	if l == nil || l.sink == nil {
 		return nil
 	}
-	// Unbuffered under FailClosed, so a failed write shows here. (No fsync per
-	// event: a pipe cannot be synced, and the write error is what counts.)
-	buf := lines.Get().(*[]byte)
-	*buf = e.appendJSON((*buf)[:0], time.Now(), &l.stamps)
-	_, err := l.ws.Write(*buf)
-	if cap(*buf) <= 64<<10 { // an outsized line's buffer is not kept
-		lines.Put(buf)
+	now := time.Now()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		if l.failClosed {
+			return fmt.Errorf("%w: the audit trail is closed", ErrWrite)
+		}
+		return nil
 	}
+	l.buf = e.appendJSON(l.buf, now, &l.stamps)
+	var err error
+	if l.failClosed || len(l.buf) >= bufferSize {
+		// Under FailClosed the line is written now, so a failed write shows
+		// here. (No fsync per event: a pipe cannot be synced, and the write
+		// error is what counts.)
+		err = l.flushLocked()
+	}
+	l.mu.Unlock()
 	if err != nil && l.failClosed {
 		return fmt.Errorf("%w: %w", ErrWrite, err)
 	}
 	return nil
 }
 
-// Close flushes buffered events and closes the sink.
-func (l *Logger) Close() error {
-	if l == nil || l.close == nil {
+// flushLocked writes the buffer out; l.mu is held.
+func (l *Logger) flushLocked() error {
+	if len(l.buf) == 0 {
 		return nil
 	}
-	_ = l.ws.Sync()
-	return l.close()
+	_, err := l.sink.Write(l.buf)
+	if cap(l.buf) > 4*bufferSize { // an outsized line's buffer is not kept
+		l.buf = make([]byte, 0, bufferSize+1024)
+	}
+	l.buf = l.buf[:0]
+	return err
+}
+
+// flushEverySecond writes buffered lines once a second, and at Close.
+func (l *Logger) flushEverySecond() {
+	defer close(l.stopped)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-l.stop:
+			return
+		}
+		l.mu.Lock()
+		_ = l.flushLocked()
+		l.mu.Unlock()
+	}
+}
+
+// Close writes buffered events and closes the sink.
+func (l *Logger) Close() error {
+	if l == nil || l.sink == nil {
+		return nil
+	}
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	err := l.flushLocked()
+	l.mu.Unlock()
+	if l.stop != nil {
+		close(l.stop)
+		<-l.stopped
+	}
+	return errors.Join(err, l.closeSink())
 }

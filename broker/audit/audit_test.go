@@ -3,6 +3,8 @@ package audit
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -115,5 +117,89 @@ func TestLoggerWritesAndFailsClosed(t *testing.T) {
 	defer full.Close()
 	if err := full.Write(Event{Event: TokenIssued}); err == nil {
 		t.Error("a failed write under FailClosed returned no error")
+	}
+}
+
+// TestLoggerBuffering: without FailClosed, lines reach the sink within about
+// a second without Close, and at once when the buffer fills; lines from many
+// goroutines arrive whole, each once; after Close events are dropped without
+// error, and under FailClosed refused.
+func TestLoggerBuffering(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := New(Config{Path: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Write(Event{Event: TokenIssued, RequestID: "first"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		raw, _ := os.ReadFile(path)
+		if bytes.Contains(raw, []byte(`"request_id":"first"`)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a buffered line was not written within 5s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	const writers, each = 8, 3000 // about 1.5 MB: several full buffers
+	done := make(chan error, writers)
+	for w := range writers {
+		go func() {
+			for i := range each {
+				if err := l.Write(Event{Event: TokenIssued, RequestID: fmt.Sprintf("w%d-%d", w, i), Caller: strings.Repeat("c", 40),
+					Fingerprint: "156e2a7ffa412e481cd2e53a4eaf71ff", ExpireTime: time.Now()}); err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+	}
+	for range writers {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if raw, _ := os.ReadFile(path); bytes.Count(raw, []byte("\n")) < writers*each/2 {
+		t.Errorf("%d lines written before Close, want the full buffers' (over %d)", bytes.Count(raw, []byte("\n")), writers*each/2)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Write(Event{Event: TokenIssued, RequestID: "late"}); err != nil {
+		t.Errorf("a write after Close: %v, want it dropped quietly", err)
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for line := range strings.Lines(string(raw)) {
+		var d decoded
+		if err := json.Unmarshal([]byte(line), &d); err != nil {
+			t.Fatalf("line %q: %v", line, err)
+		}
+		if seen[d.RequestID] {
+			t.Fatalf("request %s written twice", d.RequestID)
+		}
+		seen[d.RequestID] = true
+	}
+	if len(seen) != writers*each+1 || seen["late"] {
+		t.Errorf("%d distinct lines, want %d and not the late one", len(seen), writers*each+1)
+	}
+
+	closed, err := New(Config{Path: filepath.Join(t.TempDir(), "fc.log"), FailClosed: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := closed.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := closed.Write(Event{Event: TokenIssued}); !errors.Is(err, ErrWrite) {
+		t.Errorf("a write after Close under FailClosed: %v, want ErrWrite", err)
 	}
 }
