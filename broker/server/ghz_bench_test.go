@@ -20,13 +20,18 @@ import (
 // go command shares the machine with the measured rounds.
 const ghz = "github.com/bojand/ghz/cmd/ghz@v0.121.0"
 
-// BenchmarkGhz loads the broker with ghz (a separate process, on loopback):
-// GetToken, the same-bytes Floor and Health/Check, 30,000 calls each at
-// concurrency 50, three alternating rounds, on one server in this process
-// (audit trail to a file, rate limit off, as in dev mode with --rate-limit 0).
-// It reports each call's median throughput, p50 and p99, and the server's CPU
-// per call (this process's CPU time over the run, from /proc). Opt in, as
-// it takes a minute and builds ghz:
+// BenchmarkGhz loads the broker with ghz (a separate process, on loopback,
+// concurrency 50): GetToken, the same-bytes Floor and Health/Check on one
+// server in this process (audit trail to a file, rate limit off, as in dev
+// mode with --rate-limit 0). Three runs of 30,000 calls of each; a run is
+// made of slices of 5,000 calls, the three calls taking turns (the order
+// turning every slice), so that the drift of a shared VM's speed falls on the
+// three alike. Every call must succeed. It reports each call's medians over
+// the runs: throughput, p50 and p99 (of every call's latency in the run),
+// and the server's CPU per call (this process's CPU time over the run's
+// slices of that call). Every call is described to ghz by a proto file, so
+// that none pays for server reflection. Opt in, as it takes a minute and
+// builds ghz:
 //
 //	TOKENBROKER_GHZ=1 go test -run '^$' -bench BenchmarkGhz -benchtime 1x -v ./broker/server/
 func BenchmarkGhz(b *testing.B) {
@@ -60,36 +65,54 @@ func BenchmarkGhz(b *testing.B) {
 	}
 	ghzBin := filepath.Join(bin, "ghz")
 
-	calls := []struct{ name, method, data string }{
-		{"GetToken", "tokenbroker.v1.TokenBroker/GetToken", `{"credential":"identity"}`},
-		{"Floor", "tokenbroker.v1.Floor/GetToken", `{"credential":"identity"}`},
-		{"Health/Check", "grpc.health.v1.Health/Check", `{}`},
+	calls := []struct{ name, method, data, proto string }{
+		{"GetToken", "tokenbroker.v1.TokenBroker/GetToken", `{"credential":"identity"}`, "tokenbroker/v1/tokenbroker.proto"},
+		{"Floor", "tokenbroker.v1.Floor/GetToken", `{"credential":"identity"}`, "floor.proto"},
+		{"Health/Check", "grpc.health.v1.Health/Check", `{}`, "health.proto"},
 	}
-	const n, c = 30000, 50
+	const runs, nSlices, perSlice, c = 3, 6, 5000, 50
 	results := map[string][]ghzResult{}
-	for range 3 {
-		for _, call := range calls {
-			args := []string{"--cacert", h.path("ca.pem"), "--cert", certFile, "--key", keyFile,
-				"--call", call.method, "-d", call.data, "-n", strconv.Itoa(n), "-c", strconv.Itoa(c), "--format", "json"}
-			if call.name == "Floor" {
-				args = append(args, "--proto", "testdata/floor.proto", "--import-paths", "../../proto,testdata")
+	for range runs {
+		type acc struct {
+			cpu, total time.Duration
+			latencies  []float64
+		}
+		run := make([]acc, len(calls))
+		for slice := range nSlices {
+			for k := range calls {
+				i := (k + slice) % len(calls)
+				call := calls[i]
+				args := []string{"--cacert", h.path("ca.pem"), "--cert", certFile, "--key", keyFile,
+					"--proto", call.proto, "--import-paths", "../../proto,testdata",
+					"--call", call.method, "-d", call.data, "-n", strconv.Itoa(perSlice), "-c", strconv.Itoa(c), "--format", "json",
+					h.srv.GRPCAddr().String()}
+				cpu0 := cpuTime(b)
+				out, err := exec.Command(ghzBin, args...).Output()
+				cpu := cpuTime(b) - cpu0
+				if err != nil {
+					b.Fatalf("ghz %s: %v\n%s", call.name, err, out)
+				}
+				var r ghzReport
+				if err := json.Unmarshal(out, &r); err != nil {
+					b.Fatalf("ghz %s output: %v", call.name, err)
+				}
+				if r.StatusCodes["OK"] != perSlice || len(r.Details) != perSlice {
+					b.Fatalf("ghz %s: status codes %v, %d results; want %d OK", call.name, r.StatusCodes, len(r.Details), perSlice)
+				}
+				run[i].cpu += cpu
+				run[i].total += time.Duration(r.Total)
+				for _, d := range r.Details {
+					run[i].latencies = append(run[i].latencies, d.Latency)
+				}
 			}
-			args = append(args, h.srv.GRPCAddr().String())
-			cpu0 := cpuTime(b)
-			out, err := exec.Command(ghzBin, args...).Output()
-			cpu := cpuTime(b) - cpu0
-			if err != nil {
-				b.Fatalf("ghz %s: %v\n%s", call.name, err, out)
-			}
-			var r ghzResult
-			if err := json.Unmarshal(out, &r); err != nil {
-				b.Fatalf("ghz %s output: %v", call.name, err)
-			}
-			if r.StatusCodes["OK"] != n {
-				b.Fatalf("ghz %s: status codes %v, want %d OK", call.name, r.StatusCodes, n)
-			}
-			r.CPUPerCall = cpu / n
-			results[call.name] = append(results[call.name], r)
+		}
+		for i, call := range calls {
+			lat := run[i].latencies
+			slices.Sort(lat)
+			n := len(lat)
+			results[call.name] = append(results[call.name], ghzResult{
+				RPS: float64(n) / run[i].total.Seconds(), P50: lat[n/2], P99: lat[n*99/100],
+				CPUPerCall: run[i].cpu / time.Duration(n)})
 		}
 	}
 	med := func(name string, f func(ghzResult) float64) float64 {
@@ -100,43 +123,39 @@ func BenchmarkGhz(b *testing.B) {
 		slices.Sort(v)
 		return v[len(v)/2]
 	}
+	p50 := func(r ghzResult) float64 { return r.P50 }
+	p99 := func(r ghzResult) float64 { return r.P99 }
 	var table strings.Builder
-	fmt.Fprintf(&table, "\n| call | requests/s | p50 | p99 | server CPU per call |\n|---|---|---|---|---|\n")
+	fmt.Fprintf(&table, "\n%d calls of each per run at concurrency %d, medians of %d runs\n| call | requests/s | p50 | p99 | server CPU per call |\n|---|---|---|---|---|\n",
+		nSlices*perSlice, c, runs)
 	for _, call := range calls {
 		fmt.Fprintf(&table, "| %s | %.0f | %s | %s | %s |\n", call.name, med(call.name, func(r ghzResult) float64 { return r.RPS }),
-			time.Duration(med(call.name, percentile(50))).Round(10*time.Microsecond), time.Duration(med(call.name, percentile(99))).Round(10*time.Microsecond),
+			time.Duration(med(call.name, p50)).Round(10*time.Microsecond), time.Duration(med(call.name, p99)).Round(10*time.Microsecond),
 			time.Duration(med(call.name, func(r ghzResult) float64 { return float64(r.CPUPerCall) })).Round(100*time.Nanosecond))
 	}
 	ratio := func(a, bb string, f func(ghzResult) float64) float64 { return med(a, f) / med(bb, f) }
 	rps := func(r ghzResult) float64 { return r.RPS }
 	cpu := func(r ghzResult) float64 { return float64(r.CPUPerCall) }
 	fmt.Fprintf(&table, "\nGetToken/Health throughput %.2f×, p99 %.2f×; GetToken/Floor throughput %.2f×, CPU per call %.2f×\n",
-		ratio("GetToken", "Health/Check", rps), ratio("GetToken", "Health/Check", percentile(99)),
+		ratio("GetToken", "Health/Check", rps), ratio("GetToken", "Health/Check", p99),
 		ratio("GetToken", "Floor", rps), ratio("GetToken", "Floor", cpu))
 	b.Log(table.String())
 	b.ReportMetric(ratio("GetToken", "Health/Check", rps), "GetToken/Health-rps")
 	b.ReportMetric(ratio("GetToken", "Floor", cpu), "GetToken/Floor-cpu")
 }
 
-// ghzResult is the part of ghz's JSON report used here.
-type ghzResult struct {
-	RPS         float64        `json:"rps"`
+// ghzReport is the part of ghz's JSON report used here.
+type ghzReport struct {
+	Total       int64          `json:"total"` // nanoseconds
 	StatusCodes map[string]int `json:"statusCodeDistribution"`
-	Latencies   []struct {
-		Percentage int     `json:"percentage"`
-		Latency    float64 `json:"latency"` // nanoseconds
-	} `json:"latencyDistribution"`
-	CPUPerCall time.Duration `json:"-"`
+	Details     []struct {
+		Latency float64 `json:"latency"` // nanoseconds
+	} `json:"details"`
 }
 
-// percentile returns a function reading the pct-th percentile latency in nanoseconds.
-func percentile(pct int) func(ghzResult) float64 {
-	return func(r ghzResult) float64 {
-		for _, l := range r.Latencies {
-			if l.Percentage == pct {
-				return l.Latency
-			}
-		}
-		return 0
-	}
+// ghzResult is one call's figures over one run.
+type ghzResult struct {
+	RPS        float64
+	P50, P99   float64 // nanoseconds
+	CPUPerCall time.Duration
 }
