@@ -78,14 +78,7 @@ func BenchmarkServerVsFloor(b *testing.B) {
 	if n := fb.h.as.TokenRequests() - fetches; n != 0 {
 		b.Errorf("%d token requests while measuring hits, want 0", n)
 	}
-	median := func(key string, f func(sample) float64) float64 {
-		var v []float64
-		for _, s := range samples[key] {
-			v = append(v, f(s))
-		}
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
+	median := func(key string, f func(sample) float64) float64 { return medianOf(samples[key], f) }
 	wall := func(s sample) float64 { return s.wall }
 	cpu := func(s sample) float64 { return s.cpu }
 	var table strings.Builder
@@ -105,6 +98,16 @@ func BenchmarkServerVsFloor(b *testing.B) {
 	b.ReportMetric(ratio("serial", cpu), "GetToken/Floor-serial-cpu")
 	b.ReportMetric(ratio("parallel", wall), "GetToken/Floor-parallel")
 	b.ReportMetric(ratio("parallel", cpu), "GetToken/Floor-parallel-cpu")
+}
+
+// medianOf is the median of f over xs (the upper one of an even count).
+func medianOf[T any](xs []T, f func(T) float64) float64 {
+	v := make([]float64, len(xs))
+	for i, x := range xs {
+		v[i] = f(x)
+	}
+	slices.Sort(v)
+	return v[len(v)/2]
 }
 
 // runCalls makes n calls of call from the given number of goroutines.

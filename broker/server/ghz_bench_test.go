@@ -115,14 +115,7 @@ func BenchmarkGhz(b *testing.B) {
 				CPUPerCall: run[i].cpu / time.Duration(n)})
 		}
 	}
-	med := func(name string, f func(ghzResult) float64) float64 {
-		var v []float64
-		for _, r := range results[name] {
-			v = append(v, f(r))
-		}
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
+	med := func(name string, f func(ghzResult) float64) float64 { return medianOf(results[name], f) }
 	p50 := func(r ghzResult) float64 { return r.P50 }
 	p99 := func(r ghzResult) float64 { return r.P99 }
 	var table strings.Builder
