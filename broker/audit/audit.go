@@ -151,18 +151,23 @@ const bufferSize = 256 << 10
 
 // Logger writes audit events. The zero value and nil discard them.
 //
-// A line is encoded straight into the Logger's buffer under its lock: with
-// FailClosed the buffer holds that one line and is written at once; without
-// it, lines gather until bufferSize, the next tick of a one-second flusher,
-// or Close, and go out in one write.
+// A line is encoded straight into the Logger's buffer under its lock. With
+// FailClosed the buffer holds that one line and is written at once, under
+// the lock. Without it, lines gather until bufferSize, the next tick of a
+// one-second flusher, or Close; the full buffer is then swapped for an empty
+// one and written outside the lock, so that other calls go on recording
+// while the disk takes it (full buffers are written one at a time, in the
+// order they filled).
 type Logger struct {
-	mu         sync.Mutex
+	mu         sync.Mutex // guards buf and closed
+	writing    sync.Mutex // held while a buffer is written; taken under mu
 	sink       io.Writer
 	buf        []byte
+	spare      chan []byte // a written buffer, for the next swap
 	stamps     lineStamps
 	failClosed bool
 	closed     bool
-	stop       chan struct{} // closed by Close: the flusher writes and ends
+	stop       chan struct{} // closed by Close: the flusher ends
 	stopped    chan struct{}
 	closeSink  func() error
 }
@@ -187,12 +192,15 @@ func New(cfg Config) (*Logger, error) {
 		l.sink, l.closeSink = f, f.Close
 	}
 	if !cfg.FailClosed {
-		l.buf = make([]byte, 0, bufferSize+1024)
+		l.buf = newBuffer()
+		l.spare = make(chan []byte, 1)
 		l.stop, l.stopped = make(chan struct{}), make(chan struct{})
 		go l.flushEverySecond()
 	}
 	return l, nil
 }
+
+func newBuffer() []byte { return make([]byte, 0, bufferSize+1024) }
 
 // Write records e. It returns an error only with FailClosed, when the event
 // could not be written; without it, write failures are the buffer's to
@@ -211,34 +219,55 @@ func (l *Logger) Write(e Event) error {
 		return nil
 	}
 	l.buf = e.appendJSON(l.buf, now, &l.stamps)
-	var err error
-	if l.failClosed || len(l.buf) >= bufferSize {
-		// Under FailClosed the line is written now, so a failed write shows
-		// here. (No fsync per event: a pipe cannot be synced, and the write
-		// error is what counts.)
-		err = l.flushLocked()
+	if l.failClosed {
+		// Written now, so a failed write shows here. (No fsync per event: a
+		// pipe cannot be synced, and the write error is what counts.)
+		_, err := l.sink.Write(l.buf)
+		if cap(l.buf) > 64<<10 { // an outsized line's buffer is not kept
+			l.buf = nil
+		}
+		l.buf = l.buf[:0]
+		l.mu.Unlock()
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrWrite, err)
+		}
+		return nil
+	}
+	if len(l.buf) >= bufferSize {
+		_ = l.writeOut()
+		return nil
 	}
 	l.mu.Unlock()
-	if err != nil && l.failClosed {
-		return fmt.Errorf("%w: %w", ErrWrite, err)
-	}
 	return nil
 }
 
-// flushLocked writes the buffer out; l.mu is held.
-func (l *Logger) flushLocked() error {
-	if len(l.buf) == 0 {
-		return nil
+// writeOut swaps the buffer for an empty one and writes the full one. l.mu
+// is held on entry and released once the write's turn is taken.
+func (l *Logger) writeOut() error {
+	full := l.buf
+	select {
+	case b := <-l.spare:
+		l.buf = b
+	default:
+		l.buf = newBuffer()
 	}
-	_, err := l.sink.Write(l.buf)
-	if cap(l.buf) > 4*bufferSize { // an outsized line's buffer is not kept
-		l.buf = make([]byte, 0, bufferSize+1024)
+	l.writing.Lock()
+	l.mu.Unlock()
+	var err error
+	if len(full) > 0 {
+		_, err = l.sink.Write(full)
 	}
-	l.buf = l.buf[:0]
+	l.writing.Unlock()
+	if cap(full) <= 4*bufferSize { // an outsized line's buffer is not kept
+		select {
+		case l.spare <- full[:0]:
+		default:
+		}
+	}
 	return err
 }
 
-// flushEverySecond writes buffered lines once a second, and at Close.
+// flushEverySecond writes buffered lines once a second.
 func (l *Logger) flushEverySecond() {
 	defer close(l.stopped)
 	tick := time.NewTicker(time.Second)
@@ -250,8 +279,11 @@ func (l *Logger) flushEverySecond() {
 			return
 		}
 		l.mu.Lock()
-		_ = l.flushLocked()
-		l.mu.Unlock()
+		if len(l.buf) == 0 || l.closed {
+			l.mu.Unlock()
+			continue
+		}
+		_ = l.writeOut()
 	}
 }
 
@@ -266,9 +298,11 @@ func (l *Logger) Close() error {
 		return nil
 	}
 	l.closed = true
-	err := l.flushLocked()
-	l.mu.Unlock()
-	if l.stop != nil {
+	var err error
+	if l.failClosed {
+		l.mu.Unlock()
+	} else {
+		err = l.writeOut() // after every write that took its turn before
 		close(l.stop)
 		<-l.stopped
 	}

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -122,8 +124,9 @@ func TestLoggerWritesAndFailsClosed(t *testing.T) {
 
 // TestLoggerBuffering: without FailClosed, lines reach the sink within about
 // a second without Close, and at once when the buffer fills; lines from many
-// goroutines arrive whole, each once; after Close events are dropped without
-// error, and under FailClosed refused.
+// goroutines arrive whole, each once, each goroutine's in order (full buffers
+// are written outside the lock, one at a time); after Close events are
+// dropped without error, and under FailClosed refused.
 func TestLoggerBuffering(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "audit.log")
 	l, err := New(Config{Path: path})
@@ -178,6 +181,7 @@ func TestLoggerBuffering(t *testing.T) {
 		t.Fatal(err)
 	}
 	seen := map[string]bool{}
+	next := make([]int, writers) // each writer's lines come in the order written
 	for line := range strings.Lines(string(raw)) {
 		var d decoded
 		if err := json.Unmarshal([]byte(line), &d); err != nil {
@@ -187,6 +191,13 @@ func TestLoggerBuffering(t *testing.T) {
 			t.Fatalf("request %s written twice", d.RequestID)
 		}
 		seen[d.RequestID] = true
+		var w, i int
+		if _, err := fmt.Sscanf(d.RequestID, "w%d-%d", &w, &i); err == nil {
+			if i != next[w] {
+				t.Fatalf("writer %d: line %d after line %d", w, i, next[w]-1)
+			}
+			next[w]++
+		}
 	}
 	if len(seen) != writers*each+1 || seen["late"] {
 		t.Errorf("%d distinct lines, want %d and not the late one", len(seen), writers*each+1)
@@ -201,5 +212,71 @@ func TestLoggerBuffering(t *testing.T) {
 	}
 	if err := closed.Write(Event{Event: TokenIssued}); !errors.Is(err, ErrWrite) {
 		t.Errorf("a write after Close under FailClosed: %v, want ErrWrite", err)
+	}
+}
+
+// slowSink takes its time over each write, longer for earlier ones, as a
+// busy disk may: writes that overlapped would land out of order.
+type slowSink struct {
+	mu     sync.Mutex
+	out    bytes.Buffer
+	writes atomic.Int32
+	inside atomic.Int32 // writes in progress
+	most   atomic.Int32
+}
+
+func (s *slowSink) Write(p []byte) (int, error) {
+	n := s.writes.Add(1)
+	in := s.inside.Add(1)
+	defer s.inside.Add(-1)
+	if in > s.most.Load() {
+		s.most.Store(in)
+	}
+	time.Sleep(time.Duration(20-min(n, 19)) * time.Millisecond)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.out.Write(p)
+}
+
+// TestLoggerWritesBuffersInOrder: full buffers are written outside the lock,
+// but one at a time and in the order they filled, however slow the sink.
+func TestLoggerWritesBuffersInOrder(t *testing.T) {
+	sink := &slowSink{}
+	l, err := New(Config{Path: "stdout", Stdout: sink})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers, each = 4, 3000
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := range each {
+				_ = l.Write(Event{Event: TokenIssued, RequestID: fmt.Sprintf("w%d-%d", w, i), Caller: strings.Repeat("c", 60)})
+			}
+		})
+	}
+	wg.Wait()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if sink.writes.Load() < 3 || sink.most.Load() != 1 {
+		t.Errorf("%d writes, at most %d at once; want several, one at a time", sink.writes.Load(), sink.most.Load())
+	}
+	next := make([]int, writers)
+	for line := range strings.Lines(sink.out.String()) {
+		var d decoded
+		if err := json.Unmarshal([]byte(line), &d); err != nil {
+			t.Fatalf("line %q: %v", line, err)
+		}
+		var w, i int
+		if _, err := fmt.Sscanf(d.RequestID, "w%d-%d", &w, &i); err != nil || i != next[w] {
+			t.Fatalf("line %q after writer %d's line %d", d.RequestID, w, next[w]-1)
+		}
+		next[w]++
+	}
+	for w, n := range next {
+		if n != each {
+			t.Errorf("writer %d: %d lines, want %d", w, n, each)
+		}
 	}
 }
