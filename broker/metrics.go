@@ -18,8 +18,7 @@ type metrics struct {
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
 	audit       *prometheus.CounterVec        // event
-	auditIssued prometheus.Counter            // the most frequent event's series, looked up once
-	auditOther  map[string]prometheus.Counter // the other known events' series
+	auditEvents map[string]prometheus.Counter // the known events' series, looked up once
 	secretUsed  *prometheus.CounterVec        // credential, secret (index in client_secret_files)
 }
 
@@ -63,20 +62,11 @@ func newMetrics() *metrics {
 	for _, op := range storeOps {
 		m.storeErrors.WithLabelValues(op)
 	}
-	m.auditIssued = m.audit.WithLabelValues(audit.TokenIssued)
-	m.auditOther = map[string]prometheus.Counter{}
-	for _, e := range []string{audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
-		m.auditOther[e] = m.audit.WithLabelValues(e)
+	m.auditEvents = map[string]prometheus.Counter{}
+	for _, e := range []string{audit.TokenIssued, audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
+		m.auditEvents[e] = m.audit.WithLabelValues(e)
 	}
 	return m
-}
-
-// auditCounter returns the series of a known audit event, or nil.
-func (m *metrics) auditCounter(event string) prometheus.Counter {
-	if event == audit.TokenIssued { // every token handed out: no hashing
-		return m.auditIssued
-	}
-	return m.auditOther[event]
 }
 
 var (

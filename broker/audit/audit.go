@@ -42,7 +42,7 @@ type Event struct {
 	Reason      string
 }
 
-// lineStamps format the two times of a line; zero values work.
+// lineStamps format the two times of a line; the zero value works.
 type lineStamps struct{ now, expiry stamps }
 
 // appendJSON appends e as one JSON line: "time" (now), "event", then the
@@ -164,7 +164,7 @@ type Logger struct {
 	sink       io.Writer
 	buf        []byte
 	spare      chan []byte // a written buffer, for the next swap
-	stamps     lineStamps
+	stamps     lineStamps  // guarded by mu
 	failClosed bool
 	closed     bool
 	stop       chan struct{} // closed by Close: the flusher ends

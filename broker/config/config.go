@@ -366,17 +366,13 @@ func resolveDir(base, dir string) string {
 }
 
 // CredentialsDirOf returns the credentials_dir that the configuration file
-// at path names, resolved, or "" when it names none or does not parse.
-// (Watching the files needs it without loading them.)
-func CredentialsDirOf(path string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
+// at path, holding data, names, resolved, or "" when it names none or does
+// not parse. (Watching the files needs it without loading them.)
+func CredentialsDirOf(path string, data []byte) string {
 	var top struct {
 		Dir string `yaml:"credentials_dir"`
 	}
-	if yaml.Unmarshal(b, &top) != nil || top.Dir == "" {
+	if yaml.Unmarshal(data, &top) != nil || top.Dir == "" {
 		return ""
 	}
 	return resolveDir(filepath.Dir(path), top.Dir)

@@ -115,7 +115,7 @@ func configSum(path string) [32]byte {
 	h := sha256.New()
 	b, _ := os.ReadFile(path)
 	h.Write(b)
-	if dir := config.CredentialsDirOf(path); dir != "" {
+	if dir := config.CredentialsDirOf(path, b); dir != "" {
 		names, _ := config.CredentialFiles(dir)
 		for _, name := range names {
 			content, err := os.ReadFile(filepath.Join(dir, name)) // through a ConfigMap's links
