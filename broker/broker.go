@@ -140,6 +140,7 @@ type Broker struct {
 	now   func() time.Time
 
 	creds         atomic.Pointer[map[string]*credential]
+	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
 	l1            sync.Map // cache key → *slot
 	flights       singleflight.Group
 	waiters       waiters
@@ -262,6 +263,11 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
+	// Open streams re-authorize against what was just stored.
+	next := make(chan struct{})
+	if old := b.changes.Swap(&next); old != nil {
+		close(*old)
+	}
 	// A removed credential stops being served at once (authorize finds it no
 	// more) and its tokens leave this process.
 	b.forgetRemoved(m)
@@ -310,11 +316,20 @@ type prepared struct {
 	demand time.Duration // what the caller asked; Watch raises minTTL, not this
 }
 
+// policyChanges returns a channel that is closed at the next SetCredentials.
+func (b *Broker) policyChanges() <-chan struct{} { return *b.changes.Load() }
+
 // prepare checks a request, the caller's right to it and the caller's rate.
 func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) {
 	if !b.requests.allow(caller) {
 		return prepared{}, fmt.Errorf("%w: caller %s is over its rate limit; slow down", ErrResourceExhausted, caller)
 	}
+	return b.admit(caller, req)
+}
+
+// admit checks a request and the caller's right to it under the credentials
+// and policy in force.
+func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
 	c, grant, err := b.authorize(caller, req.Credential)
 	if err != nil {
 		return prepared{}, err
@@ -413,10 +428,9 @@ func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []strin
 		if len(s) > config.MaxScopeLen {
 			return nil, "", fmt.Errorf("%w: a scope is longer than %d characters", ErrInvalidArgument, config.MaxScopeLen)
 		}
-		if !c.scopeSet[s] {
-			return nil, "", fmt.Errorf("%w: scope %q is not allowed for credential %q", ErrInvalidArgument, s, c.Name)
-		}
-		if g.Scopes != nil && !slices.Contains(g.Scopes, s) {
+		// One answer whether the scope exists or is only not granted, so
+		// that a caller cannot enumerate the credential's scopes.
+		if !c.scopeSet[s] || g.Scopes != nil && !slices.Contains(g.Scopes, s) {
 			return nil, "", fmt.Errorf("%w: caller %s may not use scope %q of credential %q", ErrPermissionDenied, caller, s, c.Name)
 		}
 	}

@@ -61,7 +61,7 @@ func TestResolveScopes(t *testing.T) {
 	if err != nil || key == c.defaultKey || strings.Join(scopes, " ") != "B" {
 		t.Errorf("resolve([B]) = %v, %q, %v; want [B] under its own key", scopes, key, err)
 	}
-	if _, _, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"C"}); !errors.Is(err, ErrInvalidArgument) {
-		t.Errorf("resolve([C]) = %v, want ErrInvalidArgument", err)
+	if _, _, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"C"}); !errors.Is(err, ErrPermissionDenied) {
+		t.Errorf("resolve([C]) = %v, want ErrPermissionDenied (the same as a scope not granted)", err)
 	}
 }

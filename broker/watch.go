@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
@@ -15,7 +16,13 @@ import (
 // previous token nears min_ttl, Watch asks for a newer one itself. Upstream
 // failures do not end the watch while the last token sent is still good; then
 // the failure is returned. Watch returns when ctx ends or send fails.
+//
+// Every change of the credentials or the policy (SetCredentials) authorizes
+// the stream again, before anything more is fetched or sent for it: a caller
+// that lost access (the caller, a scope or the credential removed) ends with
+// ErrPermissionDenied.
 func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request, send func(*store.Entry) error) error {
+	policyChanged := b.policyChanges()
 	p, err := b.prepare(caller, req)
 	if err != nil {
 		return err
@@ -34,6 +41,13 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	if err != nil {
 		return err
 	}
+	select {
+	case <-policyChanged: // changed since prepare: still allowed?
+		if _, err := b.admit(caller, req); err != nil {
+			return revoked(err)
+		}
+	default:
+	}
 	if err := send(is.Entry); err != nil {
 		return err
 	}
@@ -41,7 +55,27 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	last := is.Entry
 	s := b.slotFor(p.key, p.c, p.scopes)
 	s.watchers.Add(1) // a watched key is never idle
-	defer s.watchers.Add(-1)
+	defer func() { s.watchers.Add(-1) }()
+	// reauthorize admits the stream again after a change of the credentials
+	// or the policy; the request may now resolve to another key (a changed
+	// registration), whose token is then sent even if it expires sooner.
+	moved := false
+	reauthorize := func() error {
+		policyChanged = b.policyChanges()
+		np, err := b.admit(caller, req)
+		if err != nil {
+			return revoked(err)
+		}
+		np.minTTL, np.demand = p.minTTL, p.demand
+		if np.key != p.key {
+			s.watchers.Add(-1)
+			s = b.slotFor(np.key, np.c, np.scopes)
+			s.watchers.Add(1)
+			changed, moved = b.waiters.wait(np.key), true
+		}
+		p = np
+		return nil
+	}
 
 	retry := time.Second // after a failed attempt, the next is not sooner
 	var failedAt time.Time
@@ -53,11 +87,20 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		if !failedAt.IsZero() {
 			wait = max(wait, failedAt.Add(retry).Sub(b.now()))
 		}
+		if moved && failedAt.IsZero() {
+			wait = 0
+		}
 		t := time.NewTimer(max(wait, 0))
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
+		case <-policyChanged:
+			t.Stop()
+			if err := reauthorize(); err != nil {
+				return err
+			}
+			continue
 		case <-changed:
 		case <-t.C:
 		}
@@ -65,7 +108,9 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 
 		changed = b.waiters.wait(p.key)
 		q := p
-		if now := b.now(); !now.Before(due) {
+		if moved {
+			q.minTTL = p.minTTL
+		} else if now := b.now(); !now.Before(due) {
 			// Anything with more time left than last will do.
 			q.minTTL = max(p.minTTL, last.Expiry.Sub(now)+time.Second)
 		}
@@ -78,7 +123,17 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			return err
 		}
 		failedAt, retry = time.Time{}, time.Second
-		if newer(is.Entry, last) {
+		select {
+		case <-policyChanged: // changed while the token was got: judge again before sending
+			if err := reauthorize(); err != nil {
+				return err
+			}
+			continue
+		default:
+		}
+		wasMoved := moved
+		moved = false
+		if newer(is.Entry, last) || wasMoved && is.Entry.Fingerprint != last.Fingerprint {
 			if err := send(is.Entry); err != nil {
 				return err
 			}
@@ -86,6 +141,17 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			last = is.Entry
 		}
 	}
+}
+
+// revoked is the end of a stream whose caller lost access: why, under
+// PERMISSION_DENIED whatever the reason (so that it tells nothing more than
+// a new call would).
+func revoked(err error) error {
+	why := err.Error()
+	for _, sentinel := range []error{ErrPermissionDenied, ErrInvalidArgument} {
+		why = strings.TrimPrefix(why, sentinel.Error()+": ")
+	}
+	return fmt.Errorf("%w: WatchToken stream revoked by a configuration change: %s", ErrPermissionDenied, why)
 }
 
 // newer reports whether e replaces last.

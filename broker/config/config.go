@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
@@ -61,6 +62,8 @@ type Config struct {
 	Pprof bool `yaml:"pprof"`
 	// TLS is the server's TLS material.
 	TLS TLS `yaml:"tls"`
+	// Admin names who may call the tokenbroker.v1.Admin service.
+	Admin Admin `yaml:"admin"`
 	// Log configures the process log.
 	Log Log `yaml:"log"`
 	// Audit configures the audit trail.
@@ -86,16 +89,43 @@ type Config struct {
 // file's directory, or "" without one.
 func (c *Config) CredentialsDirPath() string { return c.credentialsDirPath }
 
-// TLS names the server certificate and the CA that client certificates must chain to.
+// TLS names the server certificate and what caller certificates must chain to.
 type TLS struct {
 	// CertFile is the server certificate chain (PEM).
 	CertFile string `yaml:"cert_file"`
 	// KeyFile is the server private key (PEM).
 	KeyFile string `yaml:"key_file"`
-	// ClientCAFile holds the CA certificates that caller certificates must chain to (PEM).
+	// ClientCAFile holds the CA certificates that caller certificates must
+	// chain to (PEM), for DNS-SAN callers and SPIFFE IDs of trust domains that
+	// have no bundle in ClientTrustBundles. Every CA in it can vouch for any
+	// such identity.
 	ClientCAFile string `yaml:"client_ca_file"`
+	// ClientTrustBundles bind SPIFFE trust domains to their own CAs: a
+	// SPIFFE ID of a listed trust domain verifies only against that bundle.
+	ClientTrustBundles []TrustBundle `yaml:"client_trust_bundles"`
 	// MinVersion is "1.3" (the default) or "1.2", for callers that cannot speak TLS 1.3.
 	MinVersion string `yaml:"min_version"`
+	// MaxConnectionAge is how long a caller's connection lives before the
+	// server asks it to reconnect (GOAWAY), ±10% jitter; a connection
+	// re-proves its certificate at least this often. Default 1h.
+	MaxConnectionAge Duration `yaml:"max_connection_age"`
+	// MaxConnectionAgeGrace is how long calls may still run on a connection
+	// past its MaxConnectionAge. Default 30s.
+	MaxConnectionAgeGrace Duration `yaml:"max_connection_age_grace"`
+}
+
+// TrustBundle is the CA bundle of one SPIFFE trust domain.
+type TrustBundle struct {
+	// TrustDomain is the trust domain's name, e.g. "bank.internal".
+	TrustDomain string `yaml:"trust_domain"`
+	// CAFile holds the trust domain's X.509 authorities (PEM).
+	CAFile string `yaml:"ca_file"`
+}
+
+// Admin configures the tokenbroker.v1.Admin service on the gRPC listener.
+type Admin struct {
+	// Callers may call it: patterns as in allowed_callers. Nobody by default.
+	Callers []string `yaml:"callers"`
 }
 
 // Log configures the process log (JSON lines on stderr).
@@ -302,6 +332,10 @@ const (
 	DefaultIdle       = 30 * time.Minute
 	DefaultMargin     = 10 * time.Second
 	DefaultRate       = 200 // calls per second per caller
+	// DefaultMaxConnectionAge and DefaultMaxConnectionAgeGrace bound how long
+	// a caller's connection lives (tls.max_connection_age, …_grace).
+	DefaultMaxConnectionAge      = time.Hour
+	DefaultMaxConnectionAgeGrace = 30 * time.Second
 )
 
 // Load reads and parses the file at path, and the files of its
@@ -459,6 +493,8 @@ func (c *Config) applyDefaults() {
 	if c.TLS.MinVersion == "" {
 		c.TLS.MinVersion = "1.3"
 	}
+	setDefault(&c.TLS.MaxConnectionAge, DefaultMaxConnectionAge)
+	setDefault(&c.TLS.MaxConnectionAgeGrace, DefaultMaxConnectionAgeGrace)
 	if c.Audit.Path == "" {
 		c.Audit.Path = "stdout"
 	}
@@ -510,13 +546,13 @@ func (c *Config) Validate() error {
 	if err := checkHostPort("admin_addr", c.AdminAddr); err != nil {
 		return err
 	}
-	for key, v := range map[string]string{"tls.cert_file": c.TLS.CertFile, "tls.key_file": c.TLS.KeyFile, "tls.client_ca_file": c.TLS.ClientCAFile} {
-		if v == "" {
-			return fieldErr(key, "required")
-		}
+	if err := c.TLS.validate(); err != nil {
+		return err
 	}
-	if c.TLS.MinVersion != "1.3" && c.TLS.MinVersion != "1.2" {
-		return fieldErr("tls.min_version", "must be \"1.3\" or \"1.2\"; got %q", c.TLS.MinVersion)
+	for i, p := range c.Admin.Callers {
+		if err := policy.CheckPattern(p); err != nil {
+			return fieldErr(fmt.Sprintf("admin.callers[%d]", i), "%v", err)
+		}
 	}
 	if rl := c.RateLimit; rl != nil && (rl.RequestsPerSecond < 0 || rl.Burst < 0 || rl.RequestsPerSecond > 0 && rl.Burst < 1) {
 		return fieldErr("rate_limit", "requests_per_second must be 0 (off) or positive, with a burst of at least 1")
@@ -712,6 +748,41 @@ func (cr *Credential) validate(p string) error {
 	return nil
 }
 
+func (t *TLS) validate() error {
+	for key, v := range map[string]string{"tls.cert_file": t.CertFile, "tls.key_file": t.KeyFile} {
+		if v == "" {
+			return fieldErr(key, "required")
+		}
+	}
+	if t.ClientCAFile == "" && len(t.ClientTrustBundles) == 0 {
+		return fieldErr("tls.client_ca_file", "required unless tls.client_trust_bundles is set")
+	}
+	seen := map[string]bool{}
+	for i, b := range t.ClientTrustBundles {
+		key := fmt.Sprintf("tls.client_trust_bundles[%d]", i)
+		if _, err := spiffeid.TrustDomainFromString(b.TrustDomain); err != nil || strings.Contains(b.TrustDomain, ":") {
+			return fieldErr(key+".trust_domain", "want a trust domain name of a-z 0-9 . _ - (like bank.internal, no spiffe://); got %q", b.TrustDomain)
+		}
+		if seen[b.TrustDomain] {
+			return fieldErr(key+".trust_domain", "%q is listed twice", b.TrustDomain)
+		}
+		seen[b.TrustDomain] = true
+		if b.CAFile == "" {
+			return fieldErr(key+".ca_file", "required")
+		}
+	}
+	if t.MinVersion != "1.3" && t.MinVersion != "1.2" {
+		return fieldErr("tls.min_version", "must be \"1.3\" or \"1.2\"; got %q", t.MinVersion)
+	}
+	if t.MaxConnectionAge != 0 && t.MaxConnectionAge.D() < time.Second {
+		return fieldErr("tls.max_connection_age", "must be at least 1s")
+	}
+	if t.MaxConnectionAgeGrace.D() < 0 {
+		return fieldErr("tls.max_connection_age_grace", "must not be negative")
+	}
+	return nil
+}
+
 func checkHostPort(key, v string) error {
 	if _, _, err := net.SplitHostPort(v); err != nil {
 		return fieldErr(key, "must be host:port; got %q", v)
@@ -769,8 +840,15 @@ func (c *Config) CheckFiles() error {
 	if err := check("tls.key_file", c.TLS.KeyFile); err != nil {
 		return err
 	}
-	if err := check("tls.client_ca_file", c.TLS.ClientCAFile); err != nil {
-		return err
+	if c.TLS.ClientCAFile != "" {
+		if err := check("tls.client_ca_file", c.TLS.ClientCAFile); err != nil {
+			return err
+		}
+	}
+	for i, b := range c.TLS.ClientTrustBundles {
+		if err := check(fmt.Sprintf("tls.client_trust_bundles[%d].ca_file", i), b.CAFile); err != nil {
+			return err
+		}
 	}
 	if c.Store.Backend == "redis" {
 		files := map[string]string{

@@ -86,11 +86,12 @@ func (ca *CA) Server(validity time.Duration, dnsNames ...string) (*Pair, error) 
 }
 
 // Client issues a client certificate. Each id is a URI SAN if it parses as a
-// URI with a scheme (spiffe://…), else a DNS SAN.
+// URI with a scheme (spiffe://…), written as given, else a DNS SAN.
 func (ca *CA) Client(validity time.Duration, ids ...string) (*Pair, error) {
 	tmpl := ca.leaf("tokenbroker client", validity, x509.ExtKeyUsageClientAuth)
 	for _, id := range ids {
 		if u, err := url.Parse(id); err == nil && u.Scheme != "" {
+			u.Scheme = id[:len(u.Scheme)] // as written: url.Parse lowercases it
 			tmpl.URIs = append(tmpl.URIs, u)
 		} else {
 			tmpl.DNSNames = append(tmpl.DNSNames, id)

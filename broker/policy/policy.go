@@ -3,7 +3,12 @@
 //
 // A caller's identity is the SPIFFE ID in its certificate's URI SAN, else its
 // first DNS SAN written as "dns:<name>". A certificate with more than one URI
-// SAN has no identity: it is ambiguous which one to trust. Patterns admit an
+// SAN has no identity: it is ambiguous which one to trust. SPIFFE IDs are
+// parsed strictly, as the SPIFFE ID specification writes them, from the
+// certificate's own bytes: a lowercase "spiffe://" scheme, a trust domain of
+// [a-z0-9._-], path segments of [A-Za-z0-9._-], no percent-encoding and no
+// empty, "." or ".." segments. Anything else is no identity at all, so that
+// one workload can never appear under two spellings. Patterns admit an
 // identity by exact match, or by a "/*" suffix that matches on a path segment
 // boundary: "spiffe://td/ns/kyc/*" admits "spiffe://td/ns/kyc/sa/api" but
 // neither "spiffe://td/ns/kycx/sa/api" nor "spiffe://td/ns/kyc" itself.
@@ -13,11 +18,13 @@ package policy
 
 import (
 	"crypto/x509"
+	"encoding/asn1"
 	"errors"
 	"fmt"
-	"net/url"
 	"slices"
 	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // Identity is a caller identity: a SPIFFE ID ("spiffe://…") or "dns:<name>".
@@ -33,20 +40,67 @@ var (
 
 // IdentityFromCert returns the identity of a verified leaf certificate.
 func IdentityFromCert(c *x509.Certificate) (Identity, error) {
-	if len(c.URIs) > 1 {
+	uris, err := uriSANs(c)
+	if err != nil {
+		return "", err
+	}
+	if len(uris) > 1 {
 		return "", ErrAmbiguousIdentity
 	}
-	if len(c.URIs) == 1 && c.URIs[0].Scheme == "spiffe" {
-		id := c.URIs[0].String()
-		if err := checkSPIFFE(id); err != nil {
-			return "", fmt.Errorf("certificate URI SAN: %w", err)
+	if len(uris) == 1 && len(uris[0]) >= len("spiffe:") && strings.EqualFold(uris[0][:len("spiffe:")], "spiffe:") {
+		id, err := spiffeid.FromString(uris[0])
+		if err != nil {
+			return "", fmt.Errorf("certificate URI SAN is not a valid SPIFFE ID: %w", err)
 		}
-		return Identity(id), nil
+		return Identity(id.String()), nil
 	}
 	if len(c.DNSNames) > 0 && c.DNSNames[0] != "" {
 		return Identity("dns:" + strings.ToLower(c.DNSNames[0])), nil
 	}
 	return "", ErrNoIdentity
+}
+
+// oidSubjectAltName is the subjectAltName extension (RFC 5280 §4.2.1.6).
+var oidSubjectAltName = asn1.ObjectIdentifier{2, 5, 29, 17}
+
+// uriSANs returns the certificate's URI SANs exactly as encoded. The parsed
+// c.URIs will not do: url.Parse lowercases the scheme and decodes
+// percent-escapes, so "SPIFFE://td/%70ayments" would read as a valid ID.
+func uriSANs(c *x509.Certificate) ([]string, error) {
+	for _, ext := range c.Extensions {
+		if !ext.Id.Equal(oidSubjectAltName) {
+			continue
+		}
+		var seq asn1.RawValue
+		if rest, err := asn1.Unmarshal(ext.Value, &seq); err != nil || len(rest) > 0 || seq.Tag != asn1.TagSequence || !seq.IsCompound {
+			return nil, errors.New("certificate subjectAltName does not parse")
+		}
+		var uris []string
+		for rest := seq.Bytes; len(rest) > 0; {
+			var name asn1.RawValue
+			var err error
+			if rest, err = asn1.Unmarshal(rest, &name); err != nil {
+				return nil, errors.New("certificate subjectAltName does not parse")
+			}
+			if name.Class == asn1.ClassContextSpecific && name.Tag == 6 { // uniformResourceIdentifier
+				uris = append(uris, string(name.Bytes))
+			}
+		}
+		return uris, nil
+	}
+	return nil, nil
+}
+
+// IsSPIFFE reports whether id is a SPIFFE ID.
+func (id Identity) IsSPIFFE() bool { return strings.HasPrefix(string(id), "spiffe://") }
+
+// TrustDomain is the trust domain of a SPIFFE ID, or "" for other identities.
+func (id Identity) TrustDomain() string {
+	if !id.IsSPIFFE() {
+		return ""
+	}
+	td, _, _ := strings.Cut(string(id)[len("spiffe://"):], "/")
+	return td
 }
 
 // Rule admits the callers its Pattern matches, to the Scopes it lists (all
@@ -146,19 +200,8 @@ func CheckPattern(p string) error {
 }
 
 func checkSPIFFE(id string) error {
-	u, err := url.Parse(id)
-	if err != nil || u.Scheme != "spiffe" {
-		return errors.New("not a SPIFFE ID")
-	}
-	if u.Host == "" || u.Port() != "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
-		return errors.New("a SPIFFE ID is spiffe://<trust domain>/<path> with no port, user, query or fragment")
-	}
-	if u.Path != "" {
-		for _, seg := range strings.Split(u.Path[1:], "/") {
-			if seg == "" || seg == "." || seg == ".." {
-				return errors.New("a SPIFFE ID path has no empty, '.' or '..' segments")
-			}
-		}
+	if _, err := spiffeid.FromString(id); err != nil {
+		return fmt.Errorf("not a valid SPIFFE ID (lowercase spiffe://, trust domain of a-z 0-9 . _ -, path segments of A-Z a-z 0-9 . _ -): %w", err)
 	}
 	return nil
 }

@@ -1,11 +1,16 @@
 package policy
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"errors"
+	"math/big"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestMatcher(t *testing.T) {
@@ -79,12 +84,33 @@ func TestCompileRejects(t *testing.T) {
 	for _, p := range []string{
 		"", "*", "spiffe://", "spiffe://td/a/*/b", "spiffe://td/a*", "spiffe://td:8080/a",
 		"spiffe://td//a", "spiffe://td/a/../b", "https://td/a", "dns:", "dns:*.bank.internal",
-		"spiffe://td/a?x=1",
+		"spiffe://td/a?x=1", "SPIFFE://td/a", "spiffe://TD/a", "spiffe://td/%70ayments", "spiffe://td/a/./b",
 	} {
 		if _, err := Compile([]string{p}); err == nil {
 			t.Errorf("Compile(%q) = nil error, want one", p)
 		}
 	}
+}
+
+// certWith returns a parsed certificate with these SANs, encoded by
+// crypto/x509 as written (a url.URL keeps the scheme's case and a RawPath).
+func certWith(t *testing.T, uris []*url.URL, dns []string) *x509.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Minute),
+		NotAfter: time.Now().Add(time.Hour), URIs: uris, DNSNames: dns}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 func TestIdentityFromCert(t *testing.T) {
@@ -97,20 +123,43 @@ func TestIdentityFromCert(t *testing.T) {
 	}
 	tests := []struct {
 		name    string
-		cert    *x509.Certificate
+		uris    []*url.URL
+		dns     []string
 		want    Identity
-		wantErr error
+		wantErr error // nil: none; errAny: some error
 	}{
-		{"spiffe", &x509.Certificate{URIs: []*url.URL{u("spiffe://td/a")}, DNSNames: []string{"x"}}, "spiffe://td/a", nil},
-		{"dns", &x509.Certificate{DNSNames: []string{"API.internal", "b"}}, "dns:api.internal", nil},
-		{"non-spiffe URI falls back to DNS", &x509.Certificate{URIs: []*url.URL{u("https://x/y")}, DNSNames: []string{"a"}}, "dns:a", nil},
-		{"two URIs", &x509.Certificate{URIs: []*url.URL{u("spiffe://td/a"), u("spiffe://td/b")}}, "", ErrAmbiguousIdentity},
-		{"nothing", &x509.Certificate{}, "", ErrNoIdentity},
+		{"spiffe", []*url.URL{u("spiffe://td/a")}, []string{"x"}, "spiffe://td/a", nil},
+		{"dns", nil, []string{"API.internal", "b"}, "dns:api.internal", nil},
+		{"non-spiffe URI falls back to DNS", []*url.URL{u("https://x/y")}, []string{"a"}, "dns:a", nil},
+		{"two URIs", []*url.URL{u("spiffe://td/a"), u("spiffe://td/b")}, nil, "", ErrAmbiguousIdentity},
+		{"nothing", nil, nil, "", ErrNoIdentity},
+		// Spellings that url.Parse would normalise into a valid ID are no identity.
+		{"uppercase scheme", []*url.URL{{Scheme: "SPIFFE", Host: "td", Path: "/payments"}}, []string{"x"}, "", errAny},
+		{"percent-encoded path", []*url.URL{{Scheme: "spiffe", Host: "td", Path: "/payments", RawPath: "/%70ayments"}}, []string{"x"}, "", errAny},
+		{"uppercase trust domain", []*url.URL{{Scheme: "spiffe", Host: "TD", Path: "/payments"}}, []string{"x"}, "", errAny},
+		{"dot segment", []*url.URL{{Scheme: "spiffe", Host: "td", Path: "/a/../payments"}}, nil, "", errAny},
+		{"empty segment", []*url.URL{{Scheme: "spiffe", Host: "td", Path: "/a//b"}}, nil, "", errAny},
+		{"port", []*url.URL{u("spiffe://td:443/a")}, nil, "", errAny},
 	}
 	for _, tt := range tests {
-		got, err := IdentityFromCert(tt.cert)
-		if got != tt.want || !errors.Is(err, tt.wantErr) {
-			t.Errorf("%s: IdentityFromCert = %q, %v; want %q, %v", tt.name, got, err, tt.want, tt.wantErr)
+		got, err := IdentityFromCert(certWith(t, tt.uris, tt.dns))
+		switch {
+		case got != tt.want:
+			t.Errorf("%s: IdentityFromCert = %q, %v; want %q", tt.name, got, err, tt.want)
+		case tt.wantErr == errAny && err == nil:
+			t.Errorf("%s: IdentityFromCert = %q, nil error; want an error", tt.name, got)
+		case tt.wantErr != errAny && !errors.Is(err, tt.wantErr):
+			t.Errorf("%s: IdentityFromCert error = %v, want %v", tt.name, err, tt.wantErr)
+		}
+	}
+}
+
+var errAny = errors.New("any error")
+
+func TestTrustDomain(t *testing.T) {
+	for id, want := range map[Identity]string{"spiffe://bank.internal/ns/a": "bank.internal", "spiffe://td": "td", "dns:api.internal": ""} {
+		if got := id.TrustDomain(); got != want {
+			t.Errorf("%s.TrustDomain() = %q, want %q", id, got, want)
 		}
 	}
 }

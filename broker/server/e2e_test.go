@@ -86,7 +86,7 @@ func TestStatusCodes(t *testing.T) {
 		{"two URI SANs", []string{payments, kycWork}, &pb.GetTokenRequest{Credential: "identity"},
 			codes.Unauthenticated, "more than one URI SAN"},
 		{"scope outside credential", []string{payments}, &pb.GetTokenRequest{Credential: "identity", Scopes: []string{"IDENTITY", "ADMIN"}},
-			codes.InvalidArgument, `scope "ADMIN" is not allowed for credential "identity"`},
+			codes.PermissionDenied, `caller ` + payments + ` may not use scope "ADMIN" of credential "identity"`},
 		{"empty credential", []string{payments}, &pb.GetTokenRequest{}, codes.InvalidArgument, "credential is required"},
 		{"overlong credential", []string{payments}, &pb.GetTokenRequest{Credential: strings.Repeat("a", 129)},
 			codes.InvalidArgument, "credential must be 1 to 128 characters"},

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -93,7 +94,7 @@ func restartKeys(old, cur *config.Config) []string {
 		{"admin_addr", old.AdminAddr, cur.AdminAddr},
 		{"reflection", old.Reflection, cur.Reflection},
 		{"pprof", old.Pprof, cur.Pprof},
-		{"tls", old.TLS, cur.TLS},
+		{"tls", effectiveTLS(old.TLS), effectiveTLS(cur.TLS)},
 		{"log", old.Log, cur.Log},
 		{"audit", old.Audit, cur.Audit},
 		{"rate_limit", old.RateLimit, cur.RateLimit},
@@ -107,6 +108,13 @@ func restartKeys(old, cur *config.Config) []string {
 		}
 	}
 	return out
+}
+
+// effectiveTLS is t with the defaults the server applies to a zero value.
+func effectiveTLS(t config.TLS) config.TLS {
+	t.MaxConnectionAge = cmp.Or(t.MaxConnectionAge, config.Duration(config.DefaultMaxConnectionAge))
+	t.MaxConnectionAgeGrace = cmp.Or(t.MaxConnectionAgeGrace, config.Duration(config.DefaultMaxConnectionAgeGrace))
+	return t
 }
 
 // configSum hashes the configuration file and every file its

@@ -115,6 +115,8 @@ type Server struct {
 	health    *healthServer
 	admin     *http.Server
 	tls       *tlsreload.Reloader
+	conns     *grpcapi.Conns
+	connsShut *prometheus.CounterVec // reason
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
@@ -181,11 +183,24 @@ func New(opts Options) (*Server, error) {
 		minVersion = tls.VersionTLS12
 	}
 	var err error
-	s.tls, err = tlsreload.New(tlsreload.Files{CertFile: s.cfg.TLS.CertFile, KeyFile: s.cfg.TLS.KeyFile,
-		ClientCAFile: s.cfg.TLS.ClientCAFile}, minVersion)
-	if err != nil {
+	files := tlsreload.Files{CertFile: s.cfg.TLS.CertFile, KeyFile: s.cfg.TLS.KeyFile, ClientCAFile: s.cfg.TLS.ClientCAFile}
+	for _, b := range s.cfg.TLS.ClientTrustBundles {
+		files.TrustBundles = append(files.TrustBundles, tlsreload.TrustBundle{TrustDomain: b.TrustDomain, CAFile: b.CAFile})
+	}
+	if s.tls, err = tlsreload.New(files, minVersion); err != nil {
 		return nil, err
 	}
+	s.connsShut = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tokenbroker_connections_closed_total",
+		Help: "Caller connections the broker closed because what admitted them no longer holds, by reason.",
+	}, []string{"reason"})
+	for _, r := range []string{grpcapi.ReasonCertificateExpired, grpcapi.ReasonTrustRemoved} {
+		s.connsShut.WithLabelValues(r)
+	}
+	s.conns = grpcapi.NewConns(s.tls.Verify, func(id policy.Identity, reason string) {
+		s.connsShut.WithLabelValues(reason).Inc()
+		s.log.Warn("caller connection closed", zap.String("caller", string(id)), zap.String("reason", reason))
+	})
 	s.tp = opts.TracerProvider
 	creds, err := brokerCredentials(s.cfg, s.now, s.tp)
 	if err != nil {
@@ -232,8 +247,12 @@ func New(opts Options) (*Server, error) {
 		Name: "tokenbroker_server_certificate_expiry_timestamp_seconds",
 		Help: "When the server certificate in use expires (Unix time); follows TLS reloads.",
 	}, func() float64 { return float64(s.tls.Leaf().NotAfter.Unix()) })
+	openConns := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tokenbroker_connections_open",
+		Help: "Caller connections open past their TLS handshake.",
+	}, func() float64 { return float64(s.conns.Len()) })
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s})
+		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s}, s.connsShut, openConns)
 
 	handshake, streams := cmp.Or(opts.HandshakeTimeout, HandshakeTimeout), cmp.Or(opts.MaxStreamsPerConnection, MaxStreamsPerConnection)
 	serverOpts := []grpc.ServerOption{}
@@ -242,13 +261,18 @@ func New(opts Options) (*Server, error) {
 			otelgrpc.WithPropagators(propagation.TraceContext{}))))
 	}
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.Creds(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
+		grpc.Creds(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()), s.conns)),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
 		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// A connection re-proves its certificate at least this often (grpc-go
+		// adds ±10% jitter so that a fleet does not reconnect at once).
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionAge:      cmp.Or(s.cfg.TLS.MaxConnectionAge.D(), config.DefaultMaxConnectionAge),
+			MaxConnectionAgeGrace: cmp.Or(s.cfg.TLS.MaxConnectionAgeGrace.D(), config.DefaultMaxConnectionAgeGrace)}),
 	)...)
 	s.svc = grpcapi.NewService(s.broker, s.log, s.tp != nil)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
@@ -378,14 +402,18 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.serving.Store(true)
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go s.tls.Watch(watchCtx, TLSReloadInterval, func(changed bool, err error) {
-		if err != nil {
-			s.log.Error("new TLS material does not load; the previous stays in force", zap.Error(err))
-			return
+	go func() {
+		t := time.NewTicker(TLSReloadInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-watchCtx.Done():
+				return
+			case <-t.C:
+				_, _ = s.ReloadTLS()
+			}
 		}
-		s.log.Info("TLS material reloaded", zap.String("subject", s.tls.Leaf().Subject.String()),
-			zap.Time("not_after", s.tls.Leaf().NotAfter))
-	})
+	}()
 	s.log.Info("serving", zap.Stringer("grpc_addr", s.GRPCAddr()), zap.Stringer("admin_addr", s.AdminAddr()),
 		zap.Int("credentials", len(s.cfg.Credentials)), zap.String("store", s.store.Name()))
 
@@ -397,6 +425,24 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.shutdown()
 	return err
+}
+
+// ReloadTLS re-reads the TLS files. When they changed, new handshakes use
+// them at once, and every open connection whose client chain no longer
+// verifies against the new trust material is closed. It reports whether the
+// material changed; on error the previous material stays in force.
+func (s *Server) ReloadTLS() (bool, error) {
+	changed, err := s.tls.Reload()
+	if err != nil {
+		s.log.Error("new TLS material does not load; the previous stays in force", zap.Error(err))
+		return false, err
+	}
+	if changed {
+		closed := s.conns.Recheck(time.Now())
+		s.log.Info("TLS material reloaded", zap.String("subject", s.tls.Leaf().Subject.String()),
+			zap.Time("not_after", s.tls.Leaf().NotAfter), zap.Int("connections_closed", closed))
+	}
+	return changed, nil
 }
 
 func (s *Server) shutdown() {

@@ -147,7 +147,7 @@ func TestWatchRejectsLikeGetToken(t *testing.T) {
 		code codes.Code
 	}{
 		{[]string{stranger}, &pb.WatchTokenRequest{Credential: "identity"}, codes.PermissionDenied},
-		{[]string{payments}, &pb.WatchTokenRequest{Credential: "identity", Scopes: []string{"ADMIN"}}, codes.InvalidArgument},
+		{[]string{payments}, &pb.WatchTokenRequest{Credential: "identity", Scopes: []string{"ADMIN"}}, codes.PermissionDenied},
 		{[]string{payments}, &pb.WatchTokenRequest{Credential: "identity", MinTtl: durationpb.New(2 * time.Hour)}, codes.FailedPrecondition},
 	} {
 		_, errs, _ := watch(t, h.client(tt.ids...), tt.req)

@@ -1,13 +1,19 @@
-// Package tlsreload serves TLS from certificate, key and client CA files that
-// may change while the server runs: each new handshake uses the newest valid
-// material, and connections already open keep theirs. A change that does not
-// load (a half-written file, a key that does not match) is reported and the
-// previous material stays in force.
+// Package tlsreload serves TLS from certificate, key and client trust files
+// that may change while the server runs: each new handshake uses the newest
+// valid material, and Verify re-checks a connection already open against it.
+// A change that does not load (a half-written file, a key that does not match)
+// is reported and the previous material stays in force.
+//
+// Client certificates are verified by the caller's identity (see package
+// policy): a SPIFFE ID whose trust domain has a bundle of its own verifies
+// against that bundle alone (SPIFFE X509-SVID verification), so one trust
+// domain's CA cannot vouch for another's workloads; any other certificate
+// verifies against the client CA file, whose every CA can vouch for any such
+// identity.
 package tlsreload
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -16,19 +22,68 @@ import (
 	"os"
 	"sync/atomic"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
 // Files names the server's TLS material.
 type Files struct {
-	CertFile, KeyFile, ClientCAFile string
+	CertFile, KeyFile string
+	// ClientCAFile may be empty when TrustBundles are given.
+	ClientCAFile string
+	// TrustBundles are the CA files of SPIFFE trust domains, by name.
+	TrustBundles []TrustBundle
+}
+
+// TrustBundle is one trust domain's CA file.
+type TrustBundle struct {
+	TrustDomain, CAFile string
 }
 
 // material is one loaded generation of the files.
 type material struct {
-	cert *tls.Certificate
-	leaf *x509.Certificate
-	pool *x509.CertPool
-	sum  [32]byte // of the three files' contents, to notice changes
+	cert    *tls.Certificate
+	leaf    *x509.Certificate
+	pool    *x509.CertPool // client_ca_file; nil without one
+	bundles *x509bundle.Set
+	hints   *x509.CertPool // every CA, named in the certificate request
+	sum     [32]byte       // of every file's contents, to notice changes
+}
+
+// ErrUntrusted is wrapped by Verify's errors: the chain does not verify.
+var ErrUntrusted = errors.New("client certificate is not trusted")
+
+// verify checks a peer's certificate chain (leaf first, as sent) at now.
+func (m *material) verify(chain []*x509.Certificate, now time.Time) error {
+	if len(chain) == 0 {
+		return fmt.Errorf("%w: no certificate", ErrUntrusted)
+	}
+	leaf := chain[0]
+	if id, err := policy.IdentityFromCert(leaf); err == nil && id.IsSPIFFE() {
+		td, err := spiffeid.TrustDomainFromString(id.TrustDomain())
+		if err == nil && m.bundles.Has(td) {
+			if _, _, err := x509svid.Verify(chain, m.bundles, x509svid.WithTime(now)); err != nil {
+				return fmt.Errorf("%w: %s does not verify against trust domain %s's bundle: %w", ErrUntrusted, id, td, err)
+			}
+			return nil
+		}
+	}
+	if m.pool == nil {
+		return fmt.Errorf("%w: no trust bundle for this identity and no tls.client_ca_file", ErrUntrusted)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: m.pool, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return fmt.Errorf("%w: %w", ErrUntrusted, err)
+	}
+	return nil
 }
 
 // Reloader holds the current TLS material.
@@ -58,10 +113,6 @@ func load(f Files) (*material, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tls.key_file: %w", err)
 	}
-	caPEM, err := os.ReadFile(f.ClientCAFile)
-	if err != nil {
-		return nil, fmt.Errorf("tls.client_ca_file: %w", err)
-	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
 		return nil, fmt.Errorf("tls.cert_file/tls.key_file: %w", err)
@@ -72,11 +123,47 @@ func load(f Files) (*material, error) {
 			return nil, fmt.Errorf("tls.cert_file: %w", err)
 		}
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, errors.New("tls.client_ca_file: no PEM certificates found")
+	m := &material{cert: &cert, leaf: leaf, bundles: x509bundle.NewSet(), hints: x509.NewCertPool()}
+	sum := sha256.New()
+	sum.Write(bytes.Join([][]byte{certPEM, keyPEM}, []byte{0}))
+	if f.ClientCAFile != "" {
+		caPEM, err := os.ReadFile(f.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls.client_ca_file: %w", err)
+		}
+		m.pool = x509.NewCertPool()
+		if !m.pool.AppendCertsFromPEM(caPEM) {
+			return nil, errors.New("tls.client_ca_file: no PEM certificates found")
+		}
+		m.hints.AppendCertsFromPEM(caPEM)
+		sum.Write([]byte{0})
+		sum.Write(caPEM)
 	}
-	return &material{cert: &cert, leaf: leaf, pool: pool, sum: sha256.Sum256(bytes.Join([][]byte{certPEM, keyPEM, caPEM}, []byte{0}))}, nil
+	for i, b := range f.TrustBundles {
+		key := fmt.Sprintf("tls.client_trust_bundles[%d].ca_file", i)
+		td, err := spiffeid.TrustDomainFromString(b.TrustDomain)
+		if err != nil {
+			return nil, fmt.Errorf("tls.client_trust_bundles[%d].trust_domain: %w", i, err)
+		}
+		pemBytes, err := os.ReadFile(b.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", key, err)
+		}
+		bundle, err := x509bundle.Parse(td, pemBytes)
+		if err != nil || bundle.Empty() {
+			return nil, fmt.Errorf("%s: no PEM certificates found", key)
+		}
+		m.bundles.Add(bundle)
+		for _, ca := range bundle.X509Authorities() {
+			m.hints.AddCert(ca)
+		}
+		sum.Write([]byte{0})
+		sum.Write([]byte(b.TrustDomain))
+		sum.Write([]byte{0})
+		sum.Write(pemBytes)
+	}
+	sum.Sum(m.sum[:0])
+	return m, nil
 }
 
 // Reload re-reads the files. It reports whether new material took effect;
@@ -93,41 +180,49 @@ func (r *Reloader) Reload() (bool, error) {
 	return true, nil
 }
 
-// Watch calls Reload every interval until ctx ends, and report with each
-// change or error.
-func (r *Reloader) Watch(ctx context.Context, interval time.Duration, report func(changed bool, err error)) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if changed, err := r.Reload(); changed || err != nil {
-				report(changed, err)
-			}
-		}
-	}
-}
-
 // Leaf is the current server certificate.
 func (r *Reloader) Leaf() *x509.Certificate { return r.cur.Load().leaf }
 
-// ServerConfig returns a configuration that requires and verifies client
-// certificates against the current client CA and presents the current
-// certificate, with session tickets off so every connection proves its
-// certificate afresh.
+// Verify checks a peer's certificate chain (leaf first) against the current
+// material at now; its errors wrap ErrUntrusted. It is how a connection that
+// is already open is judged again after the trust files change.
+func (r *Reloader) Verify(chain []*x509.Certificate, now time.Time) error {
+	return r.cur.Load().verify(chain, now)
+}
+
+// VerifiedConn is a connection that wants to know the client certificate
+// chain that the handshake verified: the raw connection handed to a
+// tls.Server made from ServerConfig may implement it.
+type VerifiedConn interface {
+	SetVerifiedChain(chain []*x509.Certificate)
+}
+
+// ServerConfig returns a configuration that requires client certificates,
+// verifies them against the current trust material by identity (the
+// standard verification cannot bind a trust domain to its CA), and presents
+// the current certificate, with session tickets off so every connection
+// proves its certificate afresh. A raw connection that implements
+// VerifiedConn is told the verified chain.
 func (r *Reloader) ServerConfig() *tls.Config {
 	base := &tls.Config{MinVersion: r.minVersion, SessionTicketsDisabled: true}
-	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		m := r.cur.Load()
 		return &tls.Config{
 			MinVersion:             r.minVersion,
 			Certificates:           []tls.Certificate{*m.cert},
-			ClientAuth:             tls.RequireAndVerifyClientCert,
-			ClientCAs:              m.pool,
+			ClientAuth:             tls.RequireAnyClientCert, // verified below, by identity
+			ClientCAs:              m.hints,                  // only names the CAs to the client
 			SessionTicketsDisabled: true,
 			NextProtos:             []string{"h2"},
+			VerifyConnection: func(cs tls.ConnectionState) error {
+				if err := m.verify(cs.PeerCertificates, time.Now()); err != nil {
+					return err
+				}
+				if vc, ok := hello.Conn.(VerifiedConn); ok {
+					vc.SetVerifiedChain(cs.PeerCertificates)
+				}
+				return nil
+			},
 		}, nil
 	}
 	return base

@@ -134,7 +134,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		fmt.Fprint(stdout, env.Instructions(srv.GRPCAddr().String(), srv.AdminAddr().String()))
 		*configPath = env.Path(devmode.ConfigFile)
 	}
-	// The credentials and caller policy are re-read on SIGHUP and when the file changes.
+	// The credentials and caller policy are re-read on SIGHUP and when the
+	// file changes; SIGHUP re-reads the TLS files at once too.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -145,6 +146,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return
 			case <-hup:
 				_ = srv.ReloadFile(*configPath)
+				_, _ = srv.ReloadTLS()
 			}
 		}
 	}()
