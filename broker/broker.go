@@ -141,7 +141,7 @@ type Broker struct {
 
 	creds         atomic.Pointer[map[string]*credential]
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
-	l1            sync.Map // cache key → *slot
+	l1            sync.Map                      // cache key → *slot
 	flights       singleflight.Group
 	waiters       waiters
 	invalidations limiters // InvalidateToken, per caller
