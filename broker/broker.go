@@ -689,6 +689,7 @@ func (b *Broker) upstreamFailed(c *credential, err error) error {
 		zap.String("reason", string(ue.Reason)),
 		zap.String("oauth_error", ue.Code),
 		zap.Int("http_status", ue.StatusCode),
+		zap.String("oauth_error_description", ue.Description),
 		zap.Error(ue))
 	what := string(ue.Reason)
 	if ue.Code != "" {

@@ -30,15 +30,16 @@ const (
 
 // gate decides when the next request for a credential may go to the token endpoint.
 type gate struct {
-	mu       sync.Mutex
-	failures int           // consecutive
-	next     time.Time     // no attempt before this
-	lastErr  error         // what callers are told while waiting
-	reason   string        // failure class of the last attempt
-	refused  string        // the OAuth error code while the registration is refused
-	since    time.Time     // start of the current failure run
-	probing  bool          // an attempt admitted while failing has not reported yet
-	settled  chan struct{} // closed, and replaced, when an attempt reports
+	mu          sync.Mutex
+	failures    int           // consecutive
+	next        time.Time     // no attempt before this
+	lastErr     error         // what callers are told while waiting
+	reason      string        // failure class of the last attempt
+	refused     string        // the OAuth error code while the registration is refused
+	description string        // the last error_description, checked (upstream.Error)
+	since       time.Time     // start of the current failure run
+	probing     bool          // an attempt admitted while failing has not reported yet
+	settled     chan struct{} // closed, and replaced, when an attempt reports
 }
 
 // closedError is what admit returns while the gate holds attempts back. It
@@ -151,9 +152,9 @@ func (g *gate) failed(now time.Time, err error, ue *upstream.Error) {
 	g.failures++
 	g.lastErr = err
 	g.refused = ""
-	g.reason = "error"
+	g.reason, g.description = "error", ""
 	if ue != nil {
-		g.reason = string(ue.Reason)
+		g.reason, g.description = string(ue.Reason), ue.Description
 	}
 	var delay time.Duration
 	switch {
@@ -179,7 +180,7 @@ func (g *gate) succeeded() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.reportLocked()
-	g.failures, g.next, g.lastErr, g.reason, g.refused, g.since = 0, time.Time{}, nil, "", "", time.Time{}
+	g.failures, g.next, g.lastErr, g.reason, g.refused, g.since, g.description = 0, time.Time{}, nil, "", "", time.Time{}, ""
 }
 
 // CredentialHealth is the upstream state of one credential.
@@ -189,6 +190,9 @@ type CredentialHealth struct {
 	State string `json:"state"`
 	// Reason is the OAuth error code or failure class, when not ok.
 	Reason string `json:"reason,omitempty"`
+	// Description is the token endpoint's error_description, when it sent
+	// one (checked and capped; see upstream.Error). For operators only.
+	Description string `json:"description,omitempty"`
 	// Failures counts consecutive failed attempts.
 	Failures int `json:"consecutive_failures,omitempty"`
 	// Since is when the current failure run began.
@@ -204,7 +208,7 @@ func (g *gate) health() CredentialHealth {
 		return CredentialHealth{State: "ok"}
 	}
 	since, next := g.since, g.next
-	h := CredentialHealth{State: "failing", Reason: g.reason, Failures: g.failures, Since: &since, NextAttempt: &next}
+	h := CredentialHealth{State: "failing", Reason: g.reason, Description: g.description, Failures: g.failures, Since: &since, NextAttempt: &next}
 	if g.refused != "" {
 		h.State, h.Reason = "refused", g.refused
 	}

@@ -12,6 +12,7 @@
 package oauthtest
 
 import (
+	"cmp"
 	"crypto"
 	"crypto/hmac"
 	"crypto/rand"
@@ -80,6 +81,9 @@ type Faults struct {
 	// ErrorCode, when set, answers with this RFC 6749 §5.2 error
 	// (401 for invalid_client, 400 otherwise).
 	ErrorCode string
+	// ErrorDescription, when set, is the error_description sent with
+	// ErrorCode, as given (a hostile server may send anything).
+	ErrorDescription string
 	// Malformed answers 200 with a body that is not valid JSON.
 	Malformed bool
 	// OmitExpiresIn leaves expires_in out of the response.
@@ -299,10 +303,10 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, http.StatusText(f.Status), f.Status)
 		return
 	case f.ErrorCode == "invalid_client":
-		oauthError(w, http.StatusUnauthorized, f.ErrorCode, "client authentication failed")
+		oauthError(w, http.StatusUnauthorized, f.ErrorCode, cmp.Or(f.ErrorDescription, "client authentication failed"))
 		return
 	case f.ErrorCode != "":
-		oauthError(w, http.StatusBadRequest, f.ErrorCode, "fault injected")
+		oauthError(w, http.StatusBadRequest, f.ErrorCode, cmp.Or(f.ErrorDescription, "fault injected"))
 		return
 	}
 

@@ -64,6 +64,11 @@ type Error struct {
 	// Location is where a redirect pointed: scheme and host only, never a
 	// path or query (which may carry anything).
 	Location string
+	// Description is the server's error_description, for operators (log,
+	// readiness, inventory) and never for callers: only the characters RFC
+	// 6749 §5.2 allows, at most MaxDescription bytes; empty when it sent
+	// none or anything else. Error does not include it.
+	Description string
 
 	detail string
 	err    error // a cause that is safe to print (never an oauth2.RetrieveError)
@@ -128,8 +133,9 @@ func redirected(resp *http.Response) *Error {
 
 // fromResponse is the failure of a response that carried an error status or
 // an RFC 6749 §5.2 error code.
-func fromResponse(resp *http.Response, code string) *Error {
-	e := &Error{Code: code, StatusCode: resp.StatusCode, RetryAfter: retryAfter(resp.Header.Get("Retry-After"), time.Now())}
+func fromResponse(resp *http.Response, code, description string) *Error {
+	e := &Error{Code: code, StatusCode: resp.StatusCode, RetryAfter: retryAfter(resp.Header.Get("Retry-After"), time.Now()),
+		Description: cleanDescription(description)}
 	if !knownCodes[e.Code] && e.Code != "" {
 		e.Code = "other"
 	}
@@ -147,6 +153,25 @@ func fromResponse(resp *http.Response, code string) *Error {
 		e.Reason, e.Temporary = ReasonMalformed, true
 	}
 	return e
+}
+
+// MaxDescription caps the error_description kept from a response.
+const MaxDescription = 200
+
+// cleanDescription keeps an error_description made only of the characters
+// RFC 6749 §5.2 allows (printable ASCII but '"' and '\\'), cut to
+// MaxDescription; anything else is dropped whole, so that a hostile server
+// cannot put control characters or markup in front of an operator.
+func cleanDescription(d string) string {
+	for i := 0; i < len(d); i++ {
+		if c := d[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
+			return ""
+		}
+	}
+	if len(d) > MaxDescription {
+		d = d[:MaxDescription]
+	}
+	return d
 }
 
 // retryAfter parses a Retry-After header: delay seconds or an HTTP date.

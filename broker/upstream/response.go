@@ -24,6 +24,8 @@ type tokenResponse struct {
 	expiresIn any
 	// errorCode is the RFC 6749 §5.2 error member.
 	errorCode string
+	// errorDescription is its error_description, as sent.
+	errorDescription string
 }
 
 // errDuplicate: a member appears twice. Two parsers (or two versions of one)
@@ -54,6 +56,7 @@ func parseForm(body []byte) (tokenResponse, error) {
 	}
 	var r tokenResponse
 	r.accessToken, r.tokenType, r.scope, r.errorCode = vals.Get("access_token"), vals.Get("token_type"), vals.Get("scope"), vals.Get("error")
+	r.errorDescription = vals.Get("error_description")
 	if vals.Has("expires_in") {
 		r.expiresIn = vals.Get("expires_in")
 	}
@@ -103,6 +106,8 @@ func parseJSON(body []byte) (tokenResponse, error) {
 			return tokenResponse{}, fmt.Errorf("%s is not a string", f.name)
 		}
 	}
+	// A description that is not a string is only lost: the error code stays.
+	_ = jsonString(members["error_description"], &r.errorDescription)
 	if raw := members["expires_in"]; raw != nil && string(raw) != "null" {
 		var s string
 		var n float64

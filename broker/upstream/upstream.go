@@ -362,11 +362,11 @@ func (c *Client) read(ctx context.Context, resp *http.Response, scopes []string)
 	case errors.Is(perr, errDuplicate):
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, StatusCode: resp.StatusCode, detail: perr.Error()}
 	case !ok:
-		return nil, fromResponse(resp, r.errorCode)
+		return nil, fromResponse(resp, r.errorCode, r.errorDescription)
 	case perr != nil:
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: perr.Error()}
 	case r.errorCode != "": // an error in a 2xx body
-		return nil, fromResponse(resp, r.errorCode)
+		return nil, fromResponse(resp, r.errorCode, r.errorDescription)
 	}
 	return c.validate(r, scopes, arrived)
 }
