@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -32,14 +33,8 @@ const (
 	SourceUpstream = "upstream"
 )
 
-// Defaults for zero Credential fields.
-const (
-	DefaultLockTTL = 15 * time.Second
-	// RefreshLead is how long before a token would fall below the largest
-	// min_ttl asked of it that its replacement is fetched, by default.
-	RefreshLead        = 2 * time.Minute
-	DefaultIdleTimeout = 30 * time.Minute
-)
+// DefaultIdleTimeout is the IdleTimeout of a Credential that sets none.
+const DefaultIdleTimeout = 30 * time.Minute
 
 // pollInterval is how often a replica waiting for another's fetch re-reads the
 // store in case the announcement was lost or the holder died.
@@ -56,21 +51,25 @@ type Credential struct {
 	Name string
 	// Scopes are the default scopes and the most a caller may ask for.
 	Scopes []string
-	// MinTTL is the min_ttl applied when a request sets none.
+	// MinTTL is the min_ttl applied when a request sets none, capped to
+	// DefaultMinTTLShare of the lifetime the bank grants.
 	MinTTL time.Duration
 	// Callers admits the callers that may use the credential; nil admits none.
 	Callers *policy.Matcher
 	// Fetcher gets new tokens.
 	Fetcher Fetcher
+	// Timeout is the upstream timeout: the longest one fetch takes. The
+	// refresh of a token starts at the latest when it has this plus the
+	// largest min_ttl asked left. Zero means DefaultTimeout.
+	Timeout time.Duration
 	// LockTTL is the lease a replica holds on a cache key while it fetches; it
-	// should outlast one fetch (the upstream timeout) so that a replica that
-	// dies mid-fetch is replaced soon after. Zero means DefaultLockTTL.
+	// outlasts one fetch so that a replica that dies mid-fetch is replaced
+	// soon after. Zero means Timeout plus LeaseSlack.
 	LockTTL time.Duration
 	// RefreshAt is the fraction of a token's lifetime after which it is
-	// replaced in the background (jittered by ±0.1). Zero means late: when
-	// the token has min_ttl (the largest asked) plus RefreshLead, or a
-	// twentieth of its lifetime if that is more, left — but after no more
-	// than 60% of its lifetime — and up to a quarter of that lead earlier.
+	// replaced in the background (jittered by ±0.1). Zero means late (see
+	// lifecycle.go). Either way the refresh starts at the latest when the
+	// token has the largest min_ttl asked plus Timeout left.
 	RefreshAt float64
 	// IdleTimeout stops refreshing tokens nobody asked for in this long.
 	// Zero means DefaultIdleTimeout.
@@ -104,6 +103,12 @@ type Options struct {
 	// Tracer, when set, traces what a call that misses the in-process cache
 	// does: the store read, the lease wait, the token endpoint request.
 	Tracer trace.Tracer
+	// MaxBackoffWithWaiters caps the wait before the next attempt after a
+	// transient failure while callers wait with no usable token; zero means
+	// DefaultMaxBackoffWithWaiters.
+	MaxBackoffWithWaiters time.Duration
+	// MaxRetryAfter caps the Retry-After honoured; zero means DefaultMaxRetryAfter.
+	MaxRetryAfter time.Duration
 	// RefreshInterval is how often the background refresher looks for tokens
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
@@ -148,6 +153,8 @@ type Broker struct {
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
 	stop          context.CancelFunc
+	maxWait       time.Duration // Options.MaxBackoffWithWaiters
+	maxRetryAfter time.Duration // Options.MaxRetryAfter
 }
 
 type credential struct {
@@ -160,7 +167,9 @@ type credential struct {
 	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
-	hint atomic.Pointer[slot]
+	hint      atomic.Pointer[slot]
+	log       *zap.Logger
+	capLogged atomic.Bool // the default min_ttl cap was logged
 }
 
 // New returns a Broker for opts.
@@ -179,6 +188,8 @@ func New(opts Options) (*Broker, error) {
 		b.log = zap.NewNop()
 	}
 	b.tracer = opts.Tracer // nil: off
+	b.maxWait = cmp.Or(opts.MaxBackoffWithWaiters, DefaultMaxBackoffWithWaiters)
+	b.maxRetryAfter = cmp.Or(opts.MaxRetryAfter, DefaultMaxRetryAfter)
 	if b.now == nil {
 		b.now = time.Now
 	}
@@ -239,9 +250,13 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		for _, s := range cr.Scopes {
 			cr.scopeSet[s] = true
 		}
-		if cr.LockTTL <= 0 {
-			cr.LockTTL = DefaultLockTTL
+		if cr.Timeout <= 0 {
+			cr.Timeout = DefaultTimeout
 		}
+		if cr.LockTTL <= 0 {
+			cr.LockTTL = cr.Timeout + LeaseSlack
+		}
+		cr.log = b.log
 		if cr.IdleTimeout <= 0 {
 			cr.IdleTimeout = DefaultIdleTimeout
 		}
@@ -289,7 +304,11 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
-		if werr := b.gate(p.c.Name).await(ctx, ce, b.now); werr != nil {
+		g := b.gate(p.c.Name)
+		g.waiting.Add(1)
+		werr := g.await(ctx, ce, b.now)
+		g.waiting.Add(-1)
+		if werr != nil {
 			return Issued{}, werr
 		}
 		return b.get(ctx, p, b.now())
@@ -299,12 +318,16 @@ func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issue
 
 // prepared is a checked request.
 type prepared struct {
-	c      *credential
-	scopes []string
-	key    string
-	minTTL time.Duration // what this get needs
-	demand time.Duration // what the caller asked; Watch raises minTTL, not this
+	c         *credential
+	scopes    []string
+	key       string
+	minTTL    time.Duration // what this get needs
+	demand    time.Duration // what the caller asked; Watch raises minTTL, not this
+	defaulted bool          // the caller asked for none: minTTL is the credential's, capped per token
 }
+
+// want is what this get asks of a token.
+func (p prepared) want() want { return want{minTTL: p.minTTL, defaulted: p.defaulted} }
 
 // prepare checks a request, the caller's right to it and the caller's rate.
 func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) {
@@ -319,34 +342,51 @@ func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) 
 	if err != nil {
 		return prepared{}, err
 	}
-	minTTL := c.MinTTL
+	minTTL, defaulted := c.MinTTL, !req.MinTTLSet
 	if req.MinTTLSet {
 		if req.MinTTL < 0 || req.MinTTL > config.MaxMinTTL {
 			return prepared{}, fmt.Errorf("%w: min_ttl must be between 0s and 24h, got %s", ErrInvalidArgument, req.MinTTL)
 		}
 		minTTL = req.MinTTL
 	}
-	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL}, nil
+	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL, defaulted: defaulted}, nil
 }
 
 // get serves a prepared request from the in-process cache, as of now, or
 // obtains a token.
 func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, error) {
+	w := p.want()
 	if s := b.lookup(p); s != nil {
-		s.touch(now, p.demand)
-		if e := s.entry.Load(); e != nil {
-			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
+		e := s.entry.Load()
+		if e == nil {
+			s.touch(now, 0)
+		} else {
+			lt := e.Lifetime()
+			minTTL, demand := p.minTTL, p.demand
+			if p.defaulted {
+				minTTL = w.of(p.c, lt)
+				demand = minTTL
+			}
+			if demand > p.c.plannable(lt) {
+				demand = 0 // more than a refresh can give: served within the bound on fetches ahead of schedule only
+			}
+			s.touch(now, demand)
+			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
 				p.c.hits.Inc()
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
 			// lifetime it does not give would only add load on the bank.
-			if lt := e.Lifetime(); lt < p.minTTL {
-				return Issued{}, lifetimeTooShort(p.c.Name, p.minTTL, lt)
+			if lt < minTTL {
+				return Issued{}, lifetimeTooShort(p.c.Name, minTTL, lt)
 			}
 		}
 	}
-	return b.obtain(ctx, p.c, p.key, p.scopes, p.minTTL)
+	// This caller waits for a token: the gate keeps its backoff short.
+	g := b.gate(p.c.Name)
+	g.waiting.Add(1)
+	defer g.waiting.Add(-1)
+	return b.obtain(ctx, p.c, p.key, p.scopes, w)
 }
 
 // authorize checks the request's credential name and the caller's right to it.
@@ -457,7 +497,7 @@ func (b *Broker) gate(name string) *gate {
 	if g, ok := b.gates.Load(name); ok {
 		return g.(*gate)
 	}
-	g, _ := b.gates.LoadOrStore(name, &gate{})
+	g, _ := b.gates.LoadOrStore(name, &gate{maxWait: b.maxWait, maxRetryAfter: b.maxRetryAfter})
 	return g.(*gate)
 }
 

@@ -33,12 +33,12 @@ type flight struct {
 // fetch among all concurrent callers of the same key. The fetch is not bound
 // to the first caller's context, so one caller giving up does not fail the
 // others; each caller waits only as long as its own context allows.
-func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (Issued, error) {
+func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes []string, w want) (Issued, error) {
 	// A joiner may get a result that satisfied the min_ttl of the caller that
 	// started the flight but not its own; it then tries once more.
 	for range 2 {
 		ch := b.flights.DoChan(key, func() (any, error) {
-			return b.refresh(context.WithoutCancel(ctx), c, key, scopes, minTTL)
+			return b.refresh(context.WithoutCancel(ctx), c, key, scopes, w)
 		})
 		var r singleflight.Result
 		select {
@@ -50,6 +50,7 @@ func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes [
 			return Issued{}, r.Err
 		}
 		f := r.Val.(flight)
+		minTTL := w.of(c, f.entry.Lifetime())
 		if b.usable(f.entry, minTTL) {
 			b.m.source.WithLabelValues(c.Name, f.source).Inc()
 			return Issued{Entry: f.entry, Source: f.source}, nil
@@ -60,7 +61,7 @@ func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes [
 			}
 		}
 	}
-	return Issued{}, fmt.Errorf("%w: no token for credential %q with min_ttl %s left could be had; retry", ErrUnavailable, c.Name, minTTL)
+	return Issued{}, fmt.Errorf("%w: no token for credential %q with min_ttl %s left could be had; retry", ErrUnavailable, c.Name, w.minTTL)
 }
 
 func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
@@ -71,10 +72,10 @@ func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
 // refresh runs once per flight. Across replicas, a lease in the store lets one
 // replica fetch while the others wait for its result; when the store is
 // unreachable this replica fetches on its own (fail-open).
-func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
+func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, w want) (flight, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*c.LockTTL)
 	defer cancel()
-	if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
+	if f, _, ok := b.fromStore(ctx, c, key, scopes, w); ok {
 		return f, nil
 	}
 	owner := newOwner()
@@ -90,8 +91,12 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		case err == nil:
 			defer func() { _ = b.store.Unlock(context.WithoutCancel(ctx), key, owner) }()
 			// Another replica may have stored a token between the read and the lease.
-			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
+			f, cur, ok := b.fromStore(ctx, c, key, scopes, w)
+			if ok {
 				return f, nil
+			}
+			if err := b.checkAhead(c, key, cur, w); err != nil {
+				return flight{}, err
 			}
 			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
@@ -110,20 +115,24 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 				return flight{}, fmt.Errorf("%w: another replica's fetch for credential %q did not finish in time; retry", ErrUnavailable, c.Name)
 			}
 			t.Stop()
-			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
+			if f, _, ok := b.fromStore(ctx, c, key, scopes, w); ok {
 				return f, nil
 			}
 			// No result yet: the holder is still fetching, failed, or died; try the lease again.
 		default:
 			b.storeFailed("lock", err)
 			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
+			if err := b.checkAhead(c, key, nil, w); err != nil {
+				return flight{}, err
+			}
 			return b.fetch(ctx, c, key, scopes)
 		}
 	}
 }
 
-// fromStore returns the stored token for key if it has minTTL left.
-func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
+// fromStore returns the stored token for key if it has what w asks left;
+// it returns the stored token either way, or nil.
+func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, w want) (flight, *store.Entry, bool) {
 	ctx, span := b.span(ctx, "tokenbroker.store.get", c)
 	defer span.End()
 	e, err := b.store.Get(ctx, key)
@@ -131,13 +140,36 @@ func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scope
 		span.SetAttributes(attribute.String("tokenbroker.store", b.store.Name()), attribute.Bool("tokenbroker.found", err == nil))
 	}
 	switch {
-	case err == nil && b.usable(e, minTTL) && b.keep(key, c, scopes, e):
-		return flight{entry: e, source: b.store.Name()}, true
-	case err != nil && !errors.Is(err, store.ErrNotFound):
+	case err == nil && b.usable(e, w.of(c, e.Lifetime())) && b.keep(key, c, scopes, e):
+		return flight{entry: e, source: b.store.Name()}, e, true
+	case err == nil:
+		return flight{}, e, false
+	case !errors.Is(err, store.ErrNotFound):
 		b.storeFailed("get", err)
 		b.log.Debug("store get failed", zap.String("credential", c.Name), zap.Error(err))
 	}
-	return flight{}, false
+	return flight{}, nil, false
+}
+
+// checkAhead refuses a caller's fetch that would come ahead of key's
+// refresh schedule too soon after the last one (see aheadOfSchedule); cur is
+// the stored token, if any. The newest token this replica knows decides.
+func (b *Broker) checkAhead(c *credential, key string, cur *store.Entry, w want) error {
+	if w.refresh {
+		return nil
+	}
+	var s *slot
+	if v, ok := b.l1.Load(key); ok {
+		s = v.(*slot)
+		if e := s.entry.Load(); e != nil && (cur == nil || e.Expiry.After(cur.Expiry)) {
+			cur = e
+		}
+	}
+	if !b.aheadOfSchedule(c, s, cur, b.now()) {
+		return nil
+	}
+	lt := cur.Lifetime()
+	return tooSoon(c, w.of(c, lt), lt)
 }
 
 // fetch gets a new token from the authorization server, if the credential's
