@@ -1,13 +1,11 @@
 package broker
 
 import (
+	"cmp"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/attribute"
-	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
@@ -36,14 +33,8 @@ const (
 	SourceUpstream = "upstream"
 )
 
-// Defaults for zero Credential fields.
-const (
-	DefaultLockTTL = 15 * time.Second
-	// RefreshLead is how long before a token would fall below the largest
-	// min_ttl asked of it that its replacement is fetched, by default.
-	RefreshLead        = 2 * time.Minute
-	DefaultIdleTimeout = 30 * time.Minute
-)
+// DefaultIdleTimeout is the IdleTimeout of a Credential that sets none.
+const DefaultIdleTimeout = 30 * time.Minute
 
 // pollInterval is how often a replica waiting for another's fetch re-reads the
 // store in case the announcement was lost or the holder died.
@@ -60,21 +51,25 @@ type Credential struct {
 	Name string
 	// Scopes are the default scopes and the most a caller may ask for.
 	Scopes []string
-	// MinTTL is the min_ttl applied when a request sets none.
+	// MinTTL is the min_ttl applied when a request sets none, capped to
+	// DefaultMinTTLShare of the lifetime the bank grants.
 	MinTTL time.Duration
 	// Callers admits the callers that may use the credential; nil admits none.
 	Callers *policy.Matcher
 	// Fetcher gets new tokens.
 	Fetcher Fetcher
+	// Timeout is the upstream timeout: the longest one fetch takes. The
+	// refresh of a token starts at the latest when it has this plus the
+	// largest min_ttl asked left. Zero means DefaultTimeout.
+	Timeout time.Duration
 	// LockTTL is the lease a replica holds on a cache key while it fetches; it
-	// should outlast one fetch (the upstream timeout) so that a replica that
-	// dies mid-fetch is replaced soon after. Zero means DefaultLockTTL.
+	// outlasts one fetch so that a replica that dies mid-fetch is replaced
+	// soon after. Zero means Timeout plus LeaseSlack.
 	LockTTL time.Duration
 	// RefreshAt is the fraction of a token's lifetime after which it is
-	// replaced in the background (jittered by ±0.1). Zero means late: when
-	// the token has min_ttl (the largest asked) plus RefreshLead, or a
-	// twentieth of its lifetime if that is more, left — but after no more
-	// than 60% of its lifetime — and up to a quarter of that lead earlier.
+	// replaced in the background (jittered by ±0.1). Zero means late (see
+	// lifecycle.go). Either way the refresh starts at the latest when the
+	// token has the largest min_ttl asked plus Timeout left.
 	RefreshAt float64
 	// IdleTimeout stops refreshing tokens nobody asked for in this long.
 	// Zero means DefaultIdleTimeout.
@@ -108,6 +103,12 @@ type Options struct {
 	// Tracer, when set, traces what a call that misses the in-process cache
 	// does: the store read, the lease wait, the token endpoint request.
 	Tracer trace.Tracer
+	// MaxBackoffWithWaiters caps the wait before the next attempt after a
+	// transient failure while callers wait with no usable token; zero means
+	// DefaultMaxBackoffWithWaiters.
+	MaxBackoffWithWaiters time.Duration
+	// MaxRetryAfter caps the Retry-After honoured; zero means DefaultMaxRetryAfter.
+	MaxRetryAfter time.Duration
 	// RefreshInterval is how often the background refresher looks for tokens
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
@@ -153,6 +154,8 @@ type Broker struct {
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
 	stop          context.CancelFunc
+	maxWait       time.Duration // Options.MaxBackoffWithWaiters
+	maxRetryAfter time.Duration // Options.MaxRetryAfter
 }
 
 type credential struct {
@@ -165,7 +168,9 @@ type credential struct {
 	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
-	hint atomic.Pointer[slot]
+	hint      atomic.Pointer[slot]
+	log       *zap.Logger
+	capLogged atomic.Bool // the default min_ttl cap was logged
 }
 
 // New returns a Broker for opts.
@@ -184,6 +189,8 @@ func New(opts Options) (*Broker, error) {
 		b.log = zap.NewNop()
 	}
 	b.tracer = opts.Tracer // nil: off
+	b.maxWait = cmp.Or(opts.MaxBackoffWithWaiters, DefaultMaxBackoffWithWaiters)
+	b.maxRetryAfter = cmp.Or(opts.MaxRetryAfter, DefaultMaxRetryAfter)
 	if b.now == nil {
 		b.now = time.Now
 	}
@@ -244,9 +251,13 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		for _, s := range cr.Scopes {
 			cr.scopeSet[s] = true
 		}
-		if cr.LockTTL <= 0 {
-			cr.LockTTL = DefaultLockTTL
+		if cr.Timeout <= 0 {
+			cr.Timeout = DefaultTimeout
 		}
+		if cr.LockTTL <= 0 {
+			cr.LockTTL = cr.Timeout + LeaseSlack
+		}
+		cr.log = b.log
 		if cr.IdleTimeout <= 0 {
 			cr.IdleTimeout = DefaultIdleTimeout
 		}
@@ -299,7 +310,11 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
-		if werr := b.gate(p.c.Name).await(ctx, ce, b.now); werr != nil {
+		g := b.gate(p.c.Name)
+		g.waiting.Add(1)
+		werr := g.await(ctx, ce, b.now)
+		g.waiting.Add(-1)
+		if werr != nil {
 			return Issued{}, werr
 		}
 		return b.get(ctx, p, b.now())
@@ -309,15 +324,19 @@ func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issue
 
 // prepared is a checked request.
 type prepared struct {
-	c      *credential
-	scopes []string
-	key    string
-	minTTL time.Duration // what this get needs
-	demand time.Duration // what the caller asked; Watch raises minTTL, not this
+	c         *credential
+	scopes    []string
+	key       string
+	minTTL    time.Duration // what this get needs
+	demand    time.Duration // what the caller asked; Watch raises minTTL, not this
+	defaulted bool          // the caller asked for none: minTTL is the credential's, capped per token
 }
 
 // policyChanges returns a channel that is closed at the next SetCredentials.
 func (b *Broker) policyChanges() <-chan struct{} { return *b.changes.Load() }
+
+// want is what this get asks of a token.
+func (p prepared) want() want { return want{minTTL: p.minTTL, defaulted: p.defaulted} }
 
 // prepare checks a request, the caller's right to it and the caller's rate.
 func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) {
@@ -338,34 +357,51 @@ func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
 	if err != nil {
 		return prepared{}, err
 	}
-	minTTL := c.MinTTL
+	minTTL, defaulted := c.MinTTL, !req.MinTTLSet
 	if req.MinTTLSet {
 		if req.MinTTL < 0 || req.MinTTL > config.MaxMinTTL {
 			return prepared{}, fmt.Errorf("%w: min_ttl must be between 0s and 24h, got %s", ErrInvalidArgument, req.MinTTL)
 		}
 		minTTL = req.MinTTL
 	}
-	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL}, nil
+	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL, defaulted: defaulted}, nil
 }
 
 // get serves a prepared request from the in-process cache, as of now, or
 // obtains a token.
 func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, error) {
+	w := p.want()
 	if s := b.lookup(p); s != nil {
-		s.touch(now, p.demand)
-		if e := s.entry.Load(); e != nil {
-			if left := e.Expiry.Sub(now); left > 0 && left >= p.minTTL {
+		e := s.entry.Load()
+		if e == nil {
+			s.touch(now, 0)
+		} else {
+			lt := e.Lifetime()
+			minTTL, demand := p.minTTL, p.demand
+			if p.defaulted {
+				minTTL = w.of(p.c, lt)
+				demand = minTTL
+			}
+			if demand > p.c.plannable(lt) {
+				demand = 0 // more than a refresh can give: served within the bound on fetches ahead of schedule only
+			}
+			s.touch(now, demand)
+			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
 				p.c.hits.Inc()
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
 			// lifetime it does not give would only add load on the bank.
-			if lt := e.Lifetime(); lt < p.minTTL {
-				return Issued{}, lifetimeTooShort(p.c.Name, p.minTTL, lt)
+			if lt < minTTL {
+				return Issued{}, lifetimeTooShort(p.c.Name, minTTL, lt)
 			}
 		}
 	}
-	return b.obtain(ctx, p.c, p.key, p.scopes, p.minTTL)
+	// This caller waits for a token: the gate keeps its backoff short.
+	g := b.gate(p.c.Name)
+	g.waiting.Add(1)
+	defer g.waiting.Add(-1)
+	return b.obtain(ctx, p.c, p.key, p.scopes, w)
 }
 
 // authorize checks the request's credential name and the caller's right to it.
@@ -450,187 +486,6 @@ func (b *Broker) usable(e *store.Entry, minTTL time.Duration) bool {
 	return left > 0 && left >= minTTL
 }
 
-type flight struct {
-	entry  *store.Entry
-	source string
-}
-
-// obtain gets a token from the store or the authorization server, sharing one
-// fetch among all concurrent callers of the same key. The fetch is not bound
-// to the first caller's context, so one caller giving up does not fail the
-// others; each caller waits only as long as its own context allows.
-func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (Issued, error) {
-	// A joiner may get a result that satisfied the min_ttl of the caller that
-	// started the flight but not its own; it then tries once more.
-	for range 2 {
-		ch := b.flights.DoChan(key, func() (any, error) {
-			return b.refresh(context.WithoutCancel(ctx), c, key, scopes, minTTL)
-		})
-		var r singleflight.Result
-		select {
-		case <-ctx.Done():
-			return Issued{}, ctx.Err()
-		case r = <-ch:
-		}
-		if r.Err != nil {
-			return Issued{}, r.Err
-		}
-		f := r.Val.(flight)
-		if b.usable(f.entry, minTTL) {
-			b.m.source.WithLabelValues(c.Name, f.source).Inc()
-			return Issued{Entry: f.entry, Source: f.source}, nil
-		}
-		if f.source == SourceUpstream {
-			if lt := f.entry.Lifetime(); lt < minTTL {
-				return Issued{}, lifetimeTooShort(c.Name, minTTL, lt)
-			}
-		}
-	}
-	return Issued{}, fmt.Errorf("%w: no token for credential %q with min_ttl %s left could be had; retry", ErrUnavailable, c.Name, minTTL)
-}
-
-func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
-	return fmt.Errorf("%w: min_ttl %s is longer than the %s lifetime the authorization server grants for credential %q",
-		ErrFailedPrecondition, minTTL, lifetime, name)
-}
-
-// refresh runs once per flight. Across replicas, a lease in the store lets one
-// replica fetch while the others wait for its result; when the store is
-// unreachable this replica fetches on its own (fail-open).
-func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*c.LockTTL)
-	defer cancel()
-	if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
-		return f, nil
-	}
-	owner := newOwner()
-	var waitStart time.Time
-	defer func() {
-		if !waitStart.IsZero() {
-			b.m.lockWait.Observe(time.Since(waitStart).Seconds())
-		}
-	}()
-	for {
-		err := b.store.Lock(ctx, key, owner, c.LockTTL)
-		switch {
-		case err == nil:
-			defer func() { _ = b.store.Unlock(context.WithoutCancel(ctx), key, owner) }()
-			// Another replica may have stored a token between the read and the lease.
-			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
-				return f, nil
-			}
-			return b.fetch(ctx, c, key, scopes)
-		case errors.Is(err, store.ErrLocked):
-			if waitStart.IsZero() {
-				waitStart = time.Now()
-				_, span := b.span(ctx, "tokenbroker.lease.wait", c)
-				defer span.End() // until this flight has its token, another replica's or its own
-			}
-			wake := b.waiters.wait(key)
-			t := time.NewTimer(pollInterval)
-			select {
-			case <-wake:
-			case <-t.C:
-			case <-ctx.Done():
-				t.Stop()
-				return flight{}, fmt.Errorf("%w: another replica's fetch for credential %q did not finish in time; retry", ErrUnavailable, c.Name)
-			}
-			t.Stop()
-			if f, ok := b.fromStore(ctx, c, key, scopes, minTTL); ok {
-				return f, nil
-			}
-			// No result yet: the holder is still fetching, failed, or died; try the lease again.
-		default:
-			b.storeFailed("lock", err)
-			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
-			return b.fetch(ctx, c, key, scopes)
-		}
-	}
-}
-
-// fromStore returns the stored token for key if it has minTTL left.
-func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scopes []string, minTTL time.Duration) (flight, bool) {
-	ctx, span := b.span(ctx, "tokenbroker.store.get", c)
-	defer span.End()
-	e, err := b.store.Get(ctx, key)
-	if span.IsRecording() {
-		span.SetAttributes(attribute.String("tokenbroker.store", b.store.Name()), attribute.Bool("tokenbroker.found", err == nil))
-	}
-	switch {
-	case err == nil && b.usable(e, minTTL) && b.keep(key, c, scopes, e):
-		return flight{entry: e, source: b.store.Name()}, true
-	case err != nil && !errors.Is(err, store.ErrNotFound):
-		b.storeFailed("get", err)
-		b.log.Debug("store get failed", zap.String("credential", c.Name), zap.Error(err))
-	}
-	return flight{}, false
-}
-
-// fetch gets a new token from the authorization server, if the credential's
-// gate lets it, and stores it.
-func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string) (flight, error) {
-	g := b.gate(c.Name)
-	if err := g.admit(b.now(), c.LockTTL); err != nil {
-		return flight{}, err
-	}
-	start := b.now()
-	began := time.Now() // real time for the histogram, whatever the clock seam says
-	ctx, span := b.span(ctx, "tokenbroker.token_endpoint", c)
-	defer span.End()
-	t, err := c.Fetcher.Fetch(ctx, scopes)
-	b.m.upstreamDur.WithLabelValues(c.Name).Observe(time.Since(began).Seconds())
-	if err != nil {
-		berr := b.upstreamFailed(c, err)
-		var ue *upstream.Error
-		outcome := "error"
-		if errors.As(err, &ue) {
-			outcome = string(ue.Reason)
-		}
-		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
-		if span.IsRecording() {
-			span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
-			span.SetStatus(otelcodes.Error, outcome)
-		}
-		c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
-		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
-		g.failed(b.now(), berr, ue)
-		return flight{}, berr
-	}
-	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
-	if span.IsRecording() {
-		span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
-	}
-	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
-	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
-	if t.SecretIndex > 0 {
-		b.log.Warn("an older client secret worked; the first in client_secret_files was refused (is the rotation done at the bank?)",
-			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
-	}
-	g.succeeded()
-	e := &store.Entry{
-		AccessToken: t.AccessToken,
-		TokenType:   t.TokenType,
-		Scopes:      t.Scopes,
-		IssuedAt:    t.IssuedAt,
-		Expiry:      t.Expiry,
-		Fingerprint: Fingerprint(t.AccessToken),
-	}
-	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil {
-		b.storeFailed("put", err)
-		b.log.Debug("store put failed", zap.String("credential", c.Name), zap.Error(err))
-	}
-	b.keep(key, c, scopes, e) // new, so never revoked
-	_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: e.Scopes, Source: SourceUpstream,
-		Fingerprint: e.Fingerprint, ExpireTime: e.Expiry, Outcome: "ok"})
-	b.log.Info("token fetched",
-		zap.String("credential", c.Name),
-		zap.Strings("scopes", e.Scopes),
-		zap.String("fingerprint", e.Fingerprint),
-		zap.Time("expire_time", e.Expiry),
-		zap.Duration("took", b.now().Sub(start)))
-	return flight{entry: e, source: SourceUpstream}, nil
-}
-
 // Record writes an audit event and counts it. Its error matters only when
 // the audit trail is fail-closed.
 func (b *Broker) Record(e audit.Event) error {
@@ -652,18 +507,11 @@ func (b *Broker) storeFailed(op string, err error) {
 	}
 }
 
-// newOwner returns a unique lease owner token.
-func newOwner() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
-
 func (b *Broker) gate(name string) *gate {
 	if g, ok := b.gates.Load(name); ok {
 		return g.(*gate)
 	}
-	g, _ := b.gates.LoadOrStore(name, &gate{})
+	g, _ := b.gates.LoadOrStore(name, &gate{maxWait: b.maxWait, maxRetryAfter: b.maxRetryAfter})
 	return g.(*gate)
 }
 
@@ -674,44 +522,6 @@ func (b *Broker) Health() map[string]CredentialHealth {
 		out[name] = b.gate(name).health()
 	}
 	return out
-}
-
-// upstreamFailed logs a failed fetch and turns it into a Broker error. The
-// message names the failure class only: never the response body.
-func (b *Broker) upstreamFailed(c *credential, err error) error {
-	var ue *upstream.Error
-	if !errors.As(err, &ue) {
-		b.log.Error("token fetch failed", zap.String("credential", c.Name), zap.Error(err))
-		return fmt.Errorf("%w: token endpoint for credential %q failed; retry", ErrUnavailable, c.Name)
-	}
-	b.log.Warn("token fetch failed",
-		zap.String("credential", c.Name),
-		zap.String("reason", string(ue.Reason)),
-		zap.String("oauth_error", ue.Code),
-		zap.Int("http_status", ue.StatusCode),
-		zap.String("oauth_error_description", ue.Description),
-		zap.Error(ue))
-	what := string(ue.Reason)
-	if ue.Code != "" {
-		what = ue.Code
-	}
-	switch {
-	case ue.Temporary:
-		return fmt.Errorf("%w: token endpoint for credential %q is failing (%s) and no cached token has the min_ttl asked for left; retry",
-			ErrUnavailable, c.Name, what)
-	case ue.Reason == upstream.ReasonNoSecret:
-		return fmt.Errorf("%w: the broker cannot use the client secret or key of credential %q (%s)", ErrFailedPrecondition, c.Name, what)
-	case ue.Reason == upstream.ReasonScopeNotGranted:
-		return fmt.Errorf("%w: token endpoint granted fewer scopes than asked for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
-	case ue.Reason == upstream.ReasonRedirect:
-		return fmt.Errorf("%w: token endpoint of credential %q answered with a redirect (HTTP %d) to %s, which the broker never follows; token_url must be the token endpoint itself",
-			ErrFailedPrecondition, c.Name, ue.StatusCode, ue.Location)
-	case ue.Reason == upstream.ReasonTokenType:
-		return fmt.Errorf("%w: token endpoint issued a token that is not Bearer for credential %q (%s)", ErrFailedPrecondition, c.Name, what)
-	default:
-		return fmt.Errorf("%w: token endpoint refused credential %q (%s); the broker's registration needs attention",
-			ErrFailedPrecondition, c.Name, what)
-	}
 }
 
 // CredentialInfo describes a credential a caller may use.

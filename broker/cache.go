@@ -13,12 +13,13 @@ import (
 )
 
 // slot is the in-process cache entry for one cache key: the current token,
-// when it should be replaced, and when a caller last asked for it.
+// what callers ask of it, and when a caller last asked for it.
 type slot struct {
 	entry      atomic.Pointer[store.Entry] // nil after an invalidation
-	refreshAt  atomic.Int64                // Unix nanoseconds
+	jitter     atomic.Uint32               // the current token's refresh jitter, a fraction of 2³²
 	lastUsed   atomic.Int64                // Unix seconds
-	minTTL     atomic.Int64                // the largest min_ttl asked, in nanoseconds
+	demandCur  atomic.Int64                // the largest min_ttl asked of the current token, in nanoseconds
+	demandPrev atomic.Int64                // the same for the token before it
 	refreshing atomic.Bool
 	watchers   atomic.Int32           // open WatchToken streams on this key
 	gone       atomic.Bool            // removed from the in-process cache
@@ -35,8 +36,8 @@ func (s *slot) touch(now time.Time, minTTL time.Duration) {
 		s.lastUsed.Store(sec)
 	}
 	for {
-		cur := s.minTTL.Load()
-		if int64(minTTL) <= cur || s.minTTL.CompareAndSwap(cur, int64(minTTL)) {
+		cur := s.demandCur.Load()
+		if int64(minTTL) <= cur || s.demandCur.CompareAndSwap(cur, int64(minTTL)) {
 			return
 		}
 	}
@@ -88,7 +89,9 @@ func (b *Broker) slotFor(key string, c *credential, scopes []string) *slot {
 }
 
 // keep makes e the cached token for key unless a later-expiring one is there,
-// schedules its refresh, and wakes whoever waits for a change of key. It
+// draws its refresh jitter, starts a new period of demand (the largest
+// min_ttl asked counts for this token and the next), and wakes whoever waits
+// for a change of key. It
 // reports false, keeping nothing, when e was invalidated: a read of the store
 // that raced the invalidation must not bring the token back.
 func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry) bool {
@@ -102,7 +105,8 @@ func (b *Broker) keep(key string, c *credential, scopes []string, e *store.Entry
 			return true
 		}
 		if s.entry.CompareAndSwap(cur, e) {
-			s.refreshAt.Store(refreshPoint(e, c.RefreshAt, max(c.MinTTL, time.Duration(s.minTTL.Load()))).UnixNano())
+			s.jitter.Store(rand.Uint32())
+			s.demandPrev.Store(s.demandCur.Swap(0))
 			b.waiters.wake(key)
 			return true
 		}
@@ -125,22 +129,6 @@ func (b *Broker) drop(key, fp string) bool {
 	return true
 }
 
-// refreshPoint is when a token should be replaced, jittered so that keys do
-// not refresh in step. With a fraction frac: after frac ±0.1 of its lifetime.
-// Without: late, so that the bank sees about one request per lifetime, yet
-// with RefreshLead (at least; up to a quarter more) of retries before the
-// token falls below minTTL; short tokens after at most 60% of their lifetime.
-func refreshPoint(e *store.Entry, frac float64, minTTL time.Duration) time.Time {
-	lt := e.Lifetime()
-	if frac > 0 {
-		f := min(max(frac+rand.Float64()*0.2-0.1, 0.1), 0.95)
-		return e.IssuedAt.Add(time.Duration(f * float64(lt)))
-	}
-	lead := min(max(minTTL+RefreshLead, lt/20), lt*2/5)
-	lead += time.Duration(rand.Float64() * float64(lead) / 4)
-	return e.Expiry.Add(-lead)
-}
-
 // RefreshDue replaces every cached token past its refresh point whose key a
 // caller asked for within its credential's idle timeout, and waits for the
 // replacements. Tokens nobody asks for are left to expire, and their slots
@@ -159,7 +147,7 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		case idle && (e == nil || !now.Before(e.Expiry)):
 			b.forget(key, s)
 			return true
-		case idle, e == nil, now.UnixNano() < s.refreshAt.Load():
+		case idle, e == nil, now.Before(c.refreshPoint(e, s.demand(), float64(s.jitter.Load())/(1<<32))):
 			return true
 		case !s.refreshing.CompareAndSwap(false, true):
 			return true // the previous refresh of this key is still running
@@ -167,7 +155,7 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		wg.Go(func() {
 			defer s.refreshing.Store(false)
 			// Anything with more time left than the current token will do.
-			if _, err := b.obtain(ctx, c, key, s.scopes, e.Expiry.Sub(now)+time.Second); err != nil {
+			if _, err := b.obtain(ctx, c, key, s.scopes, want{minTTL: e.Expiry.Sub(now) + time.Second, refresh: true}); err != nil {
 				b.log.Debug("refresh ahead failed; the current token is still served",
 					zap.String("credential", c.Name), zap.Error(err))
 			}

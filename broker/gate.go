@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -13,15 +14,22 @@ import (
 // Upstream retry policy, per credential. The first failures back off
 // exponentially with full jitter; after breakerAfter consecutive failures the
 // breaker opens and lets one probe through per breakerProbe (±10%), so an
-// outage of any length costs the bank a trickle of requests. A refusal of
-// the broker's own registration (invalid_client, …) is not retried in a loop:
-// it is probed once per rejectedProbe until it succeeds.
+// outage of any length costs the bank a trickle of requests. While callers
+// wait with no usable token, the next attempt after a transient failure is
+// at most the gate's maxWait away (jittered down by up to a fifth), so they
+// have a token within seconds of the bank's return. A Retry-After is
+// honoured up to maxRetryAfter either way. A refusal of the broker's own
+// registration (invalid_client, …) is not retried in a loop: it is probed
+// once per rejectedProbe until it succeeds.
 const (
 	backoffBase   = time.Second
 	breakerAfter  = 5
 	breakerProbe  = 30 * time.Second
 	rejectedProbe = time.Minute
-	maxRetryAfter = 10 * time.Minute // a longer Retry-After is taken as this
+	// DefaultMaxBackoffWithWaiters and DefaultMaxRetryAfter are the gate's
+	// limits when Options leave them zero.
+	DefaultMaxBackoffWithWaiters = 5 * time.Second
+	DefaultMaxRetryAfter         = 10 * time.Minute
 	// maxWaitNoDeadline is how long a caller without a deadline waits for a
 	// scheduled attempt; a caller with a deadline waits if the attempt is due
 	// before it.
@@ -30,6 +38,12 @@ const (
 
 // gate decides when the next request for a credential may go to the token endpoint.
 type gate struct {
+	maxWait       time.Duration // cap on the backoff while callers wait
+	maxRetryAfter time.Duration // cap on a Retry-After
+	// waiting counts callers waiting for a token of this credential (not
+	// the refresher): while there are any, the backoff is capped at maxWait.
+	waiting atomic.Int32
+
 	mu          sync.Mutex
 	failures    int           // consecutive
 	next        time.Time     // no attempt before this
@@ -40,6 +54,7 @@ type gate struct {
 	since       time.Time     // start of the current failure run
 	probing     bool          // an attempt admitted while failing has not reported yet
 	settled     chan struct{} // closed, and replaced, when an attempt reports
+	capAt       time.Time     // with callers waiting, the next attempt is no later than this
 }
 
 // closedError is what admit returns while the gate holds attempts back. It
@@ -66,6 +81,9 @@ func (g *gate) admit(now time.Time, hold time.Duration) error {
 	defer g.mu.Unlock()
 	if g.failures == 0 {
 		return nil
+	}
+	if g.waiting.Load() > 0 && g.refused == "" && !g.probing && g.capAt.Before(g.next) {
+		g.next = g.capAt // someone waits: no longer than maxWait after the failure
 	}
 	if now.Before(g.next) {
 		return &closedError{err: g.lastErr, wait: g.next.Sub(now), refused: g.refused != "", probing: g.probing, settled: g.settledLocked()}
@@ -156,7 +174,7 @@ func (g *gate) failed(now time.Time, err error, ue *upstream.Error) {
 	if ue != nil {
 		g.reason, g.description = string(ue.Reason), ue.Description
 	}
-	var delay time.Duration
+	var delay, floor time.Duration // floor: a Retry-After, which waiting callers do not shorten
 	switch {
 	case ue != nil && !ue.Temporary:
 		g.refused = ue.Code
@@ -170,9 +188,18 @@ func (g *gate) failed(now time.Time, err error, ue *upstream.Error) {
 		delay = rand.N(backoffBase << (g.failures - 1)) // full jitter: [0, base·2^(n-1))
 	}
 	if ue != nil && ue.RetryAfter > 0 {
-		delay = max(delay, min(ue.RetryAfter, maxRetryAfter))
+		floor = min(ue.RetryAfter, g.maxRetryAfter)
+		delay = max(delay, floor)
 	}
 	g.next = now.Add(delay)
+	capWait := g.maxWait
+	if j := g.maxWait / 5; j > 0 {
+		capWait -= rand.N(j)
+	}
+	g.capAt = now.Add(max(capWait, floor))
+	if g.waiting.Load() > 0 && g.refused == "" && g.capAt.Before(g.next) {
+		g.next = g.capAt
+	}
 }
 
 // succeeded clears the failure run.

@@ -53,6 +53,10 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	}
 	p.c.stats.noteIssued(caller, b.now())
 	last := is.Entry
+	if p.defaulted { // from now on, the default as this credential's tokens cap it
+		p.minTTL = p.want().of(p.c, last.Lifetime())
+		p.demand, p.defaulted = p.minTTL, false
+	}
 	s := b.slotFor(p.key, p.c, p.scopes)
 	s.watchers.Add(1) // a watched key is never idle
 	defer func() { s.watchers.Add(-1) }()
@@ -66,7 +70,6 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		if err != nil {
 			return revoked(err)
 		}
-		np.minTTL, np.demand = p.minTTL, p.demand
 		if np.key != p.key {
 			s.watchers.Add(-1)
 			s = b.slotFor(np.key, np.c, np.scopes)

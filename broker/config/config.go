@@ -71,6 +71,8 @@ type Config struct {
 	// RateLimit limits each caller's calls; absent means the default
 	// (DefaultRate per second, bursts of twice that).
 	RateLimit *RateLimit `yaml:"rate_limit"`
+	// Retry tunes retries of a failing token endpoint.
+	Retry Retry `yaml:"retry"`
 	// Store selects the shared token store.
 	Store Store `yaml:"store"`
 	// Credentials are the client registrations the broker holds.
@@ -501,6 +503,7 @@ func (c *Config) applyDefaults() {
 	if c.Store.Backend == "" {
 		c.Store.Backend = "memory"
 	}
+	c.Retry.applyDefaults()
 	if c.Store.Redis.KeyPrefix == "" {
 		c.Store.Redis.KeyPrefix = DefaultKeyPrefix
 	}
@@ -566,6 +569,9 @@ func (c *Config) Validate() error {
 		return fieldErr("log.level", "must be one of debug, info, warn, error; got %q", c.Log.Level)
 	}
 	if err := c.Store.validate(); err != nil {
+		return err
+	}
+	if err := c.Retry.validate(); err != nil {
 		return err
 	}
 	if len(c.Credentials) == 0 {

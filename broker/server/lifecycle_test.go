@@ -83,9 +83,11 @@ func TestOutageCostsATrickle(t *testing.T) {
 	if served != 259 && served != 260 {
 		t.Errorf("served %d calls from the cached token, want 260 (until it fell below min_ttl)", served)
 	}
-	// Bound: breakerAfter backoff attempts, then one probe per >= 27s.
+	// Bound: nothing while the cached token serves (nobody waits), then,
+	// with a caller waiting every second, one attempt per >= 4s
+	// (retry.max_backoff_with_waiters, 5s less up to a fifth of jitter).
 	attempts := h.as.TokenRequests() - start
-	bound := int64(5 + 600/27 + 1) // breakerAfter (5) backoff attempts, then probes
+	bound := int64((600-259)/4 + 1)
 	if attempts > bound || attempts < 3 {
 		t.Errorf("attempts during a 10-minute outage = %d, want between 3 and %d", attempts, bound)
 	}

@@ -197,12 +197,14 @@ func TestOneReplicaRefreshes(t *testing.T) {
 	if got := load(h, clients, 1, req); len(got) != 1 {
 		t.Fatalf("before: %v", got)
 	}
-	// Past every jittered refresh point of a 1h token (the last 3 to 3.75
-	// minutes), with more than min_ttl left.
-	h.clock.Add(57 * time.Minute)
+	// Past every jittered refresh point of a 1h token (59m50s after the
+	// margin; min_ttl 30s plus the 2s timeout, plus 2 to 2.5 minutes of
+	// room: the refresh starts 152 to 182s before expiry), with more than
+	// min_ttl left.
+	h.clock.Add(57*time.Minute + 30*time.Second)
 	// Still in use on every replica (else idle_timeout would stop refreshing).
 	if got := load(h, clients, 1, req); len(got) != 1 || h.as.TokenRequests() != 1 {
-		t.Fatalf("cache hits at 57 minutes: %v, %d requests", got, h.as.TokenRequests())
+		t.Fatalf("cache hits at 57.5 minutes: %v, %d requests", got, h.as.TokenRequests())
 	}
 	var wg sync.WaitGroup
 	for _, srv := range srvs {

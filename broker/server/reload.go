@@ -99,6 +99,7 @@ func restartKeys(old, cur *config.Config) []string {
 		{"audit", old.Audit, cur.Audit},
 		{"rate_limit", old.RateLimit, cur.RateLimit},
 		{"store", old.Store, cur.Store},
+		{"retry", old.Retry.Effective(), cur.Retry.Effective()},
 	} {
 		// Compared as YAML, so that an empty list and a missing one are the same.
 		a, _ := yaml.Marshal(k.a)

@@ -219,7 +219,8 @@ func New(opts Options) (*Server, error) {
 	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
 		RefreshInterval: opts.RefreshInterval, Audit: s.audit, Tracer: tracer(s.tp),
-		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst, WatchStreams: rl.WatchStreams})
+		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst, WatchStreams: rl.WatchStreams,
+		MaxBackoffWithWaiters: s.cfg.Retry.MaxBackoffWithWaiters.D(), MaxRetryAfter: s.cfg.Retry.MaxRetryAfter.D()})
 	if err != nil {
 		return nil, err
 	}
@@ -347,7 +348,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 		}
 		out = append(out, broker.Credential{
 			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,
-			LockTTL:     c.Timeout.D() + 2*time.Second, // one fetch, plus slack for the store round trips
+			Timeout:     c.Timeout.D(), // the lease is one fetch plus broker.LeaseSlack
 			RefreshAt:   c.RefreshAt,
 			IdleTimeout: c.IdleTimeout.D(),
 			TokenURL:    c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
