@@ -4,12 +4,19 @@
 // IDENTITY, five-minute tokens), and the effective configuration, all written
 // to one directory so that tokenctl and grpcurl can use the same files.
 // The directory is rewritten at every start.
+//
+// The directory holds a CA key, a client secret and client keys, so Start
+// refuses one that another user owns or that group or others may use, and
+// writes every file through a new temporary file that is renamed into place:
+// a symbolic link planted in the directory is replaced, never followed.
 package devmode
 
 import (
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,8 +103,8 @@ func Start(opts Options) (*Env, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dev dir: %w", err)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("dev dir: %w", err)
+	if err := prepareDir(dir); err != nil {
+		return nil, err
 	}
 	if err := writePKI(dir); err != nil {
 		return nil, err
@@ -108,7 +115,7 @@ func Start(opts Options) (*Env, error) {
 	}
 	sec := base64.RawURLEncoding.EncodeToString(raw)
 	secretPath := filepath.Join(dir, ClientSecretFile)
-	if err := os.WriteFile(secretPath, []byte(sec+"\n"), 0o600); err != nil {
+	if err := writeFile(secretPath, []byte(sec+"\n"), 0o600); err != nil {
 		return nil, fmt.Errorf("dev secret: %w", err)
 	}
 
@@ -142,28 +149,84 @@ func writePKI(dir string) error {
 	if err != nil {
 		return err
 	}
-	if err := ca.WriteCertFile(filepath.Join(dir, CAFile)); err != nil {
-		return err
-	}
 	srv, err := ca.Server(certValidity)
 	if err != nil {
-		return err
-	}
-	if err := srv.WriteFiles(filepath.Join(dir, ServerCertFile), filepath.Join(dir, ServerKeyFile)); err != nil {
 		return err
 	}
 	cl, err := ca.Client(certValidity, ClientIdentity)
 	if err != nil {
 		return err
 	}
-	if err := cl.WriteFiles(filepath.Join(dir, ClientCertFile), filepath.Join(dir, ClientKeyFile)); err != nil {
-		return err
-	}
 	denied, err := ca.Client(certValidity, DeniedIdentity)
 	if err != nil {
 		return err
 	}
-	return denied.WriteFiles(filepath.Join(dir, DeniedCertFile), filepath.Join(dir, DeniedKeyFile))
+	for _, f := range []struct {
+		name string
+		data []byte
+		mode os.FileMode
+	}{
+		{CAFile, ca.CertPEM, 0o644},
+		{ServerCertFile, srv.CertPEM, 0o644}, {ServerKeyFile, srv.KeyPEM, 0o600},
+		{ClientCertFile, cl.CertPEM, 0o644}, {ClientKeyFile, cl.KeyPEM, 0o600},
+		{DeniedCertFile, denied.CertPEM, 0o644}, {DeniedKeyFile, denied.KeyPEM, 0o600},
+	} {
+		if err := writeFile(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+			return fmt.Errorf("dev PKI: %w", err)
+		}
+	}
+	return nil
+}
+
+// prepareDir makes the dev directory (mode 0700) or checks the one there:
+// a directory, not a link, owned by this user, with no group or other
+// permissions.
+func prepareDir(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("dev dir: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("dev dir: %w", err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("dev dir %s is a symbolic link; use a real directory (--dev-dir) so that keys land where you think", dir)
+	case !fi.IsDir():
+		return fmt.Errorf("dev dir %s is not a directory", dir)
+	case !ownedByMe(fi):
+		return fmt.Errorf("dev dir %s belongs to another user; it would hold keys and a secret they could read or replace: remove it or choose another --dev-dir", dir)
+	case fi.Mode().Perm()&0o077 != 0:
+		return fmt.Errorf("dev dir %s has mode %#o: group or others may use it, and it holds keys and a secret; run chmod 700 %s (or remove it) and start again",
+			dir, fi.Mode().Perm(), dir)
+	}
+	return nil
+}
+
+// writeFile writes data to path with mode through a new file in the same
+// directory (created exclusively, so nothing planted there is opened) that is
+// renamed over path: a link at path is replaced, never followed.
+func writeFile(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(mode)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
+	}
+	return nil
 }
 
 // ensureStoreKey keeps a valid sealing key, or writes a new one, so that a
@@ -178,7 +241,7 @@ func ensureStoreKey(path string) error {
 	if _, err := rand.Read(k); err != nil {
 		return fmt.Errorf("dev store key: %w", err)
 	}
-	if err := os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
+	if err := writeFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("dev store key: %w", err)
 	}
 	return nil
@@ -196,6 +259,7 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 			KeyFile:      filepath.Join(dir, ServerKeyFile),
 			ClientCAFile: filepath.Join(dir, CAFile),
 		},
+		Admin: config.Admin{Callers: []string{ClientIdentity}},
 		Log:   config.Log{Level: "info"},
 		Store: config.Store{Backend: "memory"},
 		Credentials: []config.Credential{{
@@ -228,7 +292,7 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 	}
 	head := "# Written by `tokenbroker --dev`; rewritten at every start.\n"
 	path := filepath.Join(dir, ConfigFile)
-	if err := os.WriteFile(path, append([]byte(head), b...), 0o600); err != nil {
+	if err := writeFile(path, append([]byte(head), b...), 0o600); err != nil {
 		return nil, fmt.Errorf("dev config: %w", err)
 	}
 	return config.Load(path)

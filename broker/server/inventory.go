@@ -3,6 +3,7 @@ package server
 import (
 	"crypto/x509"
 	"encoding/pem"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -11,9 +12,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
 // credentialView is one credential on the inventory page: its configuration
@@ -45,12 +48,11 @@ type material struct {
 	Error string `json:"error,omitempty"`
 }
 
-// credentials serves GET /credentials (?name= for one): the platform team's
-// inventory of every credential.
-func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
+// views returns the inventory of the credential named, or of all when name
+// is "", sorted by name.
+func (s *Server) views(name string) []credentialView {
 	cfg := s.cfgNow.Load()
 	use := s.broker.Use()
-	name := r.URL.Query().Get("name")
 	views := []credentialView{}
 	for _, cr := range cfg.Credentials {
 		if name != "" && cr.Name != name {
@@ -61,6 +63,15 @@ func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
 			Material: s.materials.of(cr), CredentialUse: use[cr.Name]})
 	}
 	sort.Slice(views, func(i, j int) bool { return views[i].Name < views[j].Name })
+	return views
+}
+
+// credentials serves GET /credentials (?name= for one): the platform team's
+// inventory of every credential, on a loopback admin address only (see
+// inventoryOverHTTP).
+func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
+	name := r.URL.Query().Get("name")
+	views := s.views(name)
 	switch {
 	case name == "":
 		writeJSON(w, http.StatusOK, map[string]any{"credentials": views})
@@ -69,6 +80,71 @@ func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
 	default:
 		writeJSON(w, http.StatusOK, views[0])
 	}
+}
+
+// inventoryOverHTTP reports whether GET /credentials is served on the admin
+// address: only when that address is loopback, where only this host (and
+// kubectl port-forward) reaches it. Elsewhere the admin port serves metrics to
+// whoever can scrape them, and the inventory (token endpoints, client IDs,
+// file paths, policy, callers, fingerprints) is for admin.callers, through the
+// Admin gRPC service over mutual TLS.
+func inventoryOverHTTP(adminAddr string) bool {
+	host, _, err := net.SplitHostPort(adminAddr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// inventoryElsewhere answers GET /credentials on an admin address that is
+// not loopback.
+func inventoryElsewhere(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusNotFound, map[string]string{"error": "the inventory is not served on a non-loopback admin_addr; " +
+		"use the tokenbroker.v1.Admin gRPC service (tokenctl inventory) as one of admin.callers"})
+}
+
+// describe is the Admin service's view of the credential named, or of all.
+func (s *Server) describe(name string) ([]*pb.CredentialDescription, bool) {
+	views := s.views(name)
+	if name != "" && len(views) == 0 {
+		return nil, false
+	}
+	out := make([]*pb.CredentialDescription, 0, len(views))
+	for _, v := range views {
+		d := &pb.CredentialDescription{Name: v.Name, DefinedIn: v.DefinedIn, TokenUrl: v.TokenURL, ClientId: v.ClientID,
+			AuthMethod: v.AuthMethod, Scopes: v.Scopes, TokensIssued: v.Issued,
+			Upstream: &pb.UpstreamState{State: v.Upstream.State, Reason: v.Upstream.Reason, Description: v.Upstream.Description,
+				ConsecutiveFailures: int32(v.Upstream.Failures), Since: stamp(v.Upstream.Since), NextAttempt: stamp(v.Upstream.NextAttempt)}}
+		for _, a := range v.AllowedCallers {
+			d.AllowedCallers = append(d.AllowedCallers, &pb.CallerRule{Caller: a.Caller, Scopes: a.Scopes})
+		}
+		for _, m := range v.Material {
+			d.Material = append(d.Material, &pb.MaterialFile{Kind: m.Kind, File: m.File, LastRotated: stamp(m.LastRotated),
+				ExpireTime: stamp(m.Expires), Error: m.Error})
+		}
+		for _, t := range v.Cached {
+			d.CachedTokens = append(d.CachedTokens, &pb.CachedToken{Scopes: t.Scopes, Fingerprint: t.Fingerprint, ExpireTime: timestamppb.New(t.ExpireTime)})
+		}
+		if f := v.LastFetch; f != nil {
+			d.LastFetch = &pb.FetchRecord{Time: timestamppb.New(f.Time), Outcome: f.Outcome}
+		}
+		for _, c := range v.RecentCallers {
+			d.RecentCallers = append(d.RecentCallers, &pb.RecentCaller{Caller: c.Caller, Last: timestamppb.New(c.Last)})
+		}
+		out = append(out, d)
+	}
+	return out, true
+}
+
+func stamp(t *time.Time) *timestamppb.Timestamp {
+	if t == nil {
+		return nil
+	}
+	return timestamppb.New(*t)
 }
 
 // definedIn names where a credential is defined: its credentials_dir file,

@@ -16,10 +16,12 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
-// Reload applies the credentials and caller policy of cfg at once: calls
-// already running finish on the old ones, the next call sees the new ones.
+// Reload applies the credentials, caller policy and admin.callers of cfg at
+// once: calls already running finish on the old ones, the next call sees the
+// new ones, and open WatchToken streams are authorized again.
 // Keys that only a restart applies (listeners, TLS file paths, store, audit,
 // log, rate limit) are left as they are and named in the log.
 func (s *Server) Reload(cfg *config.Config) error {
@@ -27,9 +29,13 @@ func (s *Server) Reload(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
+	if _, err := policy.Compile(cfg.Admin.Callers); err != nil {
+		return fmt.Errorf("admin.callers: %w", err)
+	}
 	if err := s.broker.SetCredentials(creds); err != nil {
 		return err
 	}
+	_ = s.setAdmins(cfg) // compiled above
 	s.cfgNow.Store(cfg)
 	restart := restartKeys(s.cfg, cfg)
 	s.log.Info("configuration reloaded", zap.Int("credentials", len(cfg.Credentials)), zap.Strings("need_restart", restart))

@@ -115,6 +115,7 @@ type Server struct {
 	health    *healthServer
 	admin     *http.Server
 	tls       *tlsreload.Reloader
+	admins    atomic.Pointer[policy.Matcher] // admin.callers in force
 	conns     *grpcapi.Conns
 	connsShut *prometheus.CounterVec // reason
 
@@ -277,6 +278,10 @@ func New(opts Options) (*Server, error) {
 	)...)
 	s.svc = grpcapi.NewService(s.broker, s.log, s.tp != nil)
 	pb.RegisterTokenBrokerServer(s.grpc, s.svc)
+	if err := s.setAdmins(s.cfg); err != nil {
+		return nil, err
+	}
+	pb.RegisterAdminServer(s.grpc, &grpcapi.Admin{Callers: s.admins.Load, Describe: s.describe, Log: s.log})
 	if opts.Register != nil {
 		opts.Register(s.grpc)
 	}
@@ -292,7 +297,11 @@ func New(opts Options) (*Server, error) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /readyz", s.readyz)
-	mux.HandleFunc("GET /credentials", s.credentials)
+	if inventoryOverHTTP(s.cfg.AdminAddr) {
+		mux.HandleFunc("GET /credentials", s.credentials)
+	} else {
+		mux.HandleFunc("GET /credentials", inventoryElsewhere)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
 	if s.cfg.Pprof {
 		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
@@ -303,6 +312,16 @@ func New(opts Options) (*Server, error) {
 	}
 	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
+}
+
+// setAdmins puts cfg's admin.callers in force.
+func (s *Server) setAdmins(cfg *config.Config) error {
+	m, err := policy.Compile(cfg.Admin.Callers)
+	if err != nil {
+		return fmt.Errorf("admin.callers: %w", err)
+	}
+	s.admins.Store(m)
+	return nil
 }
 
 // brokerCredentials builds the Broker's credentials, with their upstream clients

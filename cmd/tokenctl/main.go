@@ -10,6 +10,7 @@
 //	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print each rotation until interrupted
 //	list [--json]                                               list usable credentials
 //	health [--service S] [--json]                               the broker's gRPC health
+//	inventory [CREDENTIAL] [--json]                             describe credentials (admin.callers only)
 //	agent CREDENTIAL [--scope S]... [--min-ttl D] [--write FILE [--mode 0640]]
 //	      [--listen ADDR --upstream URL [--upstream-ca FILE] [--listen-any]] [--health ADDR]
 //	                                                            keep a token file fresh and serve a
@@ -31,6 +32,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -94,6 +96,8 @@ commands:
   watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
   list [--json]                                            list the credentials you may use
   health [--service S] [--json]                            the broker's gRPC health (exit 6 unless SERVING)
+  inventory [CREDENTIAL] [--json]                          describe the credentials: configuration, files,
+                                                           token endpoint state, use (admin.callers only)
   agent CREDENTIAL [--scope S]... [--min-ttl D] [--write FILE [--mode 0640]]
         [--listen ADDR --upstream URL [--upstream-ca FILE] [--listen-any]] [--health ADDR]
                                                            keep FILE holding the current token and/or
@@ -154,6 +158,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		cmd = listCmd
 	case "health":
 		cmd = healthCmd
+	case "inventory":
+		cmd = inventoryCmd
 	case "agent":
 		cmd = func(ctx context.Context, conn *grpc.ClientConn, args []string, _ io.Writer) (int, error) {
 			return agentCmd(ctx, conn, args, stderr, files)
@@ -347,6 +353,73 @@ func healthCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout
 	}
 	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		return exitNotServing, nil
+	}
+	return exitOK, nil
+}
+
+func inventoryCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("inventory", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitUsage, err
+	}
+	if len(pos) > 1 {
+		return exitUsage, errors.New("usage: inventory [CREDENTIAL] [--json]")
+	}
+	req := &pb.DescribeCredentialsRequest{}
+	if len(pos) == 1 {
+		req.Name = pos[0]
+	}
+	resp, err := pb.NewAdminClient(conn).DescribeCredentials(ctx, req)
+	if err != nil {
+		return exitError, err
+	}
+	if *asJSON {
+		return printJSON(stdout, resp)
+	}
+	ts := func(t interface{ AsTime() time.Time }) string { return t.AsTime().UTC().Format(time.RFC3339) }
+	for i, c := range resp.GetCredentials() {
+		if i > 0 {
+			fmt.Fprintln(stdout)
+		}
+		up := c.GetUpstream()
+		state := up.GetState()
+		if up.GetReason() != "" {
+			state += " (" + up.GetReason() + ")"
+		}
+		if up.GetDescription() != "" {
+			state += ": " + strconv.Quote(up.GetDescription())
+		}
+		fmt.Fprintf(stdout, "%s\t%s\n", c.GetName(), state)
+		fmt.Fprintf(stdout, "  token endpoint  %s (client %s, %s)\n", c.GetTokenUrl(), c.GetClientId(), c.GetAuthMethod())
+		fmt.Fprintf(stdout, "  scopes          %s\n", strings.Join(c.GetScopes(), " "))
+		fmt.Fprintf(stdout, "  defined in      %s\n", c.GetDefinedIn())
+		for _, r := range c.GetAllowedCallers() {
+			sc := "all scopes"
+			if len(r.GetScopes()) > 0 {
+				sc = strings.Join(r.GetScopes(), " ")
+			}
+			fmt.Fprintf(stdout, "  caller          %s (%s)\n", r.GetCaller(), sc)
+		}
+		for _, m := range c.GetMaterial() {
+			line := m.GetKind() + " " + m.GetFile()
+			if m.GetExpireTime() != nil {
+				line += ", expires " + ts(m.GetExpireTime())
+			}
+			if m.GetError() != "" {
+				line += ", error: " + m.GetError()
+			}
+			fmt.Fprintf(stdout, "  material        %s\n", line)
+		}
+		for _, t := range c.GetCachedTokens() {
+			fmt.Fprintf(stdout, "  cached token    %s expires %s (%s)\n", t.GetFingerprint(), ts(t.GetExpireTime()), strings.Join(t.GetScopes(), " "))
+		}
+		if f := c.GetLastFetch(); f != nil {
+			fmt.Fprintf(stdout, "  last fetch      %s %s\n", ts(f.GetTime()), f.GetOutcome())
+		}
+		fmt.Fprintf(stdout, "  tokens issued   %d to %d recent callers\n", c.GetTokensIssued(), len(c.GetRecentCallers()))
 	}
 	return exitOK, nil
 }

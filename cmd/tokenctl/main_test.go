@@ -159,6 +159,22 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("tokenctl list = %d, %q; want identity\\tIDENTITY", code, out)
 	}
 
+	// The dev client is the dev configuration's admin caller.
+	code, out, stderr = s.tokenctl(t, "--dev", "--dev-dir", s.dir, "inventory")
+	if code != 0 || !strings.HasPrefix(out, "identity\tok\n") || !strings.Contains(out, "client tokenbroker-dev, client_secret_post") ||
+		!strings.Contains(out, "caller          spiffe://tokenbroker.dev/dev-client (all scopes)") {
+		t.Errorf("tokenctl inventory = %d, %q, stderr %q", code, out, stderr)
+	}
+	code, out, _ = s.tokenctl(t, "--dev", "--dev-dir", s.dir, "inventory", "identity", "--json")
+	if code != 0 || !strings.Contains(out, `"client_id": "tokenbroker-dev"`) {
+		t.Errorf("tokenctl inventory --json = %d, %q", code, out)
+	}
+	code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
+		"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"), "inventory")
+	if code != exitDenied || !strings.Contains(stderr, "not in admin.callers") {
+		t.Errorf("tokenctl inventory as a non-admin: exit %d, stderr %q; want %d", code, stderr, exitDenied)
+	}
+
 	// The denied identity is valid but allowed by no credential.
 	code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
 		"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"),
