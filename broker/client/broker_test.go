@@ -60,7 +60,7 @@ func startBroker(env *devmode.Env, addr string) (*testBroker, error) {
 // newBroker starts a dev environment and a broker on it for t.
 func newBroker(t *testing.T) *testBroker {
 	t.Helper()
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir()})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -35,7 +36,7 @@ func (h hostileBroker) GetToken(context.Context, *pb.GetTokenRequest) (*pb.GetTo
 // TestTransportRefusesMalformedToken: a token outside RFC 6750's b64token
 // syntax never reaches a header: the request fails and nothing is sent.
 func TestTransportRefusesMalformedToken(t *testing.T) {
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir()})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,7 +21,7 @@ func runArgs(t *testing.T, args ...string) (string, error) {
 }
 
 func TestCheckConfig(t *testing.T) {
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir(), ListenAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev"), ListenAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestDevRateLimit(t *testing.T) {
 		{[]string{"--rate-limit", "0"}, 0},
 		{[]string{"--rate-limit", "1000"}, 1000},
 	} {
-		dir := t.TempDir()
+		dir := filepath.Join(t.TempDir(), "dev")
 		args := append([]string{"--dev", "--dev-dir", dir, "--check-config"}, tt.args...)
 		if _, err := runArgs(t, args...); err != nil {
 			t.Fatalf("tokenbroker %v: %v", args, err)

@@ -128,7 +128,7 @@ func TestHTTPSProxyHonoured(t *testing.T) {
 
 	grpcAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir(), ListenAddr: grpcAddr, AdminAddr: adminAddr})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev"), ListenAddr: grpcAddr, AdminAddr: adminAddr})
 	if err != nil {
 		t.Fatal(err)
 	}

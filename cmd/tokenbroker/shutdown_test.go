@@ -53,7 +53,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	rdb := redistest.Start(t)
 	grpcAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir(), ListenAddr: grpcAddr, AdminAddr: adminAddr, RedisAddr: rdb.Addr()})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev"), ListenAddr: grpcAddr, AdminAddr: adminAddr, RedisAddr: rdb.Addr()})
 	if err != nil {
 		t.Fatal(err)
 	}

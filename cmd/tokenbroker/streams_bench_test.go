@@ -39,7 +39,7 @@ func measureStreams(b *testing.B, bin string, streams, conns int) (rssPerStream,
 	b.Helper()
 	grpcAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(b))
 	adminAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(b))
-	dir := b.TempDir()
+	dir := filepath.Join(b.TempDir(), "dev")
 	p := startBinary(b, bin, nil, adminAddr, "--dev", "--dev-dir", dir, "--rate-limit", "0", "--listen-addr", grpcAddr, "--admin-addr", adminAddr)
 	defer func() { _ = p.cmd.Process.Kill(); <-p.exited }()
 

@@ -23,7 +23,7 @@ func TestTracingFromEnvironment(t *testing.T) {
 		t.Run("OTEL_TRACES_EXPORTER="+exporter, func(t *testing.T) {
 			grpcAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 			adminAddr := fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
-			dir := t.TempDir()
+			dir := filepath.Join(t.TempDir(), "dev")
 			env := append(withoutProxyVars(os.Environ()), "OTEL_SERVICE_NAME=tokenbroker-test")
 			if exporter != "" {
 				env = append(env, "OTEL_TRACES_EXPORTER="+exporter)

@@ -71,7 +71,7 @@ func (e *agentEnv) startBroker(t *testing.T, addr string) (stop func()) {
 // prepareAgentEnv makes the dev environment and the upstream API, without a broker.
 func prepareAgentEnv(t *testing.T) *agentEnv {
 	t.Helper()
-	env, err := devmode.Start(devmode.Options{Dir: t.TempDir()})
+	env, err := devmode.Start(devmode.Options{Dir: filepath.Join(t.TempDir(), "dev")})
 	if err != nil {
 		t.Fatal(err)
 	}
