@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -112,6 +113,10 @@ type Options struct {
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
 	RefreshInterval time.Duration
+	// CheckInterval is how often idle credentials' token endpoints are
+	// checked (see health.go); zero means DefaultCheckInterval, negative
+	// turns the checks off.
+	CheckInterval time.Duration
 }
 
 // Request asks for a token.
@@ -148,6 +153,7 @@ type Broker struct {
 	streams       streamCounts
 	gates         sync.Map // credential name → *gate; kept across SetCredentials
 	credStats     sync.Map // credential name → *credStats; likewise
+	checks        sync.Map // credential name → *credCheck; likewise
 	m             *metrics
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
@@ -199,6 +205,9 @@ func New(opts Options) (*Broker, error) {
 		go b.refreshLoop(ctx, time.Second)
 	case opts.RefreshInterval > 0:
 		go b.refreshLoop(ctx, opts.RefreshInterval)
+	}
+	if opts.CheckInterval >= 0 {
+		go b.checkLoop(ctx, cmp.Or(opts.CheckInterval, DefaultCheckInterval))
 	}
 	return b, nil
 }
@@ -507,6 +516,14 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			}
 			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
+			// A lease held past its bound is not a replica's: someone keeps
+			// rewriting it. Fetch without it, as during a Redis outage.
+			if !waitStart.IsZero() && time.Since(waitStart) > c.LockTTL {
+				b.m.leaseOverruns.WithLabelValues(c.Name).Inc()
+				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
+					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
+				return b.fetch(ctx, c, key, scopes)
+			}
 			if waitStart.IsZero() {
 				waitStart = time.Now()
 				_, span := b.span(ctx, "tokenbroker.lease.wait", c)
@@ -593,6 +610,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
 	}
 	g.succeeded()
+	b.noteSuccess(c.Name)
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,
@@ -656,8 +674,8 @@ func (b *Broker) gate(name string) *gate {
 // Health returns the upstream state of every credential.
 func (b *Broker) Health() map[string]CredentialHealth {
 	out := map[string]CredentialHealth{}
-	for name := range *b.creds.Load() {
-		out[name] = b.gate(name).health()
+	for name, c := range *b.creds.Load() {
+		out[name] = b.health(c)
 	}
 	return out
 }

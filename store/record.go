@@ -98,9 +98,9 @@ func (r *Redis) openTombstone(key string, s stored) *tombstone {
 }
 
 // buries reports whether tombstone t forbids entry e: the invalidated token
-// itself, or one issued no later than it.
+// itself, or one issued before it.
 func (t *tombstone) buries(e *Entry) bool {
-	return t != nil && (e.Fingerprint == t.FP || e.IssuedAt.UnixNano() <= t.IssuedAt)
+	return t != nil && (e.Fingerprint == t.FP || e.IssuedAt.UnixNano() < t.IssuedAt)
 }
 
 // sealEntry seals e for key.

@@ -337,7 +337,7 @@ func (r *Redis) DeleteIfCurrent(ctx context.Context, key, fingerprint string) (b
 		}
 		var newTomb []byte
 		ttl := cur.Expiry.Sub(r.now())
-		if tomb == nil || cur.IssuedAt.UnixNano() > tomb.IssuedAt {
+		if tomb == nil || cur.IssuedAt.UnixNano() >= tomb.IssuedAt {
 			if newTomb, err = r.sealTombstone(key, cur); err != nil {
 				return false, err
 			}

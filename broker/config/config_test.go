@@ -78,13 +78,14 @@ store:
     password_file: /k/redis-password
     db: 3
     tls: {ca_file: /k/ca.pem}
+    probe_interval: 500ms
 `))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
 	}
 	r := c.Store.Redis
 	if c.Store.Backend != "redis" || r.KeyPrefix != DefaultKeyPrefix || r.DB != 3 || r.MasterName != "tokenbroker" ||
-		len(r.Addrs) != 3 || !r.TLS.Enabled() || c.Store.PreviousEncryptionKeyFiles[0] != "/k/old" {
+		len(r.Addrs) != 3 || !r.TLS.Enabled() || c.Store.PreviousEncryptionKeyFiles[0] != "/k/old" || r.ProbeInterval.D() != 500*time.Millisecond {
 		t.Errorf("store = %+v", c.Store)
 	}
 	// The store's files are checked too, by key.
@@ -132,6 +133,7 @@ func TestParseInvalid(t *testing.T) {
 		{"redis bad addr", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [redis]}}\n", "store.redis.addrs[0]: must be host:port"},
 		{"cluster db", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1, b:1], db: 2}}\n", "store.redis.db: must be 0 for a Redis Cluster"},
 		{"redis tls half", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1], tls: {cert_file: /c}}}\n", "store.redis.tls: cert_file and key_file go together"},
+		{"redis probe", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1], probe_interval: 10ms}}\n", "store.redis.probe_interval: must be between 100ms and 1m"},
 		{"redis unknown key", valid + "store: {backend: redis, redis: {adrs: [a:1]}}\n", "store.redis.adrs: unknown key"},
 		{"no credentials", strings.Split(valid, "credentials:")[0], "credentials: at least one"},
 		{"http token_url", strings.Replace(valid, "https://auth.bank.example", "http://auth.bank.example", 1),

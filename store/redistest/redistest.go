@@ -184,16 +184,25 @@ type Cluster struct {
 // assigned, and waits until every node reports the cluster ok.
 func StartCluster(t testing.TB, n int) *Cluster {
 	t.Helper()
+	return StartClusterWithReplicas(t, n, 0)
+}
+
+// StartClusterWithReplicas starts masters masters with replicas replicas
+// each, joins them into a Cluster with all slots assigned, and waits until
+// every node reports the cluster ok. Nodes time out after 2s, so a master's
+// replica takes over a few seconds after the master dies.
+func StartClusterWithReplicas(t testing.TB, masters, replicas int) *Cluster {
+	t.Helper()
 	need(t)
 	c := &Cluster{}
 	var addrs []string
-	for range n {
+	for range masters * (1 + replicas) {
 		s := Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
 		c.Nodes = append(c.Nodes, s)
 		addrs = append(addrs, s.Addr())
 	}
 	args := append([]string{"--cluster", "create"}, addrs...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	if out, err := exec.Command("redis-cli", args...).CombinedOutput(); err != nil {
 		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
 	}
