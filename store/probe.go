@@ -199,9 +199,18 @@ func (r *Redis) probeOnce() {
 		for a := range r.nodes.snapshot() {
 			r.setNode(a, err)
 		}
+		r.masters.Store(&[]string{})
 		return
 	}
 	r.nodes.keep(seen)
+	var masters []string
+	_ = r.cluster.ForEachMaster(ctx, func(_ context.Context, c *redis.Client) error {
+		mu.Lock()
+		masters = append(masters, c.Options().Addr)
+		mu.Unlock()
+		return nil
+	})
+	r.masters.Store(&masters)
 	if anyDown {
 		r.cluster.ReloadState(ctx) // follow a failover as soon as the cluster has one
 	}

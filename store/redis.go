@@ -102,7 +102,8 @@ type Redis struct {
 	probe   time.Duration
 
 	nodes     nodeSet
-	lastProbe atomic.Int64 // Unix nanoseconds
+	masters   atomic.Pointer[[]string] // a Cluster's masters as last probed
+	lastProbe atomic.Int64             // Unix nanoseconds
 	replays   replayCache
 	stats     redisStats
 
@@ -170,16 +171,25 @@ func (r *Redis) tombKey(k string) string { return r.prefix + "{" + k + "}:tomb" 
 // Channel is the pub/sub channel of change events.
 func (r *Redis) Channel() string { return r.prefix + "events" }
 
-// State is "ok" while every node answers, "degraded" while any does not
-// (the keys on it are served without Redis).
+// State is "ok" while every node that holds keys answers, "degraded" while
+// one does not (the keys on it are served without Redis). In a Cluster,
+// those are the masters; a replica that is down shows in Nodes only.
 func (r *Redis) State() string {
-	for _, st := range r.nodes.snapshot() {
-		if st != "ok" {
-			return "degraded"
+	nodes := r.nodes.snapshot()
+	holders := []string{r.single}
+	if r.cluster != nil {
+		holders = nil
+		if m := r.masters.Load(); m != nil {
+			holders = *m
+		}
+		if len(holders) == 0 {
+			return "degraded" // a Cluster none of whose masters could be found
 		}
 	}
-	if len(r.nodes.snapshot()) == 0 {
-		return "degraded" // a Cluster none of whose nodes could be found
+	for _, a := range holders {
+		if st, ok := nodes[a]; ok && st != "ok" {
+			return "degraded"
+		}
 	}
 	return "ok"
 }

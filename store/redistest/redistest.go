@@ -197,7 +197,8 @@ func StartClusterWithReplicas(t testing.TB, masters, replicas int) *Cluster {
 	c := &Cluster{}
 	var addrs []string
 	for range masters * (1 + replicas) {
-		s := Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
+		s := Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+			"--cluster-replica-validity-factor", "0") // a replica takes over however long ago it last synced
 		c.Nodes = append(c.Nodes, s)
 		addrs = append(addrs, s.Addr())
 	}
@@ -216,6 +217,16 @@ func StartClusterWithReplicas(t testing.TB, masters, replicas int) *Cluster {
 			}
 			if time.Now().After(deadline) {
 				t.Fatalf("cluster not ok on %s: %v %s", s.Addr(), err, info)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		for { // a replica holds its master's keys before the test goes on
+			info, err := cl.Info(context.Background(), "replication").Result()
+			if err == nil && (strings.Contains(info, "role:master") || strings.Contains(info, "master_link_status:up")) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("replica %s not in sync: %v %s", s.Addr(), err, info)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
