@@ -113,6 +113,10 @@ type Options struct {
 	// to replace; zero means one second, negative turns it off (tests then
 	// call RefreshDue themselves).
 	RefreshInterval time.Duration
+	// CheckInterval is how often idle credentials' token endpoints are
+	// checked (see health.go); zero means DefaultCheckInterval, negative
+	// turns the checks off.
+	CheckInterval time.Duration
 }
 
 // Request asks for a token.
@@ -150,6 +154,7 @@ type Broker struct {
 	streams       streamCounts
 	gates         sync.Map // credential name → *gate; kept across SetCredentials
 	credStats     sync.Map // credential name → *credStats; likewise
+	checks        sync.Map // credential name → *credCheck; likewise
 	m             *metrics
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
@@ -207,6 +212,9 @@ func New(opts Options) (*Broker, error) {
 		go b.refreshLoop(ctx, time.Second)
 	case opts.RefreshInterval > 0:
 		go b.refreshLoop(ctx, opts.RefreshInterval)
+	}
+	if opts.CheckInterval >= 0 {
+		go b.checkLoop(ctx, cmp.Or(opts.CheckInterval, DefaultCheckInterval))
 	}
 	return b, nil
 }
@@ -518,8 +526,8 @@ func (b *Broker) gate(name string) *gate {
 // Health returns the upstream state of every credential.
 func (b *Broker) Health() map[string]CredentialHealth {
 	out := map[string]CredentialHealth{}
-	for name := range *b.creds.Load() {
-		out[name] = b.gate(name).health()
+	for name, c := range *b.creds.Load() {
+		out[name] = b.health(c)
 	}
 	return out
 }

@@ -100,6 +100,14 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			}
 			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
+			// A lease held past its bound is not a replica's: someone keeps
+			// rewriting it. Fetch without it, as during a Redis outage.
+			if !waitStart.IsZero() && time.Since(waitStart) > c.LockTTL {
+				b.m.leaseOverruns.WithLabelValues(c.Name).Inc()
+				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
+					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
+				return b.fetch(ctx, c, key, scopes)
+			}
 			if waitStart.IsZero() {
 				waitStart = time.Now()
 				_, span := b.span(ctx, "tokenbroker.lease.wait", c)
@@ -213,6 +221,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
 	}
 	g.succeeded()
+	b.noteSuccess(c.Name)
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,

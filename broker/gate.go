@@ -212,8 +212,9 @@ func (g *gate) succeeded() {
 
 // CredentialHealth is the upstream state of one credential.
 type CredentialHealth struct {
-	// State is "ok", "failing" (transient errors) or "refused" (the token
-	// endpoint rejects the broker's registration).
+	// State is "ok", "failing" (transient errors, or the background check
+	// cannot connect), "refused" (the token endpoint rejects the broker's
+	// registration) or "unknown" (not checked yet).
 	State string `json:"state"`
 	// Reason is the OAuth error code or failure class, when not ok.
 	Reason string `json:"reason,omitempty"`
@@ -226,6 +227,9 @@ type CredentialHealth struct {
 	Since *time.Time `json:"since,omitempty"`
 	// NextAttempt is the earliest next request to the token endpoint.
 	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+	// LastSuccess is when the token endpoint last answered: a token fetched
+	// or a background check passed (see health.go); nil before the first.
+	LastSuccess *time.Time `json:"last_success,omitempty"`
 }
 
 func (g *gate) health() CredentialHealth {

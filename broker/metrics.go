@@ -20,6 +20,10 @@ type metrics struct {
 	audit       *prometheus.CounterVec        // event
 	auditEvents map[string]prometheus.Counter // the known events' series, looked up once
 	secretUsed  *prometheus.CounterVec        // credential, secret (index in client_secret_files)
+
+	// leaseOverruns counts fetches made without the lease after waiting
+	// longer than its bound (a lease someone else keeps writing).
+	leaseOverruns *prometheus.CounterVec // credential
 }
 
 // storeOps are the store operations counted in tokenbroker_store_errors_total;
@@ -50,6 +54,10 @@ func newMetrics() *metrics {
 			Help:    "Time spent waiting for another replica's fetch.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}),
+		leaseOverruns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tokenbroker_lease_wait_exceeded_total",
+			Help: "Fetches made without the lease after waiting longer than the lease bound for another replica's.",
+		}, []string{"credential"}),
 		secretUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenbroker_client_secret_used_total",
 			Help: "Successful token requests by the client secret that worked (index in client_secret_files; 0 with one file).",
@@ -83,10 +91,12 @@ func (b *Broker) Describe(ch chan<- *prometheus.Desc) {
 	b.m.upstreamDur.Describe(ch)
 	b.m.storeErrors.Describe(ch)
 	b.m.lockWait.Describe(ch)
+	b.m.leaseOverruns.Describe(ch)
 	b.m.audit.Describe(ch)
 	b.m.secretUsed.Describe(ch)
 	ch <- expiryDesc
 	ch <- healthyDesc
+	ch <- lastSuccessDesc
 }
 
 // Collect implements prometheus.Collector; the gauges are computed at scrape time.
@@ -96,6 +106,7 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 	b.m.upstreamDur.Collect(ch)
 	b.m.storeErrors.Collect(ch)
 	b.m.lockWait.Collect(ch)
+	b.m.leaseOverruns.Collect(ch)
 	b.m.audit.Collect(ch)
 	b.m.secretUsed.Collect(ch)
 
@@ -115,7 +126,9 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 	for name, left := range freshest {
 		ch <- prometheus.MustNewConstMetric(expiryDesc, prometheus.GaugeValue, left.Seconds(), name)
 	}
-	for name, h := range b.Health() {
+	health := b.Health()
+	b.collectLastSuccess(ch, health)
+	for name, h := range health {
 		v := 0.0
 		if h.State == "ok" {
 			v = 1

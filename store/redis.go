@@ -2,12 +2,11 @@ package store
 
 import (
 	"context"
+	"crypto/sha1"
 	"crypto/tls"
-	"encoding/json"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,50 +59,85 @@ type RedisOptions struct {
 	Client redis.UniversalClient
 	// Prefix starts every key and channel name, e.g. "tokenbroker:".
 	Prefix string
-	// Sealer seals every value; required.
+	// Sealer seals every value and authenticates every event; required.
 	Sealer *Sealer
-	// Logger receives state changes (Redis lost, Redis back); nil means none.
+	// Logger receives state changes (a node lost, a node back, a stale
+	// lease broken); nil means none.
 	Logger *zap.Logger
-	// Now is the clock; nil means time.Now.
+	// Now is the clock tokens' expiry is judged by; nil means time.Now.
 	Now func() time.Time
-	// ProbeInterval is how often Redis is pinged while it fails; meanwhile
-	// every operation fails fast with ErrUnavailable. Zero means one second.
+	// ProbeInterval is how often every node is pinged, whether or not calls
+	// reach the store. Zero means DefaultProbeInterval.
 	ProbeInterval time.Duration
 }
 
-// Redis is a Store shared by all replicas. Each entry is a hash holding the
-// sealed token (v), its fingerprint (fp) and its expiry in Unix milliseconds
-// (exp), with a Redis TTL equal to the token's remaining lifetime. The key is
-// "<prefix>{<cache key>}"; its lease lock "<prefix>{<cache key>}:lock" hashes
-// to the same Cluster slot. Changes are announced on "<prefix>events".
+// Redis is a Store shared by all replicas, built so that what others can
+// write into Redis cannot make the broker serve a token it should not, stall
+// the fleet, or hide an outage (README "Store" states the threat model):
+//
+//   - Each entry is a hash at "<prefix>{<cache key>}": the sealed record (v),
+//     which alone the broker trusts, and plain copies of its fingerprint
+//     (fp), expiry and issue time (exp, iat, Unix ms) for operators and
+//     older replicas. An entry that does not open, or whose copies disagree
+//     with the sealed record, counts as absent and any valid token replaces
+//     it. Which token wins is decided on opened records, and written by
+//     compare and swap.
+//   - An invalidation leaves a sealed tombstone at "<prefix>{<cache key>}:tomb"
+//     until the token expires: that token, and any issued before it, is
+//     neither served nor stored again.
+//   - The lease "<prefix>{<cache key>}:lock" is broken when it has no TTL or
+//     one above the lease bound.
+//   - Changes are announced on "<prefix>events" with a MAC (see Subscribe).
+//   - Health is per node and probed actively (see DefaultProbeInterval).
+//
+// The braces keep an entry, its tombstone and its lease in one Cluster slot.
 type Redis struct {
-	c      redis.UniversalClient
-	prefix string
-	sealer *Sealer
-	log    *zap.Logger
-	now    func() time.Time
-	probe  time.Duration
+	c       redis.UniversalClient
+	cluster *redis.ClusterClient // nil unless Cluster
+	single  string               // the node's name when not a Cluster
+	prefix  string
+	sealer  *Sealer
+	log     *zap.Logger
+	now     func() time.Time
+	probe   time.Duration
 
-	healthy   atomic.Bool
-	downSince atomic.Int64 // Unix nanoseconds
+	nodes     nodeSet
+	masters   atomic.Pointer[[]string] // a Cluster's masters as last probed
+	lastProbe atomic.Int64             // Unix nanoseconds
+	replays   replayCache
+	stats     redisStats
+
 	closed    chan struct{}
 	closeOnce sync.Once
+	logOnce   sync.Once
+}
 
-	outages        atomic.Int64
-	unsealable     atomic.Int64
-	unsealableOnce sync.Once
+// redisStats are the store's counters since start.
+type redisStats struct {
+	outages      atomic.Int64
+	unsealable   atomic.Int64
+	tampered     atomic.Int64
+	leasesBroken atomic.Int64
+	rejects      sync.Map // reason → *atomic.Int64
+}
+
+func (s *redisStats) rejected(reason string) {
+	v, _ := s.rejects.LoadOrStore(reason, new(atomic.Int64))
+	v.(*atomic.Int64).Add(1)
 }
 
 var _ Store = (*Redis)(nil)
 
-// NewRedis returns a Redis store. It does not contact Redis: a broker started
-// while Redis is down serves without it and starts sharing when it returns.
+// NewRedis returns a Redis store and starts its probe. It pings Redis once,
+// briefly, so that its state is true from the start; it never fails for
+// Redis being down: a broker started without Redis serves without it and
+// starts sharing when Redis answers.
 func NewRedis(o RedisOptions) (*Redis, error) {
 	if o.Client == nil || o.Sealer == nil {
 		return nil, errors.New("store: Redis needs a Client and a Sealer")
 	}
 	r := &Redis{c: o.Client, prefix: o.Prefix, sealer: o.Sealer, log: o.Logger, now: o.Now, probe: o.ProbeInterval,
-		closed: make(chan struct{})}
+		closed: make(chan struct{}), single: "redis"}
 	if r.log == nil {
 		r.log = zap.NewNop()
 	}
@@ -111,9 +145,19 @@ func NewRedis(o RedisOptions) (*Redis, error) {
 		r.now = time.Now
 	}
 	if r.probe <= 0 {
-		r.probe = time.Second
+		r.probe = DefaultProbeInterval
 	}
-	r.healthy.Store(true)
+	switch c := o.Client.(type) {
+	case *redis.ClusterClient:
+		r.cluster = c
+	case *redis.Client:
+		r.single = c.Options().Addr
+	}
+	if r.cluster == nil {
+		r.nodes.get(r.single)
+	}
+	r.probeOnce()
+	go r.probeLoop()
 	return r, nil
 }
 
@@ -122,246 +166,239 @@ func (r *Redis) Name() string { return "redis" }
 
 func (r *Redis) key(k string) string     { return r.prefix + "{" + k + "}" }
 func (r *Redis) lockKey(k string) string { return r.prefix + "{" + k + "}:lock" }
+func (r *Redis) tombKey(k string) string { return r.prefix + "{" + k + "}:tomb" }
 
 // Channel is the pub/sub channel of change events.
 func (r *Redis) Channel() string { return r.prefix + "events" }
 
-// guard fails fast while Redis is down; the prober brings the store back.
-func (r *Redis) guard() error {
-	if r.healthy.Load() {
-		return nil
-	}
-	return ErrUnavailable
-}
-
-// observe records the outcome of a Redis command and logs each change of state once.
-func (r *Redis) observe(err error) error {
-	if err == nil || errors.Is(err, redis.Nil) || errors.Is(err, context.Canceled) {
-		return err
-	}
-	if r.healthy.CompareAndSwap(true, false) {
-		r.outages.Add(1)
-		r.downSince.Store(time.Now().UnixNano())
-		r.log.Warn("redis unavailable; serving from memory and the token endpoint until it returns", zap.Error(err))
-		go r.probeUntilBack()
-	}
-	return fmt.Errorf("redis: %w", err)
-}
-
-// probeUntilBack pings Redis every probe interval until it answers or the
-// store is closed, so recovery does not depend on traffic reaching the store.
-func (r *Redis) probeUntilBack() {
-	t := time.NewTicker(r.probe)
-	defer t.Stop()
-	for {
-		select {
-		case <-r.closed:
-			return
-		case <-t.C:
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), r.probe)
-		err := r.c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			r.healthy.Store(true)
-			r.log.Info("redis is back; sharing tokens again",
-				zap.Duration("down_for", time.Duration(time.Now().UnixNano()-r.downSince.Load())))
-			return
-		}
-	}
-}
-
-// State is "ok", or "degraded" while Redis is failing.
+// State is "ok" while every node that holds keys answers, "degraded" while
+// one does not (the keys on it are served without Redis). In a Cluster,
+// those are the masters; a replica that is down shows in Nodes only.
 func (r *Redis) State() string {
-	if r.healthy.Load() {
-		return "ok"
-	}
-	return "degraded"
-}
-
-// Outages counts the times Redis became unreachable since start.
-func (r *Redis) Outages() int64 { return r.outages.Load() }
-
-// Unsealable counts values that failed to open since start.
-func (r *Redis) Unsealable() int64 { return r.unsealable.Load() }
-
-// sealed is the plaintext of a stored value.
-type sealed struct {
-	Token    string   `json:"t"`
-	Type     string   `json:"y"`
-	Scopes   []string `json:"s"`
-	IssuedAt int64    `json:"i"` // Unix nanoseconds
-	Expiry   int64    `json:"e"` // Unix nanoseconds
-	FP       string   `json:"f"`
-}
-
-// Get returns the entry under key. A value that does not open is a miss.
-func (r *Redis) Get(ctx context.Context, key string) (*Entry, error) {
-	if err := r.guard(); err != nil {
-		return nil, err
-	}
-	v, err := r.c.HGet(ctx, r.key(key), "v").Bytes()
-	if err := r.observe(err); err != nil {
-		if errors.Is(err, redis.Nil) {
-			return nil, ErrNotFound
+	nodes := r.nodes.snapshot()
+	holders := []string{r.single}
+	if r.cluster != nil {
+		holders = nil
+		if m := r.masters.Load(); m != nil {
+			holders = *m
 		}
-		return nil, err
+		if len(holders) == 0 {
+			return "degraded" // a Cluster none of whose masters could be found
+		}
 	}
-	pt, err := r.sealer.Open(key, v)
-	if err != nil {
-		r.unsealable.Add(1)
-		r.unsealableOnce.Do(func() {
-			r.log.Warn("a stored token does not open (other key, moved or altered); treated as a miss",
-				zap.String("key", key), zap.Error(err))
-		})
-		return nil, ErrNotFound
+	for _, a := range holders {
+		if st, ok := nodes[a]; ok && st != "ok" {
+			return "degraded"
+		}
 	}
-	var s sealed
-	if err := json.Unmarshal(pt, &s); err != nil {
-		return nil, fmt.Errorf("redis: decode entry: %w", err)
-	}
-	e := &Entry{AccessToken: s.Token, TokenType: s.Type, Scopes: s.Scopes,
-		IssuedAt: time.Unix(0, s.IssuedAt), Expiry: time.Unix(0, s.Expiry), Fingerprint: s.FP}
-	if !r.now().Before(e.Expiry) {
-		return nil, ErrNotFound
-	}
-	return e, nil
+	return "ok"
 }
 
-var putScript = redis.NewScript(`
-local cur = redis.call('HGET', KEYS[1], 'exp')
-if cur and tonumber(cur) >= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'fp', ARGV[2], 'exp', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1`)
+// Nodes returns each known node's state, "ok" or "down", by address.
+func (r *Redis) Nodes() map[string]string { return r.nodes.snapshot() }
 
-// PutIfNewer seals e and stores it unless the stored entry expires no
-// earlier, atomically; on success it announces the change.
+// LastProbe is when the probe last finished.
+func (r *Redis) LastProbe() time.Time { return time.Unix(0, r.lastProbe.Load()) }
+
+// Outages counts the times a node became unreachable since start.
+func (r *Redis) Outages() int64 { return r.stats.outages.Load() }
+
+// Unsealable counts stored values that did not open since start.
+func (r *Redis) Unsealable() int64 { return r.stats.unsealable.Load() }
+
+// Tampered counts entries that opened but whose plain fields disagreed with
+// their sealed ones, since start.
+func (r *Redis) Tampered() int64 { return r.stats.tampered.Load() }
+
+// LeasesBroken counts stale leases (no TTL, a TTL above the lease bound, or
+// not a lease at all) broken since start.
+func (r *Redis) LeasesBroken() int64 { return r.stats.leasesBroken.Load() }
+
+// EventsRejected counts the pub/sub messages dropped since start, by reason
+// (see RejectReasons).
+func (r *Redis) EventsRejected() map[string]int64 {
+	out := map[string]int64{}
+	for _, reason := range RejectReasons {
+		out[reason] = 0
+	}
+	r.stats.rejects.Range(func(k, v any) bool {
+		out[k.(string)] = v.(*atomic.Int64).Load()
+		return true
+	})
+	return out
+}
+
+// read returns what Redis holds for key, unverified.
+func (r *Redis) read(ctx context.Context, addr, key string) (stored, error) {
+	vals, err := readScript.Run(ctx, r.c, []string{r.key(key), r.tombKey(key)}).StringSlice()
+	if err := r.observe(addr, err); err != nil {
+		return stored{}, err
+	}
+	if len(vals) != 5 {
+		return stored{}, fmt.Errorf("redis: read: %d values, want 5", len(vals))
+	}
+	return stored{v: vals[0], fp: vals[1], exp: vals[2], iat: vals[3], tomb: vals[4]}, nil
+}
+
+// current opens what read returned: the live entry it can trust, if any.
+func (r *Redis) current(key string, s stored) (*Entry, *tombstone) {
+	e, why := r.openEntry(key, s)
+	switch why {
+	case unsealable:
+		r.stats.unsealable.Add(1)
+	case tampered:
+		r.stats.tampered.Add(1)
+	}
+	if why == unsealable || why == tampered {
+		r.logOnce.Do(func() {
+			r.log.Warn("a stored token does not open or its plain fields were altered (another key, moved, or written by someone else); treated as absent",
+				zap.String("key", key))
+		})
+	}
+	t := r.openTombstone(key, s)
+	if e == nil || !r.now().Before(e.Expiry) || t.buries(e) {
+		return nil, t
+	}
+	return e, t
+}
+
+// Get returns the entry under key. A value that does not open, disagrees
+// with its plain fields, or is buried by a tombstone is a miss.
+func (r *Redis) Get(ctx context.Context, key string) (*Entry, error) {
+	addr, err := r.guard(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	s, err := r.read(ctx, addr, key)
+	if err != nil {
+		return nil, err
+	}
+	if e, _ := r.current(key, s); e != nil {
+		return e, nil
+	}
+	return nil, ErrNotFound
+}
+
+// casRetries bounds the compare-and-swap attempts of one write: another
+// writer (a replica, or someone else) changed the key in between each time.
+const casRetries = 4
+
+func digest(s string) string {
+	if s == "" {
+		return ""
+	}
+	h := sha1.Sum([]byte(s))
+	return hex.EncodeToString(h[:])
+}
+
+// PutIfNewer seals e and stores it unless the trusted entry stored expires
+// no earlier, or a tombstone forbids e; on success it announces the change.
 func (r *Redis) PutIfNewer(ctx context.Context, key string, e *Entry) (bool, error) {
 	ttl := e.Expiry.Sub(r.now())
 	if ttl <= 0 {
 		return false, nil
 	}
-	if err := r.guard(); err != nil {
-		return false, err
-	}
-	pt, err := json.Marshal(sealed{Token: e.AccessToken, Type: e.TokenType, Scopes: e.Scopes,
-		IssuedAt: e.IssuedAt.UnixNano(), Expiry: e.Expiry.UnixNano(), FP: e.Fingerprint})
-	if err != nil {
-		return false, fmt.Errorf("redis: encode entry: %w", err)
-	}
-	v, err := r.sealer.Seal(key, pt)
+	addr, err := r.guard(ctx, key)
 	if err != nil {
 		return false, err
 	}
-	n, err := putScript.Run(ctx, r.c, []string{r.key(key)},
-		v, e.Fingerprint, e.Expiry.UnixMilli(), max(ttl.Milliseconds(), 1)).Int()
-	if err := r.observe(err); err != nil {
+	v, err := r.sealEntry(key, e)
+	if err != nil {
 		return false, err
 	}
-	if n == 1 {
-		r.publish(ctx, Event{Kind: EventPut, Key: key, Fingerprint: e.Fingerprint})
+	for range casRetries {
+		s, err := r.read(ctx, addr, key)
+		if err != nil {
+			return false, err
+		}
+		cur, tomb := r.current(key, s)
+		if tomb.buries(e) || cur != nil && !e.Expiry.After(cur.Expiry) {
+			return false, nil
+		}
+		n, err := swapScript.Run(ctx, r.c, []string{r.key(key), r.tombKey(key)}, digest(s.v), digest(s.tomb),
+			v, e.Fingerprint, e.Expiry.UnixMilli(), e.IssuedAt.UnixMilli(), max(ttl.Milliseconds(), 1)).Int()
+		if err := r.observe(addr, err); err != nil {
+			return false, err
+		}
+		if n == 1 {
+			r.publish(ctx, Event{Kind: EventPut, Key: key, Fingerprint: e.Fingerprint})
+			return true, nil
+		}
 	}
-	return n == 1, nil
+	return false, fmt.Errorf("redis: put: key kept changing (%d attempts)", casRetries)
 }
 
-var deleteScript = redis.NewScript(`
-if redis.call('HGET', KEYS[1], 'fp') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0`)
-
-// DeleteIfCurrent removes the entry if it has fingerprint, atomically, and
-// announces the deletion so every replica drops its in-process copy.
+// DeleteIfCurrent removes the entry if it is the token with fingerprint, and
+// leaves a tombstone until that token expires, atomically; it announces the
+// deletion so every replica drops its in-process copy.
 func (r *Redis) DeleteIfCurrent(ctx context.Context, key, fingerprint string) (bool, error) {
-	if err := r.guard(); err != nil {
+	addr, err := r.guard(ctx, key)
+	if err != nil {
 		return false, err
 	}
-	n, err := deleteScript.Run(ctx, r.c, []string{r.key(key)}, fingerprint).Int()
-	if err := r.observe(err); err != nil {
-		return false, err
+	for range casRetries {
+		s, err := r.read(ctx, addr, key)
+		if err != nil {
+			return false, err
+		}
+		cur, tomb := r.current(key, s)
+		if cur == nil || cur.Fingerprint != fingerprint {
+			return false, nil
+		}
+		var newTomb []byte
+		ttl := cur.Expiry.Sub(r.now())
+		if tomb == nil || cur.IssuedAt.UnixNano() >= tomb.IssuedAt {
+			if newTomb, err = r.sealTombstone(key, cur); err != nil {
+				return false, err
+			}
+		}
+		n, err := buryScript.Run(ctx, r.c, []string{r.key(key), r.tombKey(key)}, digest(s.v), digest(s.tomb),
+			newTomb, max(ttl.Milliseconds(), 1)).Int()
+		if err := r.observe(addr, err); err != nil {
+			return false, err
+		}
+		if n == 1 {
+			r.publish(ctx, Event{Kind: EventDelete, Key: key, Fingerprint: fingerprint})
+			return true, nil
+		}
 	}
-	if n == 1 {
-		r.publish(ctx, Event{Kind: EventDelete, Key: key, Fingerprint: fingerprint})
-	}
-	return n == 1, nil
+	return false, fmt.Errorf("redis: delete: key kept changing (%d attempts)", casRetries)
 }
 
-// Lock takes the lease on key with SET NX PX, or returns ErrLocked.
+// Lock takes the lease on key for ttl, the lease bound, or returns
+// ErrLocked. A stale lease (no TTL, a TTL above ttl, or not a lease) is
+// broken and taken: no replica leaves one, and it would stall every replica.
 func (r *Redis) Lock(ctx context.Context, key, owner string, ttl time.Duration) error {
-	if err := r.guard(); err != nil {
+	addr, err := r.guard(ctx, key)
+	if err != nil {
 		return err
 	}
-	ok, err := r.c.SetNX(ctx, r.lockKey(key), owner, ttl).Result()
-	if err := r.observe(err); err != nil {
+	n, err := lockScript.Run(ctx, r.c, []string{r.lockKey(key)}, owner, max(ttl.Milliseconds(), 1)).Int()
+	if err := r.observe(addr, err); err != nil {
 		return err
 	}
-	if !ok {
+	switch n {
+	case 0:
 		return ErrLocked
+	case 2:
+		r.stats.leasesBroken.Add(1)
+		r.log.Warn("broke a stale lease (no TTL, a TTL above the lease bound, or not a lease); someone else wrote it",
+			zap.String("key", key), zap.Duration("lease_bound", ttl))
 	}
 	return nil
 }
 
-var unlockScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0`)
-
 // Unlock releases the lease if owner still holds it (compare and delete).
 func (r *Redis) Unlock(ctx context.Context, key, owner string) error {
-	if err := r.guard(); err != nil {
+	addr, err := r.guard(ctx, key)
+	if err != nil {
 		return err
 	}
-	return r.observe(unlockScript.Run(ctx, r.c, []string{r.lockKey(key)}, owner).Err())
+	return r.observe(addr, unlockScript.Run(ctx, r.c, []string{r.lockKey(key)}, owner).Err())
 }
 
-// Close stops the prober and closes the client.
+// Close stops the probe and closes the client.
 func (r *Redis) Close() error {
 	r.closeOnce.Do(func() { close(r.closed) })
 	return r.c.Close()
-}
-
-// publish announces a change; a lost announcement only delays other
-// replicas until their next poll, so failures are not returned.
-func (r *Redis) publish(ctx context.Context, ev Event) {
-	_ = r.observe(r.c.Publish(ctx, r.Channel(), ev.encode()).Err())
-}
-
-// Subscribe calls fn for every change any replica announces until ctx ends.
-// The subscription reconnects by itself after a Redis outage.
-func (r *Redis) Subscribe(ctx context.Context, fn func(Event)) {
-	ps := r.c.Subscribe(ctx, r.Channel())
-	go func() {
-		defer ps.Close()
-		ch := ps.Channel()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case m, ok := <-ch:
-				if !ok {
-					return
-				}
-				if ev, ok := decodeEvent(m.Payload); ok {
-					fn(ev)
-				}
-			}
-		}
-	}()
-}
-
-func (ev Event) encode() string {
-	return strconv.Itoa(int(ev.Kind)) + "\x1f" + ev.Key + "\x1f" + ev.Fingerprint
-}
-
-func decodeEvent(s string) (Event, bool) {
-	parts := strings.Split(s, "\x1f")
-	if len(parts) != 3 {
-		return Event{}, false
-	}
-	k, err := strconv.Atoi(parts[0])
-	if err != nil || (EventKind(k) != EventPut && EventKind(k) != EventDelete) {
-		return Event{}, false
-	}
-	return Event{Kind: EventKind(k), Key: parts[1], Fingerprint: parts[2]}, true
 }

@@ -159,7 +159,9 @@ func TestRedisFailOpenAndRecovery(t *testing.T) {
 
 func TestRedisEvents(t *testing.T) {
 	srv := redistest.Start(t)
-	a, b := newRedisStore(t, srv.Addr()), newRedisStore(t, srv.Addr())
+	key := make([]byte, store.KeySize)
+	_, _ = rand.Read(key)
+	a, b := newRedisStore(t, srv.Addr(), key), newRedisStore(t, srv.Addr(), key)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	evs := make(chan store.Event, 64)

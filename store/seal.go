@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
@@ -37,12 +38,15 @@ type Sealer struct {
 	currentID [keyIDSize]byte
 	current   cipher.AEAD
 	byID      map[[keyIDSize]byte]cipher.AEAD
+	// macs are the keys that authenticate pub/sub events, one derived from
+	// each sealing key, by the same key ids: whoever can seal can announce.
+	macs map[[keyIDSize]byte][]byte
 }
 
 // NewSealer returns a Sealer that seals with current and opens with current
 // or any of previous. Each key is KeySize bytes.
 func NewSealer(current []byte, previous ...[]byte) (*Sealer, error) {
-	s := &Sealer{byID: map[[keyIDSize]byte]cipher.AEAD{}}
+	s := &Sealer{byID: map[[keyIDSize]byte]cipher.AEAD{}, macs: map[[keyIDSize]byte][]byte{}}
 	for i, k := range append([][]byte{current}, previous...) {
 		if len(k) != KeySize {
 			return nil, fmt.Errorf("sealing key %d: %d bytes, want %d", i, len(k), KeySize)
@@ -61,6 +65,7 @@ func NewSealer(current []byte, previous ...[]byte) (*Sealer, error) {
 		}
 		if _, dup := s.byID[id]; !dup {
 			s.byID[id] = aead
+			s.macs[id] = deriveKey(k, "tokenbroker event mac v2")
 		}
 	}
 	return s, nil
@@ -72,6 +77,15 @@ func keyID(k []byte) [keyIDSize]byte {
 	var id [keyIDSize]byte
 	copy(id[:], h[:])
 	return id
+}
+
+// deriveKey derives a key for another use from sealing key k (HMAC-SHA256
+// of a label under k), so one key file serves both without one use weakening
+// the other.
+func deriveKey(k []byte, label string) []byte {
+	m := hmac.New(sha256.New, k)
+	m.Write([]byte(label))
+	return m.Sum(nil)
 }
 
 // Seal encrypts plaintext bound to aad.

@@ -4,6 +4,8 @@
 // It guarantees that a stored token is only ever replaced by one that expires
 // later, that an entry is gone once it expires, and that a delete names the
 // token it drops (by fingerprint), so a stale report cannot drop a newer token.
+// The Redis store keeps these guarantees against others who can write to
+// Redis: it acts only on what it sealed itself (see Redis).
 // The lease lock lets one replica fetch from the authorization server while the
 // others wait for its result.
 package store
@@ -52,6 +54,8 @@ type Store interface {
 	// fingerprint, and reports whether it did.
 	DeleteIfCurrent(ctx context.Context, key, fingerprint string) (bool, error)
 	// Lock takes a lease on key for ttl on behalf of owner, or returns ErrLocked.
+	// ttl is also the lease bound: a shared store breaks a lease it finds
+	// without an expiry or with more than ttl left, since no replica sets one.
 	Lock(ctx context.Context, key, owner string, ttl time.Duration) error
 	// Unlock releases the lease on key if owner still holds it.
 	Unlock(ctx context.Context, key, owner string) error

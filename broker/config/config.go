@@ -186,6 +186,9 @@ type Redis struct {
 	KeyPrefix string `yaml:"key_prefix"`
 	// TLS configures TLS to Redis; empty means plain TCP.
 	TLS RedisTLS `yaml:"tls"`
+	// ProbeInterval is how often every Redis node is pinged, with or
+	// without traffic; zero means 2s.
+	ProbeInterval Duration `yaml:"probe_interval"`
 }
 
 // RedisTLS names the files for TLS to Redis.
@@ -634,6 +637,9 @@ func (s *Store) validate() error {
 	}
 	if (r.TLS.CertFile == "") != (r.TLS.KeyFile == "") {
 		return fieldErr("store.redis.tls", "cert_file and key_file go together")
+	}
+	if p := r.ProbeInterval.D(); p != 0 && (p < 100*time.Millisecond || p > time.Minute) {
+		return fieldErr("store.redis.probe_interval", "must be between 100ms and 1m (default 2s); got %s", p)
 	}
 	return nil
 }

@@ -78,13 +78,14 @@ store:
     password_file: /k/redis-password
     db: 3
     tls: {ca_file: /k/ca.pem}
+    probe_interval: 500ms
 `))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
 	}
 	r := c.Store.Redis
 	if c.Store.Backend != "redis" || r.KeyPrefix != DefaultKeyPrefix || r.DB != 3 || r.MasterName != "tokenbroker" ||
-		len(r.Addrs) != 3 || !r.TLS.Enabled() || c.Store.PreviousEncryptionKeyFiles[0] != "/k/old" {
+		len(r.Addrs) != 3 || !r.TLS.Enabled() || c.Store.PreviousEncryptionKeyFiles[0] != "/k/old" || r.ProbeInterval.D() != 500*time.Millisecond {
 		t.Errorf("store = %+v", c.Store)
 	}
 	// The store's files are checked too, by key.
@@ -125,6 +126,16 @@ func TestParseInvalid(t *testing.T) {
 		{"bad log level", valid + "log: {level: loud}\n", "log.level: must be one of"},
 		{"negative rate", valid + "rate_limit: {requests_per_second: -1}\n", "rate_limit: requests_per_second must be 0 (off) or positive"},
 		{"negative watch streams", valid + "rate_limit: {requests_per_second: 1, burst: 1, watch_streams: -1}\n", "rate_limit.watch_streams: must be 0"},
+		{"no client trust", strings.Replace(valid, "  client_ca_file: /tls/ca.crt\n", "", 1), "tls.client_ca_file: required unless tls.client_trust_bundles is set"},
+		{"trust domain as an ID", strings.Replace(valid, "tls:\n", "tls:\n  client_trust_bundles: [{trust_domain: spiffe://bank.internal, ca_file: /b.pem}]\n", 1),
+			"tls.client_trust_bundles[0].trust_domain: want a trust domain name"},
+		{"uppercase trust domain", strings.Replace(valid, "tls:\n", "tls:\n  client_trust_bundles: [{trust_domain: Bank.internal, ca_file: /b.pem}]\n", 1),
+			"tls.client_trust_bundles[0].trust_domain: want a trust domain name"},
+		{"trust domain twice", strings.Replace(valid, "tls:\n", "tls:\n  client_trust_bundles: [{trust_domain: td, ca_file: /a.pem}, {trust_domain: td, ca_file: /b.pem}]\n", 1),
+			`tls.client_trust_bundles[1].trust_domain: "td" is listed twice`},
+		{"bundle without file", strings.Replace(valid, "tls:\n", "tls:\n  client_trust_bundles: [{trust_domain: td}]\n", 1), "tls.client_trust_bundles[0].ca_file: required"},
+		{"short connection age", strings.Replace(valid, "tls:\n", "tls:\n  max_connection_age: 10ms\n", 1), "tls.max_connection_age: must be at least 1s"},
+		{"bad admin caller", valid + "admin: {callers: [SPIFFE://bank.internal/ops]}\n", "admin.callers[0]:"},
 		{"tls 1.1", strings.Replace(valid, "tls:\n", "tls:\n  min_version: \"1.1\"\n", 1), `tls.min_version: must be "1.3" or "1.2"`},
 		{"unknown backend", valid + "store: {backend: etcd}\n", "store.backend: must be memory or redis"},
 		{"redis without key", valid + "store: {backend: redis, redis: {addrs: [r:6379]}}\n", "store.encryption_key_file: required when store.backend is redis"},
@@ -132,6 +143,7 @@ func TestParseInvalid(t *testing.T) {
 		{"redis bad addr", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [redis]}}\n", "store.redis.addrs[0]: must be host:port"},
 		{"cluster db", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1, b:1], db: 2}}\n", "store.redis.db: must be 0 for a Redis Cluster"},
 		{"redis tls half", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1], tls: {cert_file: /c}}}\n", "store.redis.tls: cert_file and key_file go together"},
+		{"redis probe", valid + "store: {backend: redis, encryption_key_file: /k, redis: {addrs: [a:1], probe_interval: 10ms}}\n", "store.redis.probe_interval: must be between 100ms and 1m"},
 		{"redis unknown key", valid + "store: {backend: redis, redis: {adrs: [a:1]}}\n", "store.redis.adrs: unknown key"},
 		{"no credentials", strings.Split(valid, "credentials:")[0], "credentials: at least one"},
 		{"http token_url", strings.Replace(valid, "https://auth.bank.example", "http://auth.bank.example", 1),

@@ -82,6 +82,9 @@ type Options struct {
 	Now func() time.Time
 	// RefreshInterval is passed to the Broker (negative: no background refresher).
 	RefreshInterval time.Duration
+	// CheckInterval is passed to the Broker (zero: the default; negative: no
+	// background checks of idle credentials).
+	CheckInterval time.Duration
 	// AuditStdout receives the audit trail when audit.path is "stdout"; nil means os.Stdout.
 	AuditStdout io.Writer
 	// TracerProvider, when set, traces every RPC (honouring an incoming W3C
@@ -219,7 +222,7 @@ func New(opts Options) (*Server, error) {
 		rl = *s.cfg.RateLimit
 	}
 	s.broker, err = broker.New(broker.Options{Credentials: creds, Store: s.store, Logger: s.log, Now: s.now,
-		RefreshInterval: opts.RefreshInterval, Audit: s.audit, Tracer: tracer(s.tp),
+		RefreshInterval: opts.RefreshInterval, CheckInterval: opts.CheckInterval, Audit: s.audit, Tracer: tracer(s.tp),
 		RateLimit: rl.RequestsPerSecond, RateBurst: rl.Burst, WatchStreams: rl.WatchStreams,
 		MaxBackoffWithWaiters: s.cfg.Retry.MaxBackoffWithWaiters.D(), MaxRetryAfter: s.cfg.Retry.MaxRetryAfter.D()})
 	if err != nil {
@@ -255,6 +258,9 @@ func New(opts Options) (*Server, error) {
 	}, func() float64 { return float64(s.conns.Len()) })
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s}, s.connsShut, openConns)
+	if r, ok := s.store.(*store.Redis); ok {
+		s.registry.MustRegister(storeCollector{r})
+	}
 
 	handshake, streams := cmp.Or(opts.HandshakeTimeout, HandshakeTimeout), cmp.Or(opts.MaxStreamsPerConnection, MaxStreamsPerConnection)
 	serverOpts := []grpc.ServerOption{}
@@ -508,15 +514,12 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	}
 	// The store's state is shown but never fails readiness: a Redis outage is
 	// shared by every replica, and the broker serves through it (fail-open).
-	storeInfo := map[string]any{"backend": s.store.Name(), "state": s.store.State()}
-	if r, ok := s.store.(*store.Redis); ok {
-		storeInfo["outages"] = r.Outages()
-		storeInfo["unsealable_values"] = r.Unsealable()
-	}
 	// Credential health is shown too, and does not fail readiness either: a
-	// refused registration or a failing token endpoint is the same for all replicas.
-	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": storeInfo,
-		"credentials": s.broker.Health()})
+	// refused registration or a failing token endpoint is the same for all
+	// replicas. "state" sums both up: "degraded" while either is not ok.
+	creds := s.broker.Health()
+	writeJSON(w, code, map[string]any{"status": st, "state": overallState(s.store, creds), "checks": checks,
+		"store": storeDetail(s.store), "credentials": creds})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -68,6 +68,8 @@ func newStore(c config.Store, log *zap.Logger, now func() time.Time, tp trace.Tr
 		Sealer: sealer,
 		Logger: log.With(zap.String("component", "store")),
 		Now:    now,
+		// The probe, not traffic, keeps the store's state true.
+		ProbeInterval: c.Redis.ProbeInterval.D(),
 	})
 }
 

@@ -166,8 +166,13 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("tokenctl inventory = %d, %q, stderr %q", code, out, stderr)
 	}
 	code, out, _ = s.tokenctl(t, "--dev", "--dev-dir", s.dir, "inventory", "identity", "--json")
-	if code != 0 || !strings.Contains(out, `"client_id": "tokenbroker-dev"`) {
-		t.Errorf("tokenctl inventory --json = %d, %q", code, out)
+	var inv struct {
+		Credentials []struct {
+			ClientID string `json:"client_id"`
+		} `json:"credentials"`
+	}
+	if err := json.Unmarshal([]byte(out), &inv); code != 0 || err != nil || len(inv.Credentials) != 1 || inv.Credentials[0].ClientID != "tokenbroker-dev" {
+		t.Errorf("tokenctl inventory --json = %d, %q (%v)", code, out, err)
 	}
 	code, _, stderr = s.tokenctl(t, "--ca", filepath.Join(s.dir, "ca.pem"),
 		"--cert", filepath.Join(s.dir, "denied-client.pem"), "--key", filepath.Join(s.dir, "denied-client-key.pem"), "inventory")
