@@ -73,7 +73,10 @@ func lifetimeTooShort(name string, minTTL, lifetime time.Duration) error {
 // replica fetch while the others wait for its result; when the store is
 // unreachable this replica fetches on its own (fail-open).
 func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes []string, w want) (flight, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*c.LockTTL)
+	// Long enough to wait out a dead holder's lease (LockTTL), for the
+	// replica that takes over to fetch (up to LockTTL), and, past the
+	// overrun bound below, to fetch without the lease.
+	ctx, cancel := context.WithTimeout(ctx, 3*c.LockTTL)
 	defer cancel()
 	if f, _, ok := b.fromStore(ctx, c, key, scopes, w); ok {
 		return f, nil
@@ -100,12 +103,18 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			}
 			return b.fetch(ctx, c, key, scopes)
 		case errors.Is(err, store.ErrLocked):
-			// A lease held past its bound is not a replica's: someone keeps
-			// rewriting it. Fetch without it, as during a Redis outage.
-			if !waitStart.IsZero() && time.Since(waitStart) > c.LockTTL {
+			// A lease that a dead holder left expires within LockTTL, and the
+			// replica that takes it over stores a token within another
+			// LockTTL; refused for longer than both, the lease is not a
+			// replica's: someone keeps rewriting it. Fetch without it, as
+			// during a Redis outage.
+			if !waitStart.IsZero() && time.Since(waitStart) > 2*c.LockTTL {
 				b.m.leaseOverruns.WithLabelValues(c.Name).Inc()
 				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
 					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
+				if err := b.checkAhead(c, key, nil, w); err != nil {
+					return flight{}, err
+				}
 				return b.fetch(ctx, c, key, scopes)
 			}
 			if waitStart.IsZero() {
