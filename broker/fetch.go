@@ -98,10 +98,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			if ok {
 				return f, nil
 			}
-			if err := b.checkAhead(c, key, cur, w); err != nil {
-				return flight{}, err
-			}
-			return b.fetch(ctx, c, key, scopes)
+			return b.fetchUnlessAhead(ctx, c, key, scopes, cur, w)
 		case errors.Is(err, store.ErrLocked):
 			// A lease that a dead holder left expires within LockTTL, and the
 			// replica that takes it over stores a token within another
@@ -112,10 +109,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 				b.m.leaseOverruns.WithLabelValues(c.Name).Inc()
 				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
 					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
-				if err := b.checkAhead(c, key, nil, w); err != nil {
-					return flight{}, err
-				}
-				return b.fetch(ctx, c, key, scopes)
+				return b.fetchUnlessAhead(ctx, c, key, scopes, nil, w)
 			}
 			if waitStart.IsZero() {
 				waitStart = time.Now()
@@ -139,10 +133,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 		default:
 			b.storeFailed("lock", err)
 			b.log.Debug("store lock failed; fetching without it", zap.String("credential", c.Name), zap.Error(err))
-			if err := b.checkAhead(c, key, nil, w); err != nil {
-				return flight{}, err
-			}
-			return b.fetch(ctx, c, key, scopes)
+			return b.fetchUnlessAhead(ctx, c, key, scopes, nil, w)
 		}
 	}
 }
@@ -171,9 +162,13 @@ func (b *Broker) fromStore(ctx context.Context, c *credential, key string, scope
 // checkAhead refuses a caller's fetch that would come ahead of key's
 // refresh schedule too soon after the last one (see aheadOfSchedule); cur is
 // the stored token, if any. The newest token this replica knows decides.
-func (b *Broker) checkAhead(c *credential, key string, cur *store.Entry, w want) error {
+//
+// A newest token that meets w after all (this process got it while the
+// flight began, from another replica or its own refresher) is returned
+// instead of a refusal, to be served.
+func (b *Broker) checkAhead(c *credential, key string, cur *store.Entry, w want) (*store.Entry, error) {
 	if w.refresh {
-		return nil
+		return nil, nil
 	}
 	var s *slot
 	if v, ok := b.l1.Load(key); ok {
@@ -183,10 +178,26 @@ func (b *Broker) checkAhead(c *credential, key string, cur *store.Entry, w want)
 		}
 	}
 	if !b.aheadOfSchedule(c, s, cur, b.now()) {
-		return nil
+		return nil, nil
 	}
 	lt := cur.Lifetime()
-	return tooSoon(c, w.of(c, lt), lt)
+	if b.usable(cur, w.of(c, lt)) {
+		return cur, nil
+	}
+	return nil, tooSoon(c, w.of(c, lt), lt)
+}
+
+// fetchUnlessAhead fetches, unless the fetch would be ahead of schedule: then
+// it returns the newest token if that meets w, or the refusal.
+func (b *Broker) fetchUnlessAhead(ctx context.Context, c *credential, key string, scopes []string, cur *store.Entry, w want) (flight, error) {
+	e, err := b.checkAhead(c, key, cur, w)
+	switch {
+	case err != nil:
+		return flight{}, err
+	case e != nil:
+		return flight{entry: e, source: SourceMemory}, nil
+	}
+	return b.fetch(ctx, c, key, scopes)
 }
 
 // fetch gets a new token from the authorization server, if the credential's
