@@ -142,3 +142,76 @@ func TestTransportRefusesCleartext(t *testing.T) {
 		t.Errorf("%d GetToken calls for a refused request, want 0", n)
 	}
 }
+
+// TestTransport401s: the agent attack of issue 23. A resource server answers
+// 20 requests with 401 — 5 of them insufficient_scope, 15 invalid_token —
+// some of them at once. insufficient_scope is passed on as it is, with no
+// report and no retry; each rejected token is reported once whatever the
+// number of requests it failed; the broker asks the bank for a new token only
+// after a report, never more often than tokens were reported.
+func TestTransport401s(t *testing.T) {
+	b := newBroker(t)
+	var mu sync.Mutex
+	scope := 0 // how many insufficient_scope answers are still to give
+	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.URL.Path == "/scope" && scope > 0 {
+			scope--
+			w.Header().Set("WWW-Authenticate", `Bearer realm="bank", error="insufficient_scope", scope="IDENTITY_WRITE"`)
+		} else {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="bank", error="invalid_token"`)
+		}
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	t.Cleanup(rs.Close)
+	conn, calls := b.conn(t)
+	ts := client.TokenSource(conn, devmode.Credential)
+	defer ts.Close()
+	hc := &http.Client{Transport: &client.Transport{Source: ts}}
+	do := func(path string) int {
+		resp, err := hc.Get(rs.URL + path)
+		if err != nil {
+			t.Error(err)
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	fetches0 := b.env.OAuth.TokenRequests()
+
+	mu.Lock()
+	scope = 5
+	mu.Unlock()
+	for range 5 {
+		if got := do("/scope"); got != http.StatusUnauthorized {
+			t.Fatalf("insufficient_scope: status %d, want 401 passed on", got)
+		}
+	}
+	if n := calls.invalidate.Load(); n != 0 {
+		t.Fatalf("5 insufficient_scope answers made %d InvalidateToken calls, want 0", n)
+	}
+
+	// 10 requests at once with the same token, then 5 one after another.
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Go(func() { do("/invalid") })
+	}
+	wg.Wait()
+	for range 5 {
+		do("/invalid")
+	}
+	inv, fetches := calls.invalidate.Load(), b.env.OAuth.TokenRequests()-fetches0
+	t.Logf("15 invalid_token requests (30 upstream 401s with the retries): %d InvalidateToken calls, %d token requests to the bank", inv, fetches)
+	// The 10 at once share one report; each retry's 401 is passed on; each
+	// of the 5 later requests reports the token the previous retry got.
+	if inv > 6 || inv < 1 {
+		t.Errorf("%d InvalidateToken calls, want 1 for the 10 concurrent requests and at most 1 for each later one", inv)
+	}
+	if fetches > inv {
+		t.Errorf("%d token requests to the bank after %d invalidations: want at most one per invalidation", fetches, inv)
+	}
+}
