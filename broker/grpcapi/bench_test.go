@@ -29,7 +29,7 @@ import (
 func BenchmarkServiceGetToken(b *testing.B) {
 	svc, _, _ := newTestService(b)
 	req := &pb.GetTokenRequest{Credential: "identity"}
-	caller := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: callerInfo{id: "spiffe://bank.internal/ns/kyc/sa/onboarding"}})
+	caller := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: &callerInfo{id: "spiffe://bank.internal/ns/kyc/sa/onboarding"}})
 	for _, bc := range []struct {
 		name string
 		ctx  context.Context

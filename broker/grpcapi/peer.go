@@ -34,7 +34,7 @@ func (c callerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthIn
 		return conn, ai, nil
 	}
 	id, idErr := identityOf(ti)
-	return conn, callerInfo{TLSInfo: ti, id: id, err: idErr}, nil
+	return conn, &callerInfo{TLSInfo: ti, id: id, err: idErr}, nil
 }
 
 // Clone keeps the wrapper.
@@ -46,8 +46,9 @@ func (c callerCreds) Clone() credentials.TransportCredentials {
 // or the reason it has none.
 type callerInfo struct {
 	credentials.TLSInfo
-	id  policy.Identity
-	err error
+	id      policy.Identity
+	err     error
+	streams streamCount // calls open on the connection (Admission)
 }
 
 // callerFrom returns the identity of the caller of the call ctx belongs to.
@@ -57,7 +58,7 @@ func callerFrom(ctx context.Context) (policy.Identity, error) {
 		return "", fmt.Errorf("%w: no peer", broker.ErrUnauthenticated)
 	}
 	switch ai := p.AuthInfo.(type) {
-	case callerInfo:
+	case *callerInfo:
 		return ai.id, ai.err
 	case credentials.TLSInfo: // a server without CallerCredentials
 		return identityOf(ai)

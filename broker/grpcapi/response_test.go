@@ -78,7 +78,7 @@ func TestRequestID(t *testing.T) {
 
 func TestGetTokenAuditsEachCallsOwnID(t *testing.T) {
 	svc, trail, path := newTestService(t)
-	caller := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: callerInfo{id: "spiffe://bank.internal/ns/kyc/sa/onboarding"}})
+	caller := peer.NewContext(context.Background(), &peer.Peer{AuthInfo: &callerInfo{id: "spiffe://bank.internal/ns/kyc/sa/onboarding"}})
 	req := &pb.GetTokenRequest{Credential: "identity"}
 	for _, ctx := range []context.Context{caller, caller, metadata.NewIncomingContext(caller, metadata.Pairs(RequestIDHeader, "req-7")), caller} {
 		if _, err := svc.GetToken(ctx, req); err != nil {

@@ -115,6 +115,7 @@ type Server struct {
 	health    *healthServer
 	admin     *http.Server
 	tls       *tlsreload.Reloader
+	front     *frontDoor // limits: on the gRPC listener
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
@@ -209,7 +210,9 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 
+	s.front = newFrontDoor(s.cfg.Limits, s.broker)
 	s.registry = prometheus.NewRegistry()
+	s.registry.MustRegister(s.front.collectors()...)
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_requests_total",
 		Help: "gRPC calls, by method and status code.",
@@ -241,8 +244,9 @@ func New(opts Options) (*Server, error) {
 		serverOpts = append(serverOpts, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(s.tp),
 			otelgrpc.WithPropagators(propagation.TraceContext{}))))
 	}
+	serverOpts = append(serverOpts, s.front.serverOptions()...)
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.Creds(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()))),
+		grpc.Creds(s.front.credentials(credentials.NewTLS(s.tls.ServerConfig()))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
@@ -338,6 +342,7 @@ func (s *Server) Listen() error {
 	if s.grpcLn, err = net.Listen("tcp", s.cfg.ListenAddr); err != nil {
 		return fmt.Errorf("listen_addr: %w", err)
 	}
+	s.grpcLn = s.front.listener(s.grpcLn)
 	if s.adminLn, err = net.Listen("tcp", s.cfg.AdminAddr); err != nil {
 		_ = s.grpcLn.Close()
 		return fmt.Errorf("admin_addr: %w", err)
