@@ -1,15 +1,20 @@
 package client_test
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+
+	"google.golang.org/grpc"
 
 	"github.com/tokenbroker/tokenbroker/broker/client"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
 // resourceServer is an httptest stand-in for the bank's API. It records each
@@ -165,10 +170,34 @@ func TestTransport401s(t *testing.T) {
 		w.WriteHeader(http.StatusUnauthorized)
 	}))
 	t.Cleanup(rs.Close)
-	conn, calls := b.conn(t)
+	var reported sync.Map // fingerprint → *atomic.Int64: InvalidateToken calls for it
+	var inv atomic.Int64
+	conn, err := client.DialFiles(b.addr, b.files(), grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if r, ok := req.(*pb.InvalidateTokenRequest); ok {
+			inv.Add(1)
+			n, _ := reported.LoadOrStore(r.GetFingerprint(), &atomic.Int64{})
+			n.(*atomic.Int64).Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
 	ts := client.TokenSource(conn, devmode.Credential)
 	defer ts.Close()
 	hc := &http.Client{Transport: &client.Transport{Source: ts}}
+	seen := map[string]bool{} // the tokens the resource server saw
+	var seenMu sync.Mutex
+	rs.Config.Handler = func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			seenMu.Lock()
+			seen[r.Header.Get("Authorization")] = true
+			seenMu.Unlock()
+			h.ServeHTTP(w, r)
+		})
+	}(rs.Config.Handler)
 	do := func(path string) int {
 		resp, err := hc.Get(rs.URL + path)
 		if err != nil {
@@ -191,7 +220,7 @@ func TestTransport401s(t *testing.T) {
 			t.Fatalf("insufficient_scope: status %d, want 401 passed on", got)
 		}
 	}
-	if n := calls.invalidate.Load(); n != 0 {
+	if n := inv.Load(); n != 0 {
 		t.Fatalf("5 insufficient_scope answers made %d InvalidateToken calls, want 0", n)
 	}
 
@@ -204,14 +233,22 @@ func TestTransport401s(t *testing.T) {
 	for range 5 {
 		do("/invalid")
 	}
-	inv, fetches := calls.invalidate.Load(), b.env.OAuth.TokenRequests()-fetches0
-	t.Logf("15 invalid_token requests (30 upstream 401s with the retries): %d InvalidateToken calls, %d token requests to the bank", inv, fetches)
-	// The 10 at once share one report; each retry's 401 is passed on; each
-	// of the 5 later requests reports the token the previous retry got.
-	if inv > 6 || inv < 1 {
-		t.Errorf("%d InvalidateToken calls, want 1 for the 10 concurrent requests and at most 1 for each later one", inv)
+	invalidations, fetches := inv.Load(), b.env.OAuth.TokenRequests()-fetches0
+	seenMu.Lock()
+	tokens := len(seen)
+	seenMu.Unlock()
+	t.Logf("15 invalid_token requests (with their retries, 401s for %d tokens): %d InvalidateToken calls, %d token requests to the bank",
+		tokens, invalidations, fetches)
+	reported.Range(func(fp, n any) bool {
+		if n.(*atomic.Int64).Load() != 1 {
+			t.Errorf("token %s reported %d times, want once", fp, n.(*atomic.Int64).Load())
+		}
+		return true
+	})
+	if invalidations < 1 || invalidations > int64(tokens) {
+		t.Errorf("%d InvalidateToken calls for 401s on %d tokens, want between 1 and one per token", invalidations, tokens)
 	}
-	if fetches > inv {
-		t.Errorf("%d token requests to the bank after %d invalidations: want at most one per invalidation", fetches, inv)
+	if fetches > invalidations {
+		t.Errorf("%d token requests to the bank after %d invalidations: want at most one per invalidation", fetches, invalidations)
 	}
 }

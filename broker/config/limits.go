@@ -17,6 +17,9 @@ const (
 	DefaultNewStreamsPerSecond = 1000
 	// DefaultNewStreamsBurst is how many calls one connection may start at once.
 	DefaultNewStreamsBurst = 2000
+	// DefaultStreamResetsPerSecond is the sustained rate of streams one
+	// connection may cancel (RST_STREAM); the burst is twice that.
+	DefaultStreamResetsPerSecond = 100
 	// DefaultFirstMessageTimeout bounds the wait for a call's request message.
 	DefaultFirstMessageTimeout = 10 * time.Second
 )
@@ -42,6 +45,11 @@ type Limits struct {
 	// GOAWAY (ENHANCE_YOUR_CALM) and closed.
 	NewStreamsPerSecond float64 `yaml:"new_streams_per_second"`
 	NewStreamsBurst     int     `yaml:"new_streams_burst"`
+	// StreamResetsPerSecond is a token bucket (bursts of twice the rate) on
+	// the streams a connection cancels (RST_STREAM), the signature of the
+	// HTTP/2 rapid reset attack (CVE-2023-44487); a connection that exceeds
+	// it is sent GOAWAY (ENHANCE_YOUR_CALM) and closed.
+	StreamResetsPerSecond float64 `yaml:"stream_resets_per_second"`
 	// FirstMessageTimeout bounds the wait for a call's request message once
 	// its headers are in; the call is then cancelled.
 	FirstMessageTimeout Duration `yaml:"first_message_timeout"`
@@ -62,6 +70,9 @@ func (l Limits) WithDefaults() Limits {
 	if l.NewStreamsPerSecond == 0 {
 		l.NewStreamsPerSecond = DefaultNewStreamsPerSecond
 	}
+	if l.StreamResetsPerSecond == 0 {
+		l.StreamResetsPerSecond = DefaultStreamResetsPerSecond
+	}
 	setDefault(&l.FirstMessageTimeout, DefaultFirstMessageTimeout)
 	return l
 }
@@ -79,6 +90,9 @@ func (l Limits) validate() error {
 	}
 	if l.NewStreamsPerSecond < 0 {
 		return fieldErr("limits.new_streams_per_second", "must be 0 (the default) or positive; got %v", l.NewStreamsPerSecond)
+	}
+	if l.StreamResetsPerSecond < 0 {
+		return fieldErr("limits.stream_resets_per_second", "must be 0 (the default) or positive; got %v", l.StreamResetsPerSecond)
 	}
 	if l.FirstMessageTimeout < 0 {
 		return fieldErr("limits.first_message_timeout", "must be 0 (the default, 10s) or positive")

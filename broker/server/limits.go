@@ -25,6 +25,7 @@ const (
 	refusedHandshakes = "handshakes_in_progress"
 	refusedPerSource  = "handshakes_per_source"
 	refusedStreamRate = "new_streams_per_second"
+	refusedResetRate  = "stream_resets_per_second"
 )
 
 // frontDoor holds the limits of the gRPC listener (config limits:): how many
@@ -49,13 +50,13 @@ func newFrontDoor(cfg config.Limits, core *broker.Broker) *frontDoor {
 	f := &frontDoor{cfg: cfg.WithDefaults(), perSource: map[string]int{}}
 	f.connsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_connections_refused_total",
-		Help: "Connections closed by a front-door limit, by reason: handshakes_in_progress, handshakes_per_source (closed at once, before the TLS handshake), new_streams_per_second (sent GOAWAY ENHANCE_YOUR_CALM, then closed).",
+		Help: "Connections closed by a front-door limit, by reason: handshakes_in_progress, handshakes_per_source (closed at once, before the TLS handshake), new_streams_per_second, stream_resets_per_second (sent GOAWAY ENHANCE_YOUR_CALM, then closed).",
 	}, []string{"reason"})
 	f.streamsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_streams_refused_total",
 		Help: "Calls refused before their handler, or cancelled waiting for their request, by reason: no_identity, streams_per_connection, first_message_timeout.",
 	}, []string{"reason"})
-	for _, r := range []string{refusedHandshakes, refusedPerSource, refusedStreamRate} {
+	for _, r := range []string{refusedHandshakes, refusedPerSource, refusedStreamRate, refusedResetRate} {
 		f.connsRefused.WithLabelValues(r)
 	}
 	for _, r := range []string{grpcapi.RefusedNoIdentity, grpcapi.RefusedStreams, grpcapi.RefusedFirstMessage} {
@@ -190,7 +191,8 @@ func (g guardCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInf
 	}
 	pc, _ := raw.(*pendingConn)
 	return &frameGuard{Conn: conn, f: g.f, pending: pc, prefaceLeft: len(http2Preface),
-		streams: rate.NewLimiter(rate.Limit(g.f.cfg.NewStreamsPerSecond), g.f.cfg.NewStreamsBurst)}, ai, nil
+		streams: rate.NewLimiter(rate.Limit(g.f.cfg.NewStreamsPerSecond), g.f.cfg.NewStreamsBurst),
+		resets:  rate.NewLimiter(rate.Limit(g.f.cfg.StreamResetsPerSecond), max(1, int(2*g.f.cfg.StreamResetsPerSecond)))}, ai, nil
 }
 
 // Clone implements credentials.TransportCredentials.
@@ -203,27 +205,30 @@ const http2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 // HTTP/2 frame types and error codes used here (RFC 9113).
 const (
 	frameHeaders           = 0x1
+	frameRSTStream         = 0x3
 	frameGoAway            = 0x7
 	errCodeEnhanceYourCalm = 0xb
 )
 
 // errCalm ends reading from a connection that was sent GOAWAY.
-var errCalm = errors.New("connection over limits.new_streams_per_second: sent GOAWAY ENHANCE_YOUR_CALM")
+var errCalm = errors.New("connection over limits.new_streams_per_second or limits.stream_resets_per_second: sent GOAWAY ENHANCE_YOUR_CALM")
 
 // frameGuard sits between gRPC's HTTP/2 transport and the TLS connection.
 // It follows the frame boundaries both ways (9-byte headers with lengths;
 // nothing is decoded): in what the peer sends, it ends the connection's
-// handshake at the client preface and counts the HEADERS frames that open a
-// stream against a token bucket — every new stream, including those gRPC
-// refuses before its tap sees them, as in the HTTP/2 rapid reset attack
-// (CVE-2023-44487); in what the server sends, it finds a boundary where a
-// GOAWAY (ENHANCE_YOUR_CALM) can go in between gRPC's own frames when the
+// handshake at the client preface, and counts against two token buckets
+// the HEADERS frames that open a stream (every new stream, including those
+// gRPC refuses before its tap sees them) and the RST_STREAM frames that
+// cancel one (the HTTP/2 rapid reset attack, CVE-2023-44487, cancels every
+// stream it opens); in what the server sends, it finds a boundary where a
+// GOAWAY (ENHANCE_YOUR_CALM) can go in between gRPC's own frames when a
 // bucket runs dry. The connection is then no longer read, and closed.
 type frameGuard struct {
 	net.Conn
 	f       *frontDoor
-	pending *pendingConn // nil when the listener was not capListener
-	streams *rate.Limiter
+	pending *pendingConn  // nil when the listener was not capListener
+	streams *rate.Limiter // new streams
+	resets  *rate.Limiter // streams the peer cancelled
 
 	// reading side: only the reader goroutine
 	prefaceLeft int
@@ -288,18 +293,26 @@ func (c *frameGuard) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// onFrame counts a frame that opens a stream.
+// onFrame counts a frame that opens a stream or cancels one.
 func (c *frameGuard) onFrame(hdr *[9]byte) {
-	if hdr[3] != frameHeaders {
-		return
+	var over string
+	switch hdr[3] {
+	case frameHeaders:
+		id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
+		if id <= c.lastStream.Load() { // trailers, or a stream gRPC will refuse as out of order
+			return
+		}
+		c.lastStream.Store(id)
+		if !c.streams.Allow() {
+			over = refusedStreamRate
+		}
+	case frameRSTStream:
+		if !c.resets.Allow() {
+			over = refusedResetRate
+		}
 	}
-	id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
-	if id <= c.lastStream.Load() { // trailers, or a stream gRPC will refuse as out of order
-		return
-	}
-	c.lastStream.Store(id)
-	if !c.streams.Allow() && c.calm.CompareAndSwap(false, true) {
-		c.f.connsRefused.WithLabelValues(refusedStreamRate).Inc()
+	if over != "" && c.calm.CompareAndSwap(false, true) {
+		c.f.connsRefused.WithLabelValues(over).Inc()
 		c.goAwayDue.Store(true)
 		// Never wait on a write (a peer that does not read could hold it):
 		// a write in progress sends the GOAWAY when it is done.

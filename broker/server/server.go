@@ -96,6 +96,8 @@ type Options struct {
 	// the same names when non-zero (tests use small values).
 	HandshakeTimeout        time.Duration
 	MaxStreamsPerConnection uint32
+	// AuditDenialWindow overrides audit.DenialWindow when non-zero (tests).
+	AuditDenialWindow time.Duration
 }
 
 // Server is a running tokenbroker. Create it with New, then call Run (or
@@ -195,7 +197,8 @@ func New(opts Options) (*Server, error) {
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now, opts.TracerProvider); err != nil {
 		return nil, err
 	}
-	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout}); err != nil {
+	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout,
+		DenialWindow: opts.AuditDenialWindow}); err != nil {
 		_ = s.store.Close()
 		return nil, err
 	}

