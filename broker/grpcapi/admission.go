@@ -83,10 +83,10 @@ func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 	}
 	if ci.err != nil {
 		a.refused(RefusedNoIdentity)
-		st := status.New(codes.Unauthenticated, toStatus(ci.err).Error())
+		st := status.Convert(toStatus(ci.err))
 		src := sourceIP(p.Addr)
 		_ = a.cfg.Core.RecordDenial(src, audit.Event{Event: audit.TokenDenied, Peer: src,
-			Outcome: codes.Unauthenticated.String(), Reason: status.Convert(toStatus(ci.err)).Message()})
+			Outcome: st.Code().String(), Reason: st.Message()})
 		return nil, st.Err()
 	}
 	if n := ci.streams.Add(1); n > int32(a.cfg.StreamsPerConnection) {
@@ -95,15 +95,32 @@ func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 		return nil, status.Errorf(codes.ResourceExhausted, "%d calls are already open on this connection (limits.streams_per_connection); wait for one to end or use another connection", a.cfg.StreamsPerConnection)
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
-	timer := time.AfterFunc(a.cfg.FirstMessageTimeout, func() {
+	st := &admitted{streams: &ci.streams}
+	st.timer = time.AfterFunc(a.cfg.FirstMessageTimeout, func() {
+		if st.released.Load() {
+			return
+		}
 		a.refused(RefusedFirstMessage)
+		st.release()
 		cancel(errNoFirstMessage)
 	})
-	context.AfterFunc(ctx, func() { // the stream has ended (or was cut)
-		ci.streams.Add(-1)
-		timer.Stop()
-	})
-	return context.WithValue(ctx, admitKey{}, timer), nil
+	return context.WithValue(ctx, admitKey{}, st), nil
+}
+
+// admitted is an admitted call. Its place in the connection's count is
+// released once: when its handler returns (the interceptors), or when its
+// first-message timer fires — a call that never reached an interceptor
+// (reset by the peer, or silent) holds its place until then.
+type admitted struct {
+	streams  *streamCount
+	timer    *time.Timer
+	released atomic.Bool
+}
+
+func (st *admitted) release() {
+	if st.released.CompareAndSwap(false, true) {
+		st.streams.Add(-1)
+	}
 }
 
 func (a *Admission) refused(reason string) {
@@ -112,27 +129,40 @@ func (a *Admission) refused(reason string) {
 	}
 }
 
-// firstMessage stops ctx's first-message timer: the request has come.
-func firstMessage(ctx context.Context) {
-	if t, ok := ctx.Value(admitKey{}).(*time.Timer); ok {
-		t.Stop()
-	}
+// admittedFrom returns ctx's admitted call, or nil.
+func admittedFrom(ctx context.Context) *admitted {
+	st, _ := ctx.Value(admitKey{}).(*admitted)
+	return st
 }
 
-// unary runs once a unary call's request message has been read.
+// unary runs once a unary call's request message has been read: the timer
+// stops, and the call's place is released when its handler returns.
 func (a *Admission) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	firstMessage(ctx)
+	st := admittedFrom(ctx)
+	if st == nil {
+		return h(ctx, req)
+	}
+	st.timer.Stop()
+	defer st.release()
 	return h(ctx, req)
 }
 
-// stream watches for a streaming call's first request message.
+// stream watches for a streaming call's first request message, and
+// releases the call's place when its handler returns.
 func (a *Admission) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	return h(srv, &firstMessageStream{ServerStream: ss})
+	st := admittedFrom(ss.Context())
+	if st == nil {
+		return h(srv, ss)
+	}
+	defer st.release()
+	defer st.timer.Stop()
+	return h(srv, &firstMessageStream{ServerStream: ss, st: st})
 }
 
 // firstMessageStream stops the first-message timer at the first message.
 type firstMessageStream struct {
 	grpc.ServerStream
+	st  *admitted
 	got bool
 }
 
@@ -141,7 +171,7 @@ func (s *firstMessageStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
 	if err == nil && !s.got {
 		s.got = true
-		firstMessage(s.Context())
+		s.st.timer.Stop()
 	}
 	return err
 }

@@ -306,6 +306,9 @@ func TestDenialFloodAuditedInAggregate(t *testing.T) {
 	if issuedLines != issued {
 		t.Errorf("%d token.issued lines for %d tokens issued, want one each", issuedLines, issued)
 	}
+	if got := h.metric(t, "tokenbroker_requests_total", "code=Unauthenticated"); got > 0 {
+		t.Errorf("%v identity-less calls reached the interceptors, want none: refused before any per-call work", got)
+	}
 	if noIdentity < float64(refused1) {
 		t.Errorf("tokenbroker_streams_refused_total{reason=no_identity} = %v, want at least the %d refusals the client saw", noIdentity, refused1)
 	}

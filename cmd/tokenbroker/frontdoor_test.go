@@ -15,6 +15,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/tokenbroker/tokenbroker/broker/client"
+	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
 	"github.com/tokenbroker/tokenbroker/broker/server/attacktest"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
@@ -105,4 +106,70 @@ func TestHeaderFloodMemory(t *testing.T) {
 	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
 		t.Errorf("health check after the flood: %v", err)
 	}
+}
+
+// BenchmarkFrontDoorMemory measures what the README's Limits table states:
+// the broker's resident memory per open connection (mTLS, HTTP/2, one
+// Health/Check made on it) and per open stream (grpc.health.v1.Health/Watch,
+// all on one connection, under limits.streams_per_connection), on the real
+// binary in dev mode. Run it with -benchtime 1x.
+func BenchmarkFrontDoorMemory(b *testing.B) {
+	const conns, streams = 500, 900
+	var perHandshake, perConn, perStream float64
+	for range b.N {
+		perHandshake, perConn, perStream = measureFrontDoor(b, conns, streams)
+	}
+	b.ReportMetric(perHandshake, "rss-bytes/handshake")
+	b.ReportMetric(perConn, "rss-bytes/connection")
+	b.ReportMetric(perStream, "rss-bytes/stream")
+}
+
+func measureFrontDoor(b *testing.B, conns, streams int) (perHandshake, perConn, perStream float64) {
+	p, dir, addr, _ := devBroker(b)
+	files := client.TLSFiles{CAFile: filepath.Join(dir, devmode.CAFile), CertFile: filepath.Join(dir, devmode.ClientCertFile),
+		KeyFile: filepath.Join(dir, devmode.ClientKeyFile)}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	time.Sleep(time.Second)
+	rssH := rss(b, p.cmd.Process.Pid)
+	// Connections parked before their TLS handshake, as many as one source
+	// may hold (limits.handshakes_per_source).
+	held, _, err := attacktest.Hold(ctx, deniedTarget(b, dir, addr), config.DefaultHandshakesPerSource, time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	rss0 := rss(b, p.cmd.Process.Pid)
+	perHandshake = (rss0 - rssH) / float64(len(held))
+	for _, c := range held {
+		_ = c.Close()
+	}
+	time.Sleep(time.Second)
+	rss0 = rss(b, p.cmd.Process.Pid)
+	var hcs []healthpb.HealthClient
+	for range conns {
+		conn, err := client.DialFiles(addr, files)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close()
+		hc := healthpb.NewHealthClient(conn)
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+			b.Fatal(err)
+		}
+		hcs = append(hcs, hc)
+	}
+	time.Sleep(time.Second)
+	rss1 := rss(b, p.cmd.Process.Pid)
+	for i := range streams {
+		w, err := hcs[0].Watch(ctx, &healthpb.HealthCheckRequest{})
+		if err == nil {
+			_, err = w.Recv()
+		}
+		if err != nil {
+			b.Fatalf("stream %d: %v", i, err)
+		}
+	}
+	time.Sleep(time.Second)
+	rss2 := rss(b, p.cmd.Process.Pid)
+	return perHandshake, (rss1 - rss0) / float64(conns), (rss2 - rss1) / float64(streams)
 }
