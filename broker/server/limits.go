@@ -85,10 +85,10 @@ func (f *frontDoor) serverOptions() []grpc.ServerOption {
 	return append([]grpc.ServerOption{grpc.MaxHeaderListSize(uint32(f.cfg.MaxHeaderListSize))}, f.admission.ServerOptions()...)
 }
 
-// credentials are tc with the caller identity read at the handshake
-// (grpcapi.CallerCredentials) and each connection's frames watched.
+// credentials are tc (grpcapi.CallerCredentials, which Admission needs)
+// with each connection's frames watched.
 func (f *frontDoor) credentials(tc credentials.TransportCredentials) credentials.TransportCredentials {
-	return guardCreds{grpcapi.CallerCredentials(tc), f}
+	return guardCreds{tc, f}
 }
 
 // listener wraps the gRPC listener with the handshake caps.

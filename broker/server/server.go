@@ -249,7 +249,7 @@ func New(opts Options) (*Server, error) {
 	}
 	serverOpts = append(serverOpts, s.front.serverOptions()...)
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.Creds(s.front.credentials(credentials.NewTLS(s.tls.ServerConfig()))),
+		grpc.Creds(s.front.credentials(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig())))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
