@@ -18,4 +18,7 @@ var (
 	// ErrFailedPrecondition: the authorization server refuses the broker's own
 	// credentials or grants less than asked, or min_ttl exceeds the granted lifetime.
 	ErrFailedPrecondition = errors.New("failed precondition")
+	// ErrStreamRevoked: a WatchToken stream's caller lost access by a
+	// configuration change. It comes wrapped with ErrPermissionDenied.
+	ErrStreamRevoked = errors.New("WatchToken stream revoked by a configuration change")
 )

@@ -154,7 +154,7 @@ func revoked(err error) error {
 	for _, sentinel := range []error{ErrPermissionDenied, ErrInvalidArgument} {
 		why = strings.TrimPrefix(why, sentinel.Error()+": ")
 	}
-	return fmt.Errorf("%w: WatchToken stream revoked by a configuration change: %s", ErrPermissionDenied, why)
+	return fmt.Errorf("%w: %w: %s", ErrPermissionDenied, ErrStreamRevoked, why)
 }
 
 // newer reports whether e replaces last.

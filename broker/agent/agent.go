@@ -128,7 +128,8 @@ func New(cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent: --listen: %w", err)
 		}
 		a.proxyLn = ln
-		a.proxySrv = &http.Server{Handler: a.proxy(), ReadHeaderTimeout: 10 * time.Second}
+		_, port, _ := net.SplitHostPort(ln.Addr().String())
+		a.proxySrv = &http.Server{Handler: a.guard(port, a.proxy()), ReadHeaderTimeout: 10 * time.Second}
 	}
 	if cfg.Health != "" {
 		ln, err := net.Listen("tcp", cfg.Health)
@@ -328,8 +329,8 @@ func (a *Agent) healthz(w http.ResponseWriter, _ *http.Request) {
 	_, _ = fmt.Fprintf(w, "ok: token %s expires %s\n", client.Fingerprint(tok), tok.Expiry.UTC().Format(time.RFC3339))
 }
 
-// proxy is the reverse proxy to Upstream: the incoming host is ignored, path
-// and query are kept, any incoming Authorization is dropped and the current
+// proxy is the reverse proxy to Upstream (behind guard): the incoming host is
+// ignored, the path is normalised under Upstream's path, the query is kept, any incoming Authorization is dropped and the current
 // token set by client.Transport, which also handles a 401 once.
 func (a *Agent) proxy() http.Handler {
 	base := a.cfg.UpstreamTransport
@@ -340,6 +341,8 @@ func (a *Agent) proxy() http.Handler {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(target) // no X-Forwarded-* headers: Rewrite leaves them out
+			// The path normalised, as guard checked it (it cannot fail here).
+			pr.Out.URL.Path, pr.Out.URL.RawPath, _ = upstreamPath(target, pr.In.URL)
 			pr.Out.Header.Del("Authorization")
 			replayable(pr.Out)
 		},

@@ -3,6 +3,10 @@
 // config.reloaded), with who asked, for what, where the token came from and its
 // fingerprint — never the token or a secret.
 //
+// Denials can be written through WriteDenial, which aggregates them per
+// (caller or source address, outcome), so that a flood of refused calls
+// cannot flood the trail.
+//
 // By default events are buffered and flushed every second and at Close, so
 // the hot path does not wait on the disk. With FailClosed every event is
 // written before the decision takes effect, and a write that fails is
@@ -14,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -40,6 +45,12 @@ type Event struct {
 	ExpireTime  time.Time
 	Outcome     string // "ok", "denied", "error", …
 	Reason      string
+	// Peer is the source address of a peer denied without an identity.
+	Peer string
+	// Count and Since make a summary of aggregated denials (see
+	// Logger.WriteDenial): Count denials like this one since Since.
+	Count int
+	Since time.Time
 }
 
 // lineStamps format the two times of a line; the zero value works.
@@ -83,6 +94,14 @@ func (e *Event) appendJSON(b []byte, now time.Time, ts *lineStamps) []byte {
 	}
 	add("outcome", e.Outcome)
 	add("reason", e.Reason)
+	add("peer", e.Peer)
+	if e.Count > 0 {
+		b = append(b, `,"count":`...)
+		b = strconv.AppendInt(b, int64(e.Count), 10)
+		b = append(b, `,"since":"`...)
+		b = e.Since.UTC().AppendFormat(b, time.RFC3339Nano)
+		b = append(b, '"')
+	}
 	return append(b, '}', '\n')
 }
 
@@ -144,6 +163,9 @@ type Config struct {
 	FailClosed bool
 	// Stdout is used for Path "stdout"; nil means os.Stdout.
 	Stdout io.Writer
+	// DenialWindow is how long WriteDenial counts before a summary line;
+	// zero means DenialWindow (tests use less).
+	DenialWindow time.Duration
 }
 
 // bufferSize is how much the buffered mode holds before it writes.
@@ -170,6 +192,7 @@ type Logger struct {
 	stop       chan struct{} // closed by Close: the flusher ends
 	stopped    chan struct{}
 	closeSink  func() error
+	denials    denialState
 }
 
 // ErrWrite is returned by Write when an event could not be written.
@@ -178,6 +201,7 @@ var ErrWrite = errors.New("audit: event not written")
 // New opens the audit sink.
 func New(cfg Config) (*Logger, error) {
 	l := &Logger{failClosed: cfg.FailClosed, closeSink: func() error { return nil }}
+	l.denials.window = cfg.DenialWindow
 	switch cfg.Path {
 	case "", "stdout":
 		l.sink = cfg.Stdout
@@ -292,6 +316,7 @@ func (l *Logger) Close() error {
 	if l == nil || l.sink == nil {
 		return nil
 	}
+	l.closeDenials() // their summaries go in before the end
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()

@@ -24,7 +24,7 @@ func Example() {
 	ts := client.TokenSource(conn, "identity", client.WithMinTTL(time.Minute), client.WithWatch())
 	defer ts.Close()
 
-	// "Authorization: Bearer …" on every request; a 401 reports the token and retries once.
+	// "Authorization: Bearer …" on every request; a 401 for invalid_token reports the token and retries once.
 	api := &http.Client{Transport: &client.Transport{Source: ts}, Timeout: 10 * time.Second}
 	resp, err := api.Get(identityAPI + "/identity/v1/me")
 	if err != nil {

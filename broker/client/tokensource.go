@@ -3,7 +3,6 @@ package client
 import (
 	"context"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -89,9 +88,10 @@ type Source struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the watch loop has returned
 
-	mu     sync.Mutex
-	tok    *pb.Token
-	flight *flight
+	mu       sync.Mutex
+	tok      *pb.Token
+	flight   *flight
+	rejected []*rejection // the last fingerprints reported, oldest first
 }
 
 // flight is one GetToken call shared by the callers that wait for it.
@@ -207,26 +207,15 @@ func (s *Source) notifyLocked() {
 // Invalidate reports that a resource server rejected the token with this
 // fingerprint (see Fingerprint): the broker drops it if it is still its
 // current one, and the Source drops its copy, so the next Token gets a new
-// token. It returns whether the broker dropped it. When the Source already
-// holds another token (someone reported this one first), it only returns false.
+// token. It returns whether the broker dropped it. A fingerprint is reported
+// at most once: when the Source holds another token (the one rejected was
+// already replaced) or already reported this one, it only returns false.
 func (s *Source) Invalidate(ctx context.Context, fingerprint string) (bool, error) {
-	s.mu.Lock()
-	current := s.tok != nil && s.tok.GetFingerprint() == fingerprint
-	if current {
-		s.tok = nil
-	}
-	s.mu.Unlock()
-	if !current {
+	report, r := s.markRejected(fingerprint)
+	if !report {
 		return false, nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	resp, err := s.c.InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: s.credential, Scopes: s.scopes,
-		Fingerprint: fingerprint})
-	if err != nil {
-		return false, fmt.Errorf("invalidate token: %w", err)
-	}
-	return resp.GetInvalidated(), nil
+	return s.report(ctx, r)
 }
 
 // Close ends the watch stream, if any, and makes Token fail with ErrClosed

@@ -13,10 +13,13 @@ import (
 
 // Transport is an http.RoundTripper that sends each request with
 // "Authorization: Bearer <token>" from Source — in the header, never in the
-// URL. When the resource server answers 401, it reports the token to the
-// broker (Source.Invalidate) and, if the request body can be sent again
-// (none, or http.Request.GetBody set, as http.NewRequest does for in-memory
-// bodies), retries once with the new token. A second 401 is returned as is.
+// URL. When the resource server answers 401 and its WWW-Authenticate says
+// the token is no good (error="invalid_token", or no error named; RFC 6750
+// §3.1), it reports the token to the broker (Source.Invalidate; each token
+// once, however many requests it failed) and, if the request body can be
+// sent again (none, or http.Request.GetBody set, as http.NewRequest does
+// for in-memory bodies), retries once with the new token. A second 401, and
+// a 401 for any other reason (insufficient_scope), are returned as they are.
 //
 // It refuses to send a token over plain http except to a loopback address,
 // and refuses (with an error, sending nothing) a token that is not a bearer
@@ -48,9 +51,27 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return resp, err
 	}
 
-	// Rejected: report it, so that neither this process nor any other keeps using it.
+	// Rejected. Only a rejection of the token itself is reported (not, say,
+	// insufficient_scope: a new token would fare no better), each token once
+	// however many requests it failed, and a request is sent again only once
+	// its token has been reported.
+	if !tokenRejected(resp) {
+		return resp, nil
+	}
 	fp := Fingerprint(tok)
-	_, _ = t.Source.Invalidate(req.Context(), fp) // best effort: a failed report still drops the local copy
+	report, r := t.Source.markRejected(fp)
+	switch {
+	case report:
+		_, _ = t.Source.report(req.Context(), r) // best effort: a failed report still drops the local copy
+	case r != nil: // another request reported it: wait for the broker's answer before asking for the next token
+		select {
+		case <-r.done:
+		case <-req.Context().Done():
+			return resp, nil
+		}
+	default: // replaced by rotation meanwhile, never reported: nothing happened that a retry could count on
+		return resp, nil
+	}
 	if !replayable {
 		return resp, nil
 	}

@@ -1,15 +1,20 @@
 package client_test
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+
+	"google.golang.org/grpc"
 
 	"github.com/tokenbroker/tokenbroker/broker/client"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
 // resourceServer is an httptest stand-in for the bank's API. It records each
@@ -140,5 +145,110 @@ func TestTransportRefusesCleartext(t *testing.T) {
 	}
 	if n := calls.get.Load(); n != 0 {
 		t.Errorf("%d GetToken calls for a refused request, want 0", n)
+	}
+}
+
+// TestTransport401s: the agent attack of issue 23. A resource server answers
+// 20 requests with 401 — 5 of them insufficient_scope, 15 invalid_token —
+// some of them at once. insufficient_scope is passed on as it is, with no
+// report and no retry; each rejected token is reported once whatever the
+// number of requests it failed; the broker asks the bank for a new token only
+// after a report, never more often than tokens were reported.
+func TestTransport401s(t *testing.T) {
+	b := newBroker(t)
+	var mu sync.Mutex
+	scope := 0 // how many insufficient_scope answers are still to give
+	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.URL.Path == "/scope" && scope > 0 {
+			scope--
+			w.Header().Set("WWW-Authenticate", `Bearer realm="bank", error="insufficient_scope", scope="IDENTITY_WRITE"`)
+		} else {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="bank", error="invalid_token"`)
+		}
+		w.WriteHeader(http.StatusUnauthorized)
+	}))
+	t.Cleanup(rs.Close)
+	var reported sync.Map // fingerprint → *atomic.Int64: InvalidateToken calls for it
+	var inv atomic.Int64
+	conn, err := client.DialFiles(b.addr, b.files(), grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+		req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		if r, ok := req.(*pb.InvalidateTokenRequest); ok {
+			inv.Add(1)
+			n, _ := reported.LoadOrStore(r.GetFingerprint(), &atomic.Int64{})
+			n.(*atomic.Int64).Add(1)
+		}
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	ts := client.TokenSource(conn, devmode.Credential)
+	defer ts.Close()
+	hc := &http.Client{Transport: &client.Transport{Source: ts}}
+	seen := map[string]bool{} // the tokens the resource server saw
+	var seenMu sync.Mutex
+	rs.Config.Handler = func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			seenMu.Lock()
+			seen[r.Header.Get("Authorization")] = true
+			seenMu.Unlock()
+			h.ServeHTTP(w, r)
+		})
+	}(rs.Config.Handler)
+	do := func(path string) int {
+		resp, err := hc.Get(rs.URL + path)
+		if err != nil {
+			t.Error(err)
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if _, err := ts.Token(); err != nil {
+		t.Fatal(err)
+	}
+	fetches0 := b.env.OAuth.TokenRequests()
+
+	mu.Lock()
+	scope = 5
+	mu.Unlock()
+	for range 5 {
+		if got := do("/scope"); got != http.StatusUnauthorized {
+			t.Fatalf("insufficient_scope: status %d, want 401 passed on", got)
+		}
+	}
+	if n := inv.Load(); n != 0 {
+		t.Fatalf("5 insufficient_scope answers made %d InvalidateToken calls, want 0", n)
+	}
+
+	// 10 requests at once with the same token, then 5 one after another.
+	var wg sync.WaitGroup
+	for range 10 {
+		wg.Go(func() { do("/invalid") })
+	}
+	wg.Wait()
+	for range 5 {
+		do("/invalid")
+	}
+	invalidations, fetches := inv.Load(), b.env.OAuth.TokenRequests()-fetches0
+	seenMu.Lock()
+	tokens := len(seen)
+	seenMu.Unlock()
+	t.Logf("15 invalid_token requests (with their retries, 401s for %d tokens): %d InvalidateToken calls, %d token requests to the bank",
+		tokens, invalidations, fetches)
+	reported.Range(func(fp, n any) bool {
+		if n.(*atomic.Int64).Load() != 1 {
+			t.Errorf("token %s reported %d times, want once", fp, n.(*atomic.Int64).Load())
+		}
+		return true
+	})
+	if invalidations < 1 || invalidations > int64(tokens) {
+		t.Errorf("%d InvalidateToken calls for 401s on %d tokens, want between 1 and one per token", invalidations, tokens)
+	}
+	if fetches > invalidations {
+		t.Errorf("%d token requests to the bank after %d invalidations: want at most one per invalidation", fetches, invalidations)
 	}
 }

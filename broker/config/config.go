@@ -73,6 +73,8 @@ type Config struct {
 	RateLimit *RateLimit `yaml:"rate_limit"`
 	// Retry tunes retries of a failing token endpoint.
 	Retry Retry `yaml:"retry"`
+	// Limits bounds what a peer can cost before it is known (see Limits).
+	Limits Limits `yaml:"limits"`
 	// Store selects the shared token store.
 	Store Store `yaml:"store"`
 	// Credentials are the client registrations the broker holds.
@@ -565,6 +567,9 @@ func (c *Config) Validate() error {
 	}
 	if rl := c.RateLimit; rl != nil && rl.WatchStreams < 0 {
 		return fieldErr("rate_limit.watch_streams", "must be 0 (the default, 1000) or positive")
+	}
+	if err := c.Limits.validate(); err != nil {
+		return err
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

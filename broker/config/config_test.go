@@ -183,6 +183,13 @@ func TestParseInvalid(t *testing.T) {
 			"credentials[0].allowed_callers[0].caler: unknown key"},
 		{"duplicate name", valid + strings.Split(valid, "credentials:\n")[1], "credentials[1].name: \"identity\" is used by an earlier credential"},
 		{"not yaml", "listen_addr: [", "config: yaml:"},
+		{"limits unknown key", valid + "limits: {handshakes: 10}\n", "limits.handshakes: unknown key"},
+		{"limits negative", valid + "limits: {handshakes_per_source: -1}\n", "limits.handshakes_per_source: must be 0"},
+		{"limits header size", valid + "limits: {max_header_list_size: 8}\n", "limits.max_header_list_size: must be 0"},
+		{"limits per source over total", valid + "limits: {handshakes_in_progress: 10, handshakes_per_source: 20}\n",
+			"limits.handshakes_per_source: must not exceed"},
+		{"limits rate", valid + "limits: {stream_resets_per_second: -5}\n", "limits.stream_resets_per_second: must be 0"},
+		{"limits duration", valid + "limits: {first_message_timeout: 10}\n", "limits.first_message_timeout:"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -194,6 +201,20 @@ func TestParseInvalid(t *testing.T) {
 				t.Errorf("Parse error = %q, want it to contain %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestLimitsDefaults(t *testing.T) {
+	c, err := Parse([]byte(valid + "limits: {streams_per_connection: 7}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := c.Limits.WithDefaults()
+	want := Limits{Handshakes: DefaultHandshakes, HandshakesPerSource: DefaultHandshakesPerSource, MaxHeaderListSize: DefaultMaxHeaderListSize,
+		StreamsPerConnection: 7, NewStreamsPerSecond: DefaultNewStreamsPerSecond, NewStreamsBurst: DefaultNewStreamsBurst,
+		StreamResetsPerSecond: DefaultStreamResetsPerSecond, FirstMessageTimeout: Duration(DefaultFirstMessageTimeout)}
+	if got != want {
+		t.Errorf("limits with defaults = %+v, want %+v", got, want)
 	}
 }
 

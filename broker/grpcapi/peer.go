@@ -170,6 +170,7 @@ type callerInfo struct {
 	err      error
 	conn     *trackedConn // nil when untracked
 	notAfter time.Time    // of the client's chain, when tracked
+	streams  streamCount  // calls open on the connection (Admission)
 }
 
 // callerFrom returns the identity of the caller of the call ctx belongs to.

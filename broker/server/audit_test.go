@@ -27,6 +27,8 @@ type auditLine struct {
 	ExpireTime  string   `json:"expire_time"`
 	Outcome     string   `json:"outcome"`
 	Reason      string   `json:"reason"`
+	Peer        string   `json:"peer"`
+	Count       int      `json:"count"`
 }
 
 func auditLines(t *testing.T, raw string) []auditLine {

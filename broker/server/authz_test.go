@@ -68,8 +68,14 @@ func TestWatchStreamsReauthorizedOnReload(t *testing.T) {
 				other.AllowedCallers = []config.AllowedCaller{{Caller: stranger}}
 				c.Credentials = append(c.Credentials, other)
 			})
-			toks, errs, _ := watch(t, h.client(tt.caller), &pb.WatchTokenRequest{Credential: "identity", Scopes: tt.scopes})
+			c := h.client(tt.caller)
+			toks, errs, _ := watch(t, c, &pb.WatchTokenRequest{Credential: "identity", Scopes: tt.scopes})
 			recvToken(t, toks, errs)
+			// A denial just before: the revocation is still audited whole,
+			// not folded into this caller's aggregated denials.
+			if _, err := h.get(c, &pb.GetTokenRequest{Credential: "nope"}); status.Code(err) != codes.PermissionDenied {
+				t.Fatalf("GetToken of an unknown credential: %v", err)
+			}
 
 			next := *h.cfg
 			next.Credentials = slices.Clone(h.cfg.Credentials)

