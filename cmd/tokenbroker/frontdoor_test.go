@@ -28,7 +28,7 @@ func devBroker(t testing.TB) (p *process, dir, grpcAddr, adminAddr string) {
 	bin := buildBinary(t)
 	grpcAddr = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
 	adminAddr = fmt.Sprintf("127.0.0.1:%d", redistest.FreePort(t))
-	dir = t.TempDir()
+	dir = filepath.Join(t.TempDir(), "dev")
 	p = startBinary(t, bin, nil, adminAddr, "--dev", "--dev-dir", dir, "--listen-addr", grpcAddr, "--admin-addr", adminAddr)
 	t.Cleanup(func() { _ = p.cmd.Process.Kill(); <-p.exited })
 	return p, dir, grpcAddr, adminAddr
