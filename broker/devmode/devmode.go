@@ -314,5 +314,6 @@ func (e *Env) Instructions(grpcAddr, adminAddr string) string {
 	fmt.Fprintf(&b, "  grpcurl -cacert %[1]s/%[2]s -cert %[1]s/%[3]s -key %[1]s/%[4]s -d '{\"credential\":\"%[5]s\"}' %[6]s tokenbroker.v1.TokenBroker/GetToken\n",
 		rel, CAFile, ClientCertFile, ClientKeyFile, Credential, grpcAddr)
 	fmt.Fprintf(&b, "A caller no credential allows: %s/%s (%s)\n", rel, DeniedCertFile, DeniedIdentity)
+	b.WriteString("The operators' inventory (the dev client is in admin.callers):\n  go run ./cmd/tokenctl --dev inventory\n")
 	return b.String()
 }
