@@ -286,11 +286,20 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 			Redis:             config.Redis{Addrs: []string{opts.RedisAddr}, KeyPrefix: "tokenbroker-dev:"},
 		}
 	}
+	// Parsed once to fill in every default, then written as parsed: the
+	// file shows the values in force, and loads back to the same.
 	b, err := yaml.Marshal(&cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dev config: %w", err)
 	}
-	head := "# Written by `tokenbroker --dev`; rewritten at every start.\n"
+	effective, err := config.Parse(b)
+	if err != nil {
+		return nil, fmt.Errorf("dev config: %w", err)
+	}
+	if b, err = yaml.Marshal(effective); err != nil {
+		return nil, fmt.Errorf("dev config: %w", err)
+	}
+	head := "# Written by `tokenbroker --dev`; rewritten at every start. Every key shows the value in force.\n"
 	path := filepath.Join(dir, ConfigFile)
 	if err := writeFile(path, append([]byte(head), b...), 0o600); err != nil {
 		return nil, fmt.Errorf("dev config: %w", err)

@@ -92,3 +92,26 @@ func TestDevFilesReplaceLinks(t *testing.T) {
 		t.Errorf("temporary files left: %v", left)
 	}
 }
+
+// TestDevConfigShowsValuesInForce: the dev config.yaml states every value
+// the broker applies (no null rate limit, empty audit path or zero margin).
+func TestDevConfigShowsValuesInForce(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "dev")
+	if err := start(t, dir); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"requests_per_second: 200", "burst: 400", "path: stdout", "expiry_margin: 10s", "max_connection_age: 1h0m0s"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("config.yaml lacks %q:\n%s", want, b)
+		}
+	}
+	for _, bad := range []string{"rate_limit: null", `path: ""`, "expiry_margin: 0s"} {
+		if strings.Contains(string(b), bad) {
+			t.Errorf("config.yaml shows %q, not the value in force", bad)
+		}
+	}
+}

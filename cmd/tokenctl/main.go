@@ -92,7 +92,8 @@ const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-
 
 commands:
   token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
-  invalidate CREDENTIAL --fingerprint F [--scope S]...     report a token a resource server rejected
+  invalidate CREDENTIAL --fingerprint F [--scope S]... [--json]
+                                                           report a token a resource server rejected
   watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print each rotation until interrupted
   list [--json]                                            list the credentials you may use
   health [--service S] [--json]                            the broker's gRPC health (exit 6 unless SERVING)
@@ -341,6 +342,9 @@ func healthCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout
 		return exitUsage, errors.New("usage: health [--service S] [--json]")
 	}
 	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: *service})
+	if status.Code(err) == codes.NotFound { // a service the server does not serve is not serving
+		return exitNotServing, err
+	}
 	if err != nil {
 		return exitError, err
 	}

@@ -244,6 +244,7 @@ func TestDevModeEndToEnd(t *testing.T) {
 	}{
 		{[]string{"health"}, exitOK, "SERVING\n"},
 		{[]string{"health", "--service", "tokenbroker.v1.TokenBroker", "--json"}, exitOK, `"SERVING"`},
+		{[]string{"health", "--service", "nope"}, exitNotServing, ""},
 		{[]string{"token", "no-such-credential"}, exitDenied, ""},
 		{[]string{"token", "bad name!"}, exitUsage, ""},
 		{[]string{"invalidate", "identity", "--fingerprint", strings.Repeat("0", 32), "--json"}, exitOK, `"invalidated"`},
