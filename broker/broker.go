@@ -305,7 +305,14 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 		// While the token endpoint backs off, a caller that can wait for the
 		// next attempt does so, sharing it with the others, rather than be
 		// told to retry at the moment the attempt goes.
-		if is, err = b.afterBackoff(ctx, p, err); err != nil {
+		if is, err = b.afterBackoff(ctx, caller, req, p, err); err != nil {
+			return Issued{}, err
+		}
+	}
+	if is.Source != SourceMemory {
+		// Not a hit: the call may have waited on the store or the bank
+		// while a reload took the caller's access away.
+		if _, err := b.readmit(caller, req, p); err != nil {
 			return Issued{}, err
 		}
 	}
@@ -313,9 +320,20 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	return is, nil
 }
 
+// readmit returns p, or p admitted anew when the credentials or the policy
+// changed since it was.
+func (b *Broker) readmit(caller policy.Identity, req Request, p prepared) (prepared, error) {
+	select {
+	case <-p.changes:
+		return b.admit(caller, req)
+	default:
+		return p, nil
+	}
+}
+
 // afterBackoff waits for the gate's next attempt and tries again when err
 // says the token endpoint backs off and ctx can wait that long.
-func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issued, error) {
+func (b *Broker) afterBackoff(ctx context.Context, caller policy.Identity, req Request, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
 		g := b.gate(p.c.Name)
@@ -324,6 +342,11 @@ func (b *Broker) afterBackoff(ctx context.Context, p prepared, err error) (Issue
 		g.waiting.Add(-1)
 		if werr != nil {
 			return Issued{}, werr
+		}
+		// The wait may be long (a Retry-After): the caller is admitted
+		// again, under the configuration in force, before anything is fetched.
+		if p, err = b.readmit(caller, req, p); err != nil {
+			return Issued{}, err
 		}
 		return b.get(ctx, p, b.now())
 	}
@@ -335,9 +358,10 @@ type prepared struct {
 	c         *credential
 	scopes    []string
 	key       string
-	minTTL    time.Duration // what this get needs
-	demand    time.Duration // what the caller asked; Watch raises minTTL, not this
-	defaulted bool          // the caller asked for none: minTTL is the credential's, capped per token
+	minTTL    time.Duration   // what this get needs
+	demand    time.Duration   // what the caller asked; Watch raises minTTL, not this
+	defaulted bool            // the caller asked for none: minTTL is the credential's, capped per token
+	changes   <-chan struct{} // closed when the credentials or policy it was admitted under change
 }
 
 // policyChanges returns a channel that is closed at the next SetCredentials.
@@ -357,6 +381,7 @@ func (b *Broker) prepare(caller policy.Identity, req Request) (prepared, error) 
 // admit checks a request and the caller's right to it under the credentials
 // and policy in force.
 func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
+	changes := b.policyChanges() // before the credentials are read
 	c, grant, err := b.authorize(caller, req.Credential)
 	if err != nil {
 		return prepared{}, err
@@ -372,7 +397,7 @@ func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
 		}
 		minTTL = req.MinTTL
 	}
-	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL, defaulted: defaulted}, nil
+	return prepared{c: c, scopes: scopes, key: key, minTTL: minTTL, demand: minTTL, defaulted: defaulted, changes: changes}, nil
 }
 
 // get serves a prepared request from the in-process cache, as of now, or

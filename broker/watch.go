@@ -79,6 +79,16 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		p = np
 		return nil
 	}
+	// policyMoved authorizes the stream again if the policy changed, and
+	// says whether it did.
+	policyMoved := func() (bool, error) {
+		select {
+		case <-policyChanged:
+			return true, reauthorize()
+		default:
+			return false, nil
+		}
+	}
 
 	retry := time.Second // after a failed attempt, the next is not sooner
 	var failedAt time.Time
@@ -108,6 +118,12 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 		case <-t.C:
 		}
 		t.Stop()
+		// Ready together with changed or the timer, a policy change goes first.
+		if again, err := policyMoved(); err != nil {
+			return err
+		} else if again {
+			continue
+		}
 
 		changed = b.waiters.wait(p.key)
 		q := p
@@ -126,13 +142,11 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			return err
 		}
 		failedAt, retry = time.Time{}, time.Second
-		select {
-		case <-policyChanged: // changed while the token was got: judge again before sending
-			if err := reauthorize(); err != nil {
-				return err
-			}
+		// Changed while the token was got: judge again before sending.
+		if again, err := policyMoved(); err != nil {
+			return err
+		} else if again {
 			continue
-		default:
 		}
 		wasMoved := moved
 		moved = false

@@ -103,10 +103,12 @@ func Start(opts Options) (*Env, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dev dir: %w", err)
 	}
-	if err := prepareDir(dir); err != nil {
+	d, err := openDir(dir)
+	if err != nil {
 		return nil, err
 	}
-	if err := writePKI(dir); err != nil {
+	defer d.root.Close()
+	if err := writePKI(d); err != nil {
 		return nil, err
 	}
 	raw := make([]byte, 24)
@@ -115,7 +117,7 @@ func Start(opts Options) (*Env, error) {
 	}
 	sec := base64.RawURLEncoding.EncodeToString(raw)
 	secretPath := filepath.Join(dir, ClientSecretFile)
-	if err := writeFile(secretPath, []byte(sec+"\n"), 0o600); err != nil {
+	if err := d.write(ClientSecretFile, []byte(sec+"\n"), 0o600); err != nil {
 		return nil, fmt.Errorf("dev secret: %w", err)
 	}
 
@@ -125,12 +127,12 @@ func Start(opts Options) (*Env, error) {
 		return nil, err
 	}
 	if opts.RedisAddr != "" {
-		if err := ensureStoreKey(filepath.Join(dir, StoreKeyFile)); err != nil {
+		if err := ensureStoreKey(d); err != nil {
 			_ = as.Close()
 			return nil, err
 		}
 	}
-	cfg, err := writeConfig(dir, opts, as.TokenURL(), secretPath)
+	cfg, err := writeConfig(d, opts, as.TokenURL(), secretPath)
 	if err != nil {
 		_ = as.Close()
 		return nil, err
@@ -144,7 +146,7 @@ func (e *Env) Close() error { return e.OAuth.Close() }
 // Path returns the path of a file in the dev directory.
 func (e *Env) Path(name string) string { return filepath.Join(e.Dir, name) }
 
-func writePKI(dir string) error {
+func writePKI(d devDir) error {
 	ca, err := devpki.NewCA("tokenbroker dev CA", certValidity)
 	if err != nil {
 		return err
@@ -171,47 +173,67 @@ func writePKI(dir string) error {
 		{ClientCertFile, cl.CertPEM, 0o644}, {ClientKeyFile, cl.KeyPEM, 0o600},
 		{DeniedCertFile, denied.CertPEM, 0o644}, {DeniedKeyFile, denied.KeyPEM, 0o600},
 	} {
-		if err := writeFile(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+		if err := d.write(f.name, f.data, f.mode); err != nil {
 			return fmt.Errorf("dev PKI: %w", err)
 		}
 	}
 	return nil
 }
 
-// prepareDir makes the dev directory (mode 0700) or checks the one there:
-// a directory, not a link, owned by this user, with no group or other
-// permissions.
-func prepareDir(dir string) error {
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("dev dir: %w", err)
-	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("dev dir: %w", err)
-	}
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		return fmt.Errorf("dev dir %s is a symbolic link; use a real directory (--dev-dir) so that keys land where you think", dir)
-	case !fi.IsDir():
-		return fmt.Errorf("dev dir %s is not a directory", dir)
-	case !ownedByMe(fi):
-		return fmt.Errorf("dev dir %s belongs to another user; it would hold keys and a secret they could read or replace: remove it or choose another --dev-dir", dir)
-	case fi.Mode().Perm()&0o077 != 0:
-		return fmt.Errorf("dev dir %s has mode %#o: group or others may use it, and it holds keys and a secret; run chmod 700 %s (or remove it) and start again",
-			dir, fi.Mode().Perm(), dir)
-	}
-	return nil
+// devDir is the opened dev directory: every file is written through root,
+// so that the directory checked is the one written to, even if its path is
+// swapped afterwards.
+type devDir struct {
+	path string
+	root *os.Root
 }
 
-// writeFile writes data to path with mode through a new file in the same
-// directory (created exclusively, so nothing planted there is opened) that is
-// renamed over path: a link at path is replaced, never followed.
-func writeFile(path string, data []byte, mode os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
+// openDir makes the dev directory (mode 0700) or checks the one there: a
+// directory, not a link, owned by this user, with no group or other
+// permissions. The checks are made on the directory as opened.
+func openDir(dir string) (devDir, error) {
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return devDir{}, fmt.Errorf("dev dir: %w", err)
 	}
-	tmp := f.Name()
+	if fi, err := os.Lstat(dir); err != nil {
+		return devDir{}, fmt.Errorf("dev dir: %w", err)
+	} else if fi.Mode()&fs.ModeSymlink != 0 {
+		return devDir{}, fmt.Errorf("dev dir %s is a symbolic link; use a real directory (--dev-dir) so that keys land where you think", dir)
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return devDir{}, fmt.Errorf("dev dir: %w", err)
+	}
+	fi, err := root.Stat(".")
+	if err == nil {
+		switch {
+		case !fi.IsDir():
+			err = fmt.Errorf("dev dir %s is not a directory", dir)
+		case !ownedByMe(fi):
+			err = fmt.Errorf("dev dir %s belongs to another user; it would hold keys and a secret they could read or replace: remove it or choose another --dev-dir", dir)
+		case fi.Mode().Perm()&0o077 != 0:
+			err = fmt.Errorf("dev dir %s has mode %#o: group or others may use it, and it holds keys and a secret; remove it (others may have left files in it) and start again",
+				dir, fi.Mode().Perm())
+		}
+	}
+	if err != nil {
+		_ = root.Close()
+		return devDir{}, err
+	}
+	return devDir{path: dir, root: root}, nil
+}
+
+// write writes data to the file name with mode through a new file (created
+// exclusively, so nothing planted there is opened) that is renamed over
+// name: a link at name is replaced, never followed.
+func (d devDir) write(name string, data []byte, mode os.FileMode) error {
+	var rnd [8]byte
+	_, _ = rand.Read(rnd[:])
+	tmp := fmt.Sprintf(".%s.tmp-%x", name, rnd)
+	f, err := d.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
 	_, err = f.Write(data)
 	if err == nil {
 		err = f.Chmod(mode)
@@ -220,28 +242,32 @@ func writeFile(path string, data []byte, mode os.FileMode) error {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(tmp, path)
+		err = d.root.Rename(tmp, name)
 	}
 	if err != nil {
-		_ = os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
+		_ = d.root.Remove(tmp)
+		return fmt.Errorf("write %s: %w", name, err)
 	}
 	return nil
 }
 
 // ensureStoreKey keeps a valid sealing key, or writes a new one, so that a
-// restarted dev broker can still open what it stored in Redis.
-func ensureStoreKey(path string) error {
-	if b, err := os.ReadFile(path); err == nil {
-		if _, err := store.ParseKey(b); err == nil {
-			return nil
+// restarted dev broker can still open what it stored in Redis. Only a key
+// this user wrote (a regular file of mode 0600 owned by them) is kept: one
+// that someone else planted would be known to them.
+func ensureStoreKey(d devDir) error {
+	if fi, err := d.root.Lstat(StoreKeyFile); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm() == 0o600 && ownedByMe(fi) {
+		if b, err := d.root.ReadFile(StoreKeyFile); err == nil {
+			if _, err := store.ParseKey(b); err == nil {
+				return nil
+			}
 		}
 	}
 	k := make([]byte, store.KeySize)
 	if _, err := rand.Read(k); err != nil {
 		return fmt.Errorf("dev store key: %w", err)
 	}
-	if err := writeFile(path, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
+	if err := d.write(StoreKeyFile, []byte(base64.StdEncoding.EncodeToString(k)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("dev store key: %w", err)
 	}
 	return nil
@@ -249,7 +275,8 @@ func ensureStoreKey(path string) error {
 
 // writeConfig writes the effective configuration and reads it back through
 // the normal loader, so dev mode runs on exactly what the file says.
-func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config.Config, error) {
+func writeConfig(d devDir, opts Options, tokenURL, secretPath string) (*config.Config, error) {
+	dir := d.path
 	cfg := config.Config{
 		ListenAddr: opts.ListenAddr,
 		AdminAddr:  opts.AdminAddr,
@@ -301,7 +328,7 @@ func writeConfig(dir string, opts Options, tokenURL, secretPath string) (*config
 	}
 	head := "# Written by `tokenbroker --dev`; rewritten at every start. Every key shows the value in force.\n"
 	path := filepath.Join(dir, ConfigFile)
-	if err := writeFile(path, append([]byte(head), b...), 0o600); err != nil {
+	if err := d.write(ConfigFile, append([]byte(head), b...), 0o600); err != nil {
 		return nil, fmt.Errorf("dev config: %w", err)
 	}
 	return config.Load(path)

@@ -26,8 +26,8 @@ func TestUnsafeDevDirRefused(t *testing.T) {
 	if err := os.Chmod(open, 0o777); err != nil { // past the umask
 		t.Fatal(err)
 	}
-	if err := start(t, open); err == nil || !strings.Contains(err.Error(), "chmod 700") {
-		t.Errorf("a 0777 dev dir: %v, want a refusal saying chmod 700", err)
+	if err := start(t, open); err == nil || !strings.Contains(err.Error(), "group or others may use it") {
+		t.Errorf("a 0777 dev dir: %v, want a refusal saying why", err)
 	}
 
 	real := filepath.Join(t.TempDir(), "real")
@@ -113,5 +113,40 @@ func TestDevConfigShowsValuesInForce(t *testing.T) {
 		if strings.Contains(string(b), bad) {
 			t.Errorf("config.yaml shows %q, not the value in force", bad)
 		}
+	}
+}
+
+// TestPlantedStoreKeyNotKept: a store key this user did not write as 0600
+// (planted while the directory was open to others) is replaced, not used.
+func TestPlantedStoreKeyNotKept(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "dev")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	planted := []byte("QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=\n") // 32 bytes of 'A', valid as a key
+	key := filepath.Join(dir, StoreKeyFile)
+	if err := os.WriteFile(key, planted, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env, err := Start(Options{Dir: dir, ListenAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0", RedisAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Close() })
+	got, err := os.ReadFile(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) == string(planted) {
+		t.Error("the planted store key was kept")
+	}
+	// A key it wrote itself is kept across restarts.
+	env2, err := Start(Options{Dir: dir, ListenAddr: "127.0.0.1:0", AdminAddr: "127.0.0.1:0", RedisAddr: "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env2.Close() })
+	if again, _ := os.ReadFile(key); string(again) != string(got) {
+		t.Error("the broker's own store key was replaced on restart")
 	}
 }

@@ -69,6 +69,25 @@ func (c *Conns) Recheck(now time.Time) int {
 	return n
 }
 
+// Sweep closes the connections whose chain expired by now on the wall
+// clock. The per-connection timers run on the monotonic clock, which a
+// suspended VM or a stepped clock leaves behind; the server sweeps every
+// second.
+func (c *Conns) Sweep(now time.Time) int {
+	c.mu.Lock()
+	var expired []*trackedConn
+	for t := range c.set {
+		if now.After(t.notAfter) {
+			expired = append(expired, t)
+		}
+	}
+	c.mu.Unlock()
+	for _, t := range expired {
+		t.revoke(ReasonCertificateExpired)
+	}
+	return len(expired)
+}
+
 // trackedConn is a caller's raw connection under a Conns.
 type trackedConn struct {
 	net.Conn
@@ -81,7 +100,9 @@ type trackedConn struct {
 }
 
 // SetVerifiedChain implements tlsreload.VerifiedConn.
-func (t *trackedConn) SetVerifiedChain(chain []*x509.Certificate) { t.chain = chain }
+func (t *trackedConn) SetVerifiedChain(chain []*x509.Certificate, notAfter time.Time) {
+	t.chain, t.notAfter = chain, notAfter
+}
 
 // Close removes the connection from its tracker and closes it.
 func (t *trackedConn) Close() error {
@@ -144,9 +165,11 @@ func (c callerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthIn
 		info.err = fmt.Errorf("%w: %w", broker.ErrUnauthenticated, info.err)
 	}
 	t.id = info.id
-	for _, cert := range t.chain {
-		if t.notAfter.IsZero() || cert.NotAfter.Before(t.notAfter) {
-			t.notAfter = cert.NotAfter
+	if t.notAfter.IsZero() { // a verifier that gave no expiry: the chain as sent
+		for _, cert := range t.chain {
+			if t.notAfter.IsZero() || cert.NotAfter.Before(t.notAfter) {
+				t.notAfter = cert.NotAfter
+			}
 		}
 	}
 	info.notAfter = t.notAfter
@@ -154,6 +177,13 @@ func (c callerCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthIn
 	c.conns.set[t] = struct{}{}
 	t.expiry = time.AfterFunc(time.Until(t.notAfter), func() { t.revoke(ReasonCertificateExpired) })
 	c.conns.mu.Unlock()
+	// A trust reload between the verification and the registration above
+	// was not rechecked for this connection: judge it once more, now that
+	// any later reload will see it.
+	if err := c.conns.verify(t.chain, time.Now()); err != nil {
+		t.revoke(ReasonTrustRemoved)
+		return nil, nil, fmt.Errorf("%w: client certificate no longer trusted", broker.ErrUnauthenticated)
+	}
 	return conn, info, nil
 }
 

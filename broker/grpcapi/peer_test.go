@@ -69,3 +69,22 @@ func TestRecheckClosesOnlyWhatNoLongerVerifies(t *testing.T) {
 		_ = c.Close()
 	}
 }
+
+// TestSweepClosesExpiredOnTheWallClock: Sweep closes what expired by the
+// given wall-clock time, whatever the monotonic timers say.
+func TestSweepClosesExpiredOnTheWallClock(t *testing.T) {
+	conns := NewConns(func([]*x509.Certificate, time.Time) error { return nil }, func(policy.Identity, string) {})
+	now := time.Now()
+	var peers []net.Conn
+	for _, na := range []time.Time{now.Add(-time.Second), now.Add(time.Hour)} {
+		s, c := net.Pipe()
+		peers = append(peers, c)
+		conns.set[&trackedConn{Conn: s, owner: conns, notAfter: na}] = struct{}{}
+	}
+	if n := conns.Sweep(now); n != 1 || conns.Len() != 1 {
+		t.Errorf("Sweep closed %d, %d left; want 1 and 1", n, conns.Len())
+	}
+	for _, c := range peers {
+		_ = c.Close()
+	}
+}

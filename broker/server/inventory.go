@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -68,8 +69,15 @@ func (s *Server) views(name string) []credentialView {
 
 // credentials serves GET /credentials (?name= for one): the platform team's
 // inventory of every credential, on a loopback admin address only (see
-// inventoryOverHTTP).
+// inventoryOverHTTP), and only to a request addressed to a loopback name
+// that no browser sent cross-site: a page the operator has open cannot read
+// it through DNS rebinding or a cross-origin request.
 func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
+	if !loopbackHost(r.Host) || r.Header.Get("Origin") != "" ||
+		r.Header.Get("Sec-Fetch-Site") != "" && r.Header.Get("Sec-Fetch-Site") != "none" {
+		writeJSON(w, http.StatusForbidden, map[string]string{"error": "the inventory answers only requests to a loopback host that no browser sent on a page's behalf"})
+		return
+	}
 	name := r.URL.Query().Get("name")
 	views := s.views(name)
 	switch {
@@ -88,12 +96,17 @@ func (s *Server) credentials(w http.ResponseWriter, r *http.Request) {
 // whoever can scrape them, and the inventory (token endpoints, client IDs,
 // file paths, policy, callers, fingerprints) is for admin.callers, through the
 // Admin gRPC service over mutual TLS.
-func inventoryOverHTTP(adminAddr string) bool {
-	host, _, err := net.SplitHostPort(adminAddr)
-	if err != nil {
-		return false
+func inventoryOverHTTP(adminAddr string) bool { return loopbackHost(adminAddr) }
+
+// loopbackHost reports whether a request's Host names this machine's
+// loopback: localhost or a loopback IP, with or without a port.
+func loopbackHost(hostport string) bool {
+	host := hostport
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		host = h
 	}
-	if host == "localhost" {
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
 		return true
 	}
 	ip := net.ParseIP(host)

@@ -437,14 +437,19 @@ func (s *Server) Serve(ctx context.Context) error {
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	go func() {
-		t := time.NewTicker(TLSReloadInterval)
-		defer t.Stop()
+		reload, sweep := time.NewTicker(TLSReloadInterval), time.NewTicker(time.Second)
+		defer reload.Stop()
+		defer sweep.Stop()
 		for {
 			select {
 			case <-watchCtx.Done():
 				return
-			case <-t.C:
+			case <-reload.C:
 				_, _ = s.ReloadTLS()
+			case <-sweep.C:
+				// The wall clock, in case a suspended VM or a stepped clock
+				// left the per-connection expiry timers behind.
+				s.conns.Sweep(time.Now())
 			}
 		}
 	}()

@@ -57,33 +57,51 @@ type material struct {
 // ErrUntrusted is wrapped by Verify's errors: the chain does not verify.
 var ErrUntrusted = errors.New("client certificate is not trusted")
 
-// verify checks a peer's certificate chain (leaf first, as sent) at now.
-func (m *material) verify(chain []*x509.Certificate, now time.Time) error {
+// verify checks a peer's certificate chain (leaf first, as sent) at now, and
+// returns when the chain it verified first expires: the earliest notAfter of
+// the leaf, the intermediates and the trusted root it chains to.
+func (m *material) verify(chain []*x509.Certificate, now time.Time) (time.Time, error) {
 	if len(chain) == 0 {
-		return fmt.Errorf("%w: no certificate", ErrUntrusted)
+		return time.Time{}, fmt.Errorf("%w: no certificate", ErrUntrusted)
 	}
 	leaf := chain[0]
 	if id, err := policy.IdentityFromCert(leaf); err == nil && id.IsSPIFFE() {
 		td, err := spiffeid.TrustDomainFromString(id.TrustDomain())
 		if err == nil && m.bundles.Has(td) {
-			if _, _, err := x509svid.Verify(chain, m.bundles, x509svid.WithTime(now)); err != nil {
-				return fmt.Errorf("%w: %s does not verify against trust domain %s's bundle: %w", ErrUntrusted, id, td, err)
+			_, chains, err := x509svid.Verify(chain, m.bundles, x509svid.WithTime(now))
+			if err != nil {
+				return time.Time{}, fmt.Errorf("%w: %s does not verify against trust domain %s's bundle: %w", ErrUntrusted, id, td, err)
 			}
-			return nil
+			return firstExpiry(chains), nil
 		}
 	}
 	if m.pool == nil {
-		return fmt.Errorf("%w: no trust bundle for this identity and no tls.client_ca_file", ErrUntrusted)
+		return time.Time{}, fmt.Errorf("%w: no trust bundle for this identity and no tls.client_ca_file", ErrUntrusted)
 	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: m.pool, Intermediates: inter, CurrentTime: now,
-		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-		return fmt.Errorf("%w: %w", ErrUntrusted, err)
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: m.pool, Intermediates: inter, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%w: %w", ErrUntrusted, err)
 	}
-	return nil
+	return firstExpiry(chains), nil
+}
+
+// firstExpiry is the earliest notAfter in the first of chains.
+func firstExpiry(chains [][]*x509.Certificate) time.Time {
+	var t time.Time
+	if len(chains) == 0 {
+		return t
+	}
+	for _, c := range chains[0] {
+		if t.IsZero() || c.NotAfter.Before(t) {
+			t = c.NotAfter
+		}
+	}
+	return t
 }
 
 // Reloader holds the current TLS material.
@@ -187,14 +205,16 @@ func (r *Reloader) Leaf() *x509.Certificate { return r.cur.Load().leaf }
 // material at now; its errors wrap ErrUntrusted. It is how a connection that
 // is already open is judged again after the trust files change.
 func (r *Reloader) Verify(chain []*x509.Certificate, now time.Time) error {
-	return r.cur.Load().verify(chain, now)
+	_, err := r.cur.Load().verify(chain, now)
+	return err
 }
 
 // VerifiedConn is a connection that wants to know the client certificate
-// chain that the handshake verified: the raw connection handed to a
-// tls.Server made from ServerConfig may implement it.
+// chain that the handshake verified (as sent) and when the chain it was
+// verified through first expires: the raw connection handed to a tls.Server
+// made from ServerConfig may implement it.
 type VerifiedConn interface {
-	SetVerifiedChain(chain []*x509.Certificate)
+	SetVerifiedChain(chain []*x509.Certificate, notAfter time.Time)
 }
 
 // ServerConfig returns a configuration that requires client certificates,
@@ -215,11 +235,14 @@ func (r *Reloader) ServerConfig() *tls.Config {
 			SessionTicketsDisabled: true,
 			NextProtos:             []string{"h2"},
 			VerifyConnection: func(cs tls.ConnectionState) error {
-				if err := m.verify(cs.PeerCertificates, time.Now()); err != nil {
+				// The trust material in force now, not at the ClientHello: a
+				// reload may land while the client takes its time.
+				notAfter, err := r.cur.Load().verify(cs.PeerCertificates, time.Now())
+				if err != nil {
 					return err
 				}
 				if vc, ok := hello.Conn.(VerifiedConn); ok {
-					vc.SetVerifiedChain(cs.PeerCertificates)
+					vc.SetVerifiedChain(cs.PeerCertificates, notAfter)
 				}
 				return nil
 			},

@@ -336,7 +336,32 @@ func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []strin
 		return nil, classify(ctx, err)
 	}
 	defer resp.Body.Close()
-	return c.read(ctx, resp, scopes)
+	t, err := c.read(ctx, resp, scopes)
+	var ue *Error
+	if errors.As(err, &ue) && ue.Description != "" {
+		// A server that echoes what it was sent would put the secret or the
+		// assertion in front of operators, logs and /readyz.
+		sent := []string{sec.Reveal(), url.QueryEscape(sec.Reveal()), req.Header.Get("Authorization")}
+		sent = append(sent, extra["client_assertion"]...)
+		ue.Description = withholdEcho(ue.Description, sent)
+	}
+	return t, err
+}
+
+// withheldDescription replaces an error_description that repeats any of
+// what the request sent to authenticate.
+const withheldDescription = "[withheld: it repeated the broker's client credentials]"
+
+func withholdEcho(description string, sent []string) string {
+	for _, v := range sent {
+		if _, cut, _ := strings.Cut(v, " "); cut != "" && strings.HasPrefix(v, "Basic ") {
+			v = cut // the credentials of an Authorization header, not its scheme
+		}
+		if len(v) >= 4 && strings.Contains(description, v) {
+			return withheldDescription
+		}
+	}
+	return description
 }
 
 // read reads and checks the token endpoint's answer to a request for scopes.
