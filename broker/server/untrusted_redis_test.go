@@ -150,7 +150,8 @@ func TestLeasePoisoning(t *testing.T) {
 	}
 
 	// A lease rewritten within the bound (4s: timeout 2s + 2s) as fast as it
-	// expires: every replica waits one bound, then fetches itself.
+	// expires: every replica waits two bounds, then fetches itself unless a
+	// peer's token is in the store by then.
 	before := h.as.TokenRequests()
 	c.Del(ctx, entry)
 	stop := make(chan struct{})
@@ -185,13 +186,16 @@ func TestLeasePoisoning(t *testing.T) {
 	took := time.Since(start)
 	var overruns float64
 	for _, s := range srvs {
-		overruns += metricAt(t, s, "tokenbroker_lease_wait_exceeded_total", "credential=identity")
+		overruns += max(metricAt(t, s, "tokenbroker_lease_wait_exceeded_total", "credential=identity"), 0) // -1: no series
 	}
+	requests := h.as.TokenRequests() - before
 	t.Logf("lease rewritten within its bound: %d calls failed, %d token requests, %v, overruns %v",
-		failed, h.as.TokenRequests()-before, took.Round(time.Millisecond), overruns)
-	if failed > 0 || overruns != 3 || h.as.TokenRequests()-before != 3 {
-		t.Errorf("failed = %d, overruns = %v, token requests = %d; want 0, 3, 3 (each replica fetches itself)",
-			failed, overruns, h.as.TokenRequests()-before)
+		failed, requests, took.Round(time.Millisecond), overruns)
+	// Each replica that overruns fetches itself; one that finds an
+	// overrunning peer's token in the store first needs none.
+	if failed > 0 || requests < 1 || requests > 3 || overruns != float64(requests) {
+		t.Errorf("failed = %d, overruns = %v, token requests = %d; want 0 failed, 1 to 3 requests, one overrun per request",
+			failed, overruns, requests)
 	}
 }
 
