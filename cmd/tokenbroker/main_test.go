@@ -80,7 +80,7 @@ func TestCheckConfig(t *testing.T) {
 }
 
 func TestFlags(t *testing.T) {
-	if out, err := runArgs(t, "--version"); err != nil || !strings.HasPrefix(out, "tokenbroker ") {
+	if out, err := runArgs(t, "--version"); err != nil || !strings.HasPrefix(out, "tokenbroker ") || !strings.Contains(out, "(commit ") {
 		t.Errorf("--version = %q, %v", out, err)
 	}
 	for _, tt := range []struct {
