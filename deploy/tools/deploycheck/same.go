@@ -72,6 +72,13 @@ func normalize(objs []object, kustomize bool) map[string]object {
 				if t, ok := m["template"].(map[string]any); ok {
 					dropRendererMetadata(t)
 				}
+				// Volumes and mounts are sets by name: a strategic merge patch
+				// puts its own first, a template in its own order.
+				for _, k := range []string{"volumes", "volumeMounts"} {
+					if l, ok := m[k].([]any); ok {
+						sort.SliceStable(l, func(i, j int) bool { return str(l[i], "name") < str(l[j], "name") })
+					}
+				}
 			}
 		})
 		if str(o, "kind") == "ConfigMap" {
