@@ -40,8 +40,21 @@ app.kubernetes.io/name: {{ include "tokenbroker.name" . }}
 {{- printf "%s/%s" $i.registry $i.repository }}{{ if $i.tag }}:{{ $i.tag }}{{ end }}@{{ $i.digest }}
 {{- end }}
 
-{{/* The broker's configuration file. */}}
+{{/* The broker's configuration file, with admin_tls when metricsTLS is on. */}}
 {{- define "tokenbroker.config" -}}
+{{- if .Values.metricsTLS.enabled }}
+{{- $cfg := include "tokenbroker.configSource" . | fromYaml }}
+{{- $tls := dict "cert_file" .Values.metricsTLS.certFile "key_file" .Values.metricsTLS.keyFile }}
+{{- with .Values.metricsTLS.clientCAFile }}{{ $_ := set $tls "client_ca_file" . }}{{ end }}
+{{- $_ := set $cfg "admin_tls" $tls }}
+{{- toYaml $cfg }}
+{{- else }}
+{{- include "tokenbroker.configSource" . }}
+{{- end }}
+{{- end }}
+
+{{/* The configuration as given: configFile, config, or the chart's file. */}}
+{{- define "tokenbroker.configSource" -}}
 {{- if .Values.configFile }}
 {{- .Values.configFile }}
 {{- else if .Values.config }}
