@@ -189,3 +189,35 @@ func TestConvertIsStrict(t *testing.T) {
 		t.Error("file names differ from kubeconform's")
 	}
 }
+
+func TestPodSecurityRestricted(t *testing.T) {
+	ok := `
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ok}
+spec:
+  template:
+    spec:
+      securityContext: {runAsNonRoot: true, runAsUser: 10001, runAsGroup: 10001, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: c
+          image: x
+          securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+`
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	if err := os.WriteFile(good, []byte(ok), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := pssCmd([]string{good}, &strings.Builder{}); err != nil {
+		t.Errorf("pss on a restricted pod = %v", err)
+	}
+	// The agent example as it was: no seccomp profile.
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte(strings.Replace(ok, ", seccompProfile: {type: RuntimeDefault}", "", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := pssCmd([]string{bad}, &strings.Builder{}); err == nil || !strings.Contains(err.Error(), "seccompProfile") {
+		t.Errorf("pss without a seccomp profile = %v, want it refused", err)
+	}
+}

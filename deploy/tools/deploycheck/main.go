@@ -13,6 +13,9 @@
 //	deploycheck same A B
 //	    Fails unless two renderings (kustomize and Helm) hold the same objects,
 //	    ignoring only what is the renderer's own (see normalize).
+//	deploycheck pss FILE...
+//	    Fails unless every pod and pod template passes Pod Security "restricted"
+//	    (v1.34), evaluated by the API server's own checks.
 package main
 
 import (
@@ -29,7 +32,7 @@ func main() {
 
 func run(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("usage: deploycheck schemas|lint|same ...")
+		return fmt.Errorf("usage: deploycheck schemas|lint|same|pss ...")
 	}
 	switch args[0] {
 	case "schemas":
@@ -38,6 +41,8 @@ func run(args []string) error {
 		return lintCmd(args[1:], os.Stdout)
 	case "same":
 		return sameCmd(args[1:], os.Stdout)
+	case "pss":
+		return pssCmd(args[1:], os.Stdout)
 	}
-	return fmt.Errorf("unknown command %q (schemas, lint, same)", args[0])
+	return fmt.Errorf("unknown command %q (schemas, lint, same, pss)", args[0])
 }
