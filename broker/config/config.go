@@ -62,6 +62,8 @@ type Config struct {
 	Pprof bool `yaml:"pprof"`
 	// TLS is the server's TLS material.
 	TLS TLS `yaml:"tls"`
+	// AdminTLS serves the admin address over TLS when set.
+	AdminTLS AdminTLS `yaml:"admin_tls"`
 	// Admin names who may call the tokenbroker.v1.Admin service.
 	Admin Admin `yaml:"admin"`
 	// Log configures the process log.
@@ -124,6 +126,30 @@ type TrustBundle struct {
 	TrustDomain string `yaml:"trust_domain"`
 	// CAFile holds the trust domain's X.509 authorities (PEM).
 	CAFile string `yaml:"ca_file"`
+}
+
+// AdminTLS is the admin address's TLS: off without CertFile. With
+// ClientCAFile, /metrics and /debug/pprof/ answer only clients whose
+// certificate chains to it (Prometheus); /healthz and /readyz stay open to
+// the kubelet's probes, which present none. The files are re-read when they
+// change.
+type AdminTLS struct {
+	// CertFile is the admin server's certificate chain (PEM).
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is its private key (PEM).
+	KeyFile string `yaml:"key_file"`
+	// ClientCAFile holds the CAs of the scrapers' client certificates (PEM).
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+func (t AdminTLS) validate() error {
+	switch {
+	case (t.CertFile == "") != (t.KeyFile == ""):
+		return fieldErr("admin_tls.key_file", "admin_tls.cert_file and admin_tls.key_file go together")
+	case t.ClientCAFile != "" && t.CertFile == "":
+		return fieldErr("admin_tls.client_ca_file", "needs admin_tls.cert_file and key_file: client certificates are asked for over TLS")
+	}
+	return nil
 }
 
 // Admin configures the tokenbroker.v1.Admin service on the gRPC listener.
@@ -557,6 +583,9 @@ func (c *Config) Validate() error {
 	if err := c.TLS.validate(); err != nil {
 		return err
 	}
+	if err := c.AdminTLS.validate(); err != nil {
+		return err
+	}
 	for i, p := range c.Admin.Callers {
 		if err := policy.CheckPattern(p); err != nil {
 			return fieldErr(fmt.Sprintf("admin.callers[%d]", i), "%v", err)
@@ -865,6 +894,14 @@ func (c *Config) CheckFiles() error {
 	for i, b := range c.TLS.ClientTrustBundles {
 		if err := check(fmt.Sprintf("tls.client_trust_bundles[%d].ca_file", i), b.CAFile); err != nil {
 			return err
+		}
+	}
+	for _, f := range [][2]string{{"admin_tls.cert_file", c.AdminTLS.CertFile}, {"admin_tls.key_file", c.AdminTLS.KeyFile},
+		{"admin_tls.client_ca_file", c.AdminTLS.ClientCAFile}} {
+		if f[1] != "" {
+			if err := check(f[0], f[1]); err != nil {
+				return err
+			}
 		}
 	}
 	if c.Store.Backend == "redis" {

@@ -101,6 +101,7 @@ func restartKeys(old, cur *config.Config) []string {
 		{"reflection", old.Reflection, cur.Reflection},
 		{"pprof", old.Pprof, cur.Pprof},
 		{"tls", effectiveTLS(old.TLS), effectiveTLS(cur.TLS)},
+		{"admin_tls", old.AdminTLS, cur.AdminTLS},
 		{"log", old.Log, cur.Log},
 		{"audit", old.Audit, cur.Audit},
 		{"rate_limit", old.RateLimit, cur.RateLimit},

@@ -119,6 +119,7 @@ type Server struct {
 	grpc      *grpc.Server
 	health    *healthServer
 	admin     *http.Server
+	adminTLS  *adminTLS // nil: plain HTTP
 	tls       *tlsreload.Reloader
 	admins    atomic.Pointer[policy.Matcher] // admin.callers in force
 	conns     *grpcapi.Conns
@@ -196,6 +197,11 @@ func New(opts Options) (*Server, error) {
 	}
 	if s.tls, err = tlsreload.New(files, minVersion); err != nil {
 		return nil, err
+	}
+	if s.cfg.AdminTLS.CertFile != "" {
+		if s.adminTLS, err = newAdminTLS(s.cfg.AdminTLS); err != nil {
+			return nil, err
+		}
 	}
 	s.connsShut = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_connections_closed_total",
@@ -324,6 +330,13 @@ func New(opts Options) (*Server, error) {
 		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	}
 	s.admin = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	if s.adminTLS != nil {
+		s.admin.Handler = s.adminTLS.guard(mux)
+		// Failed handshakes (a scanner, a probe cut short) as JSON debug lines, not plain stderr.
+		if s.admin.ErrorLog, err = zap.NewStdLogAt(s.log.Named("admin"), zap.DebugLevel); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -399,6 +412,9 @@ func (s *Server) Listen() error {
 	if s.adminLn, err = net.Listen("tcp", s.cfg.AdminAddr); err != nil {
 		_ = s.grpcLn.Close()
 		return fmt.Errorf("admin_addr: %w", err)
+	}
+	if s.adminTLS != nil {
+		s.adminLn = tls.NewListener(s.adminLn, s.adminTLS.serverConfig())
 	}
 	return nil
 }

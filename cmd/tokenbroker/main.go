@@ -15,18 +15,15 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 	"time"
 
+	"github.com/tokenbroker/tokenbroker/broker/buildinfo"
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devmode"
 	"github.com/tokenbroker/tokenbroker/broker/server"
 	"github.com/tokenbroker/tokenbroker/broker/tracing"
 )
-
-// version is set at build time with -ldflags "-X main.version=…".
-var version = ""
 
 // configWatchInterval is how often the configuration file is checked for changes.
 const configWatchInterval = 5 * time.Second
@@ -63,7 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected argument %q (see --help)", fs.Arg(0))
 	}
 	if *showVersion {
-		fmt.Fprintln(stdout, "tokenbroker", buildVersion())
+		fmt.Fprintln(stdout, buildinfo.String("tokenbroker"))
 		return nil
 	}
 
@@ -152,14 +149,4 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}()
 	go srv.WatchConfig(ctx, *configPath, configWatchInterval)
 	return srv.Serve(ctx)
-}
-
-func buildVersion() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		return bi.Main.Version
-	}
-	return "(devel)"
 }

@@ -80,7 +80,7 @@ func TestCheckConfig(t *testing.T) {
 }
 
 func TestFlags(t *testing.T) {
-	if out, err := runArgs(t, "--version"); err != nil || !strings.HasPrefix(out, "tokenbroker ") {
+	if out, err := runArgs(t, "--version"); err != nil || !strings.HasPrefix(out, "tokenbroker ") || !strings.Contains(out, "(commit ") {
 		t.Errorf("--version = %q, %v", out, err)
 	}
 	for _, tt := range []struct {
@@ -140,6 +140,27 @@ func TestDeployConfigsPassCheckConfig(t *testing.T) {
 	if len(configs) < 3 {
 		t.Fatalf("found only %v", configs)
 	}
+	// The production configuration with the admin_tls block that the
+	// metrics-tls component tells you to add (the Helm chart merges the same).
+	prod, err := os.ReadFile("../../deploy/kubernetes/overlays/production/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	component, err := os.ReadFile("../../deploy/kubernetes/components/metrics-tls/kustomization.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, _ := strings.Cut(string(component), "#   admin_tls:\n")
+	block, _, _ = strings.Cut(block, "\n#\n")
+	block = "admin_tls:\n" + regexp.MustCompile(`(?m)^#   `).ReplaceAllString(block, "") + "\n"
+	if !strings.Contains(block, "client_ca_file: /etc/tokenbroker/") {
+		t.Fatalf("no admin_tls block in components/metrics-tls/kustomization.yaml: %q", block)
+	}
+	withTLS := filepath.Join(t.TempDir(), "production-metrics-tls.yaml")
+	if err := os.WriteFile(withTLS, append(prod, block...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	configs = append(configs, withTLS)
 	mounted := regexp.MustCompile(`/etc/tokenbroker/[^\s#"',\]]+`)
 	for _, path := range configs {
 		t.Run(strings.TrimPrefix(path, "../../"), func(t *testing.T) {

@@ -45,6 +45,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokenbroker/tokenbroker/broker/buildinfo"
 	"github.com/tokenbroker/tokenbroker/broker/client"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
@@ -89,6 +90,7 @@ func main() {
 }
 
 const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-dir D]] COMMAND
+       tokenctl --version
 
 commands:
   token CREDENTIAL [--scope S]... [--min-ttl D] [--json]   print an access token
@@ -121,8 +123,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	dev := fs.Bool("dev", false, "use the dev PKI written by `tokenbroker --dev`")
 	dir := fs.String("dev-dir", devDir, "dev `directory` (with --dev)")
 	timeout := fs.Duration("timeout", 30*time.Second, "deadline for the call")
+	showVersion := fs.Bool("version", false, "print the version and commit, then exit")
 	if err := fs.Parse(args); err != nil {
 		return exitUsage
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, buildinfo.String("tokenctl"))
+		return exitOK
 	}
 	if *addr == "" {
 		*addr = devAddr

@@ -328,3 +328,11 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("tokenctl with an empty dev dir = %d, %q; want 1 and a certificate error", code, errb.String())
 	}
 }
+
+func TestVersion(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--version"}, &out, &errb); code != exitOK || !strings.HasPrefix(out.String(), "tokenctl ") ||
+		!strings.Contains(out.String(), "(commit ") {
+		t.Errorf("tokenctl --version = %d, %q, %q; want 0 and \"tokenctl VERSION (commit …)\"", code, out.String(), errb.String())
+	}
+}
