@@ -3,7 +3,10 @@ package server
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -138,6 +141,12 @@ func BenchmarkBareFloor(b *testing.B) {
 	if n := p.h.as.TokenRequests() - fetches; n != 0 {
 		b.Errorf("%d token requests while measuring hits, want 0", n)
 	}
+	if dir := os.Getenv("TOKENBROKER_PERF_PROFILE"); dir != "" { // for go tool pprof
+		profile(b, p.broker.addrs.Admin, filepath.Join(dir, "broker-GetToken.pprof"), brokerLoad.getToken)
+		profile(b, p.broker.addrs.Admin, filepath.Join(dir, "broker-Health.pprof"), brokerLoad.check)
+		profile(b, p.bare.addrs.Control, filepath.Join(dir, "bare-GetToken.pprof"), bareLoad.getToken)
+		profile(b, p.bare.addrs.Control, filepath.Join(dir, "bare-Health.pprof"), bareLoad.check)
+	}
 	rps := func(i int) float64 { return medianOf(samples[i], func(s sample) float64 { return s.rps }) }
 	cpu := func(i int) float64 { return medianOf(samples[i], func(s sample) float64 { return s.cpu }) }
 	var table strings.Builder
@@ -158,4 +167,42 @@ func BenchmarkBareFloor(b *testing.B) {
 	b.ReportMetric(cpu(2)/cpu(3), "Health-cpu-broker/bare")
 	b.ReportMetric(cpu(0), "broker-GetToken-cpu-ns/call")
 	b.ReportMetric(cpu(1), "bare-GetToken-cpu-ns/call")
+}
+
+// profile writes to path a 5-second CPU profile of the server whose pprof
+// handlers are at addr, saturated with call.
+func profile(b *testing.B, addr, path string, call func() error) {
+	b.Helper()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if err := runCalls(1000, 100, call); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	resp, err := http.Get("http://" + addr + "/debug/pprof/profile?seconds=5")
+	close(stop)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Body.Close()
+	prof, err := io.ReadAll(resp.Body)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(path, prof, 0o644); err != nil {
+		b.Fatal(err)
+	}
 }

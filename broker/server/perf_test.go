@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -138,6 +139,7 @@ func perfChild(mode, cfgPath string) error {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 		}
 	})
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile) // the bare floor's too
 	go func() { _ = http.Serve(ctl, mux) }()
 	addrs.Control = ctl.Addr().String()
 
