@@ -170,6 +170,12 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Past this point s.cfg serves the keys that only a restart applies; the
+	// credentials in force are cfgNow's. Without them, the first reload does
+	// not keep a second copy of every credential alive.
+	boot := *s.cfg
+	boot.Credentials = nil
+	s.cfg = &boot
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now, opts.TracerProvider); err != nil {
 		return nil, err
 	}
@@ -412,7 +418,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	s.log.Info("serving", zap.Stringer("grpc_addr", s.GRPCAddr()), zap.Stringer("admin_addr", s.AdminAddr()),
-		zap.Int("credentials", len(s.cfg.Credentials)), zap.String("store", s.store.Name()))
+		zap.Int("credentials", len(s.cfgNow.Load().Credentials)), zap.String("store", s.store.Name()))
 
 	var err error
 	select {
