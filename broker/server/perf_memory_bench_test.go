@@ -111,6 +111,17 @@ func BenchmarkCredentialMemory(b *testing.B) {
 		scrapes = append(scrapes, time.Since(t0))
 		size, series = len(body), countSeries(body)
 	}
+	if dir := os.Getenv("TOKENBROKER_PERF_PROFILE"); dir != "" {
+		var once sync.Once
+		profile(b, p.addrs.Admin, filepath.Join(dir, "scrape.pprof"), func() error {
+			once.Do(func() {
+				for t0 := time.Now(); time.Since(t0) < 4*time.Second; {
+					scrape(b, p.addrs.Admin)
+				}
+			})
+			return nil
+		})
+	}
 	scrapeTime := medianOf(scrapes, func(d time.Duration) float64 { return float64(d) })
 
 	before := p.control(b, http.MethodGet, "/heap")
