@@ -165,17 +165,27 @@ type Broker struct {
 
 type credential struct {
 	Credential
-	scopeSet   map[string]bool
 	upstreamID string
 	defaultKey string
-	ruleScopes map[int]scopeSet   // per restricted policy rule: its default scopes and their key
-	hits       prometheus.Counter // tokenbroker_token_source_total{source="memory"}, resolved once
+	ruleScopes map[int]scopeSet // per restricted policy rule: its default scopes and their key
+	hits       atomic.Value     // prometheus.Counter: tokenbroker_token_source_total{source="memory"}, made at the first hit
 	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
 	hint      atomic.Pointer[slot]
 	log       *zap.Logger
 	capLogged atomic.Bool // the default min_ttl cap was logged
+}
+
+// hit counts a token served from memory. The series is made at the
+// credential's first hit, so that an idle credential has none.
+func (c *credential) hit(m *metrics) {
+	h, _ := c.hits.Load().(prometheus.Counter)
+	if h == nil {
+		h = m.source.WithLabelValues(c.Name, SourceMemory)
+		c.hits.Store(h)
+	}
+	h.Inc()
 }
 
 // New returns a Broker for opts.
@@ -252,13 +262,10 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		if _, dup := m[c.Name]; dup {
 			return fmt.Errorf("broker: credential %q is defined twice", c.Name)
 		}
-		cr := &credential{Credential: c, scopeSet: map[string]bool{}}
+		cr := &credential{Credential: c}
 		cr.Scopes = slices.Clone(c.Scopes)
 		slices.Sort(cr.Scopes)
 		cr.Scopes = slices.Compact(cr.Scopes)
-		for _, s := range cr.Scopes {
-			cr.scopeSet[s] = true
-		}
 		if cr.Timeout <= 0 {
 			cr.Timeout = DefaultTimeout
 		}
@@ -271,13 +278,14 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
-		cr.ruleScopes = map[int]scopeSet{}
 		for i, r := range c.Callers.Rules() {
 			if len(r.Scopes) > 0 {
+				if cr.ruleScopes == nil { // most credentials have none: no map
+					cr.ruleScopes = map[int]scopeSet{}
+				}
 				cr.ruleScopes[i] = cr.scopesFor(r.Scopes)
 			}
 		}
-		cr.hits = b.m.source.WithLabelValues(c.Name, SourceMemory)
 		cr.stats = b.stats(c.Name)
 		m[c.Name] = cr
 	}
@@ -420,7 +428,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 			}
 			s.touch(now, demand)
 			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
-				p.c.hits.Inc()
+				p.c.hit(b.m)
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
@@ -499,7 +507,7 @@ func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []strin
 		}
 		// One answer whether the scope exists or is only not granted, so
 		// that a caller cannot enumerate the credential's scopes.
-		if !c.scopeSet[s] || g.Scopes != nil && !slices.Contains(g.Scopes, s) {
+		if _, in := slices.BinarySearch(c.Scopes, s); !in || g.Scopes != nil && !slices.Contains(g.Scopes, s) {
 			return nil, "", fmt.Errorf("%w: caller %s may not use scope %q of credential %q", ErrPermissionDenied, caller, s, c.Name)
 		}
 	}

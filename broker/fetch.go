@@ -212,7 +212,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	ctx, span := b.span(ctx, "tokenbroker.token_endpoint", c)
 	defer span.End()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
-	b.m.upstreamDur.WithLabelValues(c.Name).Observe(time.Since(began).Seconds())
+	b.m.upstreamDur.WithLabelValues(endpointOf(c.TokenURL)).Observe(time.Since(began).Seconds())
 	if err != nil {
 		berr := b.upstreamFailed(c, err)
 		var ue *upstream.Error

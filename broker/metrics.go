@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"net/url"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -14,7 +15,7 @@ import (
 type metrics struct {
 	source      *prometheus.CounterVec   // credential, source
 	upstream    *prometheus.CounterVec   // credential, outcome
-	upstreamDur *prometheus.HistogramVec // credential
+	upstreamDur *prometheus.HistogramVec // endpoint: the token endpoint's host, not the credential (a histogram is 13 series)
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
 	audit       *prometheus.CounterVec        // event
@@ -42,9 +43,9 @@ func newMetrics() *metrics {
 		}, []string{"credential", "outcome"}),
 		upstreamDur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "tokenbroker_upstream_duration_seconds",
-			Help:    "Duration of requests to token endpoints.",
+			Help:    "Duration of requests to token endpoints, by endpoint (host and port of token_url).",
 			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
-		}, []string{"credential"}),
+		}, []string{"endpoint"}),
 		storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenbroker_store_errors_total",
 			Help: "Failed store operations, by operation (the broker fails open).",
@@ -154,4 +155,15 @@ func (m *metrics) issuedByCredential() map[string]int64 {
 		}
 	}
 	return out
+}
+
+// endpointOf is the label tokenbroker_upstream_duration_seconds has for
+// tokenURL: its host and port. Credentials share a few token endpoints, so
+// the histogram costs per endpoint, not per credential.
+func endpointOf(tokenURL string) string {
+	u, err := url.Parse(tokenURL)
+	if err != nil || u.Host == "" {
+		return "unknown"
+	}
+	return u.Host
 }

@@ -6,11 +6,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
@@ -32,6 +35,8 @@ const ghz = "github.com/bojand/ghz/cmd/ghz@v0.121.0"
 // slices of that call). Every call is described to ghz by a proto file, so
 // that none pays for server reflection. Opt in, as it takes a minute and
 // builds ghz:
+//
+// TOKENBROKER_GHZ may instead name a ghz binary (where there is no Go).
 //
 //	TOKENBROKER_GHZ=1 go test -run '^$' -bench BenchmarkGhz -benchtime 1x -v ./broker/server/
 func BenchmarkGhz(b *testing.B) {
@@ -57,18 +62,41 @@ func BenchmarkGhz(b *testing.B) {
 	}
 	floor.resp = &pb.GetTokenResponse{Token: warm}
 
-	bin := b.TempDir()
-	install := exec.Command("go", "install", ghz)
-	install.Env = append(os.Environ(), "GOBIN="+bin)
-	if out, err := install.CombinedOutput(); err != nil {
-		b.Fatalf("building ghz: %v\n%s", err, out)
+	ghzBin := os.Getenv("TOKENBROKER_GHZ")
+	if _, err := os.Stat(ghzBin); err != nil { // not a path to a ghz binary: build it
+		bin := b.TempDir()
+		install := exec.Command("go", "install", ghz)
+		install.Env = append(os.Environ(), "GOBIN="+bin)
+		if out, err := install.CombinedOutput(); err != nil {
+			b.Fatalf("building ghz: %v\n%s", err, out)
+		}
+		ghzBin = filepath.Join(bin, "ghz")
 	}
-	ghzBin := filepath.Join(bin, "ghz")
 
-	calls := []struct{ name, method, data, proto string }{
-		{"GetToken", "tokenbroker.v1.TokenBroker/GetToken", `{"credential":"identity"}`, "tokenbroker/v1/tokenbroker.proto"},
-		{"Floor", "tokenbroker.v1.Floor/GetToken", `{"credential":"identity"}`, "floor.proto"},
-		{"Health/Check", "grpc.health.v1.Health/Check", `{}`, "health.proto"},
+	// The bare floor (see BenchmarkBareFloor): grpc-go with the same TLS and
+	// the same response, in a process of its own with GOMAXPROCS=1.
+	js, err := protojson.Marshal(floor.resp)
+	if err != nil {
+		b.Fatal(err)
+	}
+	bareCfg, err := json.Marshal(perfBare{CertFile: h.cfg.TLS.CertFile, KeyFile: h.cfg.TLS.KeyFile, CAFile: h.cfg.TLS.ClientCAFile, Response: string(js)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	h.write("perf-bare.json", string(bareCfg))
+	bare := startPerfChild(b, "bare", h.path("perf-bare.json"))
+	self := func() time.Duration { return cpuTime(b) }
+	bareCPU := func() time.Duration { return bare.cpu(b) }
+	calls := []struct {
+		name, method, data, proto string
+		addr                      string
+		cpu                       func() time.Duration
+	}{
+		{"GetToken", "tokenbroker.v1.TokenBroker/GetToken", `{"credential":"identity"}`, "tokenbroker/v1/tokenbroker.proto", h.srv.GRPCAddr().String(), self},
+		{"Floor", "tokenbroker.v1.Floor/GetToken", `{"credential":"identity"}`, "floor.proto", h.srv.GRPCAddr().String(), self},
+		{"Health/Check", "grpc.health.v1.Health/Check", `{}`, "health.proto", h.srv.GRPCAddr().String(), self},
+		{"Bare GetToken", "tokenbroker.v1.TokenBroker/GetToken", `{"credential":"identity"}`, "tokenbroker/v1/tokenbroker.proto", bare.addrs.GRPC, bareCPU},
+		{"Bare Health/Check", "grpc.health.v1.Health/Check", `{}`, "health.proto", bare.addrs.GRPC, bareCPU},
 	}
 	const runs, nSlices, perSlice, c = 3, 6, 5000, 50
 	results := map[string][]ghzResult{}
@@ -85,10 +113,10 @@ func BenchmarkGhz(b *testing.B) {
 				args := []string{"--cacert", h.path("ca.pem"), "--cert", certFile, "--key", keyFile,
 					"--proto", call.proto, "--import-paths", "../../proto,testdata",
 					"--call", call.method, "-d", call.data, "-n", strconv.Itoa(perSlice), "-c", strconv.Itoa(c), "--format", "json",
-					h.srv.GRPCAddr().String()}
-				cpu0 := cpuTime(b)
+					call.addr}
+				cpu0 := call.cpu()
 				out, err := exec.Command(ghzBin, args...).Output()
-				cpu := cpuTime(b) - cpu0
+				cpu := call.cpu() - cpu0
 				if err != nil {
 					b.Fatalf("ghz %s: %v\n%s", call.name, err, out)
 				}
@@ -132,6 +160,9 @@ func BenchmarkGhz(b *testing.B) {
 	fmt.Fprintf(&table, "\nGetToken/Health throughput %.2f×, p99 %.2f×; GetToken/Floor throughput %.2f×, CPU per call %.2f×\n",
 		ratio("GetToken", "Health/Check", rps), ratio("GetToken", "Health/Check", p99),
 		ratio("GetToken", "Floor", rps), ratio("GetToken", "Floor", cpu))
+	fmt.Fprintf(&table, "broker/bare (the bare server on one CPU, the broker here on GOMAXPROCS=%d): GetToken throughput %.2f×, CPU per call %.2f×; Health throughput %.2f×, CPU per call %.2f×\n",
+		runtime.GOMAXPROCS(0), ratio("GetToken", "Bare GetToken", rps), ratio("GetToken", "Bare GetToken", cpu),
+		ratio("Health/Check", "Bare Health/Check", rps), ratio("Health/Check", "Bare Health/Check", cpu))
 	b.Log(table.String())
 	b.ReportMetric(ratio("GetToken", "Health/Check", rps), "GetToken/Health-rps")
 	b.ReportMetric(ratio("GetToken", "Floor", cpu), "GetToken/Floor-cpu")

@@ -19,12 +19,10 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/url"
-	"strings"
-	"sync"
+	"runtime"
 	"sync/atomic"
 	"time"
 
-	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -34,12 +32,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
-	"google.golang.org/grpc/status"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/audit"
@@ -67,6 +63,9 @@ const HandshakeTimeout = 10 * time.Second
 // above rate_limit.watch_streams' default, so that a caller over that limit
 // is told so rather than left queueing.
 const MaxStreamsPerConnection = 2000
+
+// streamWorkers is how many goroutines serve calls (grpc.NumStreamWorkers).
+func streamWorkers() uint32 { return uint32(max(128, 2*runtime.GOMAXPROCS(0))) }
 
 // maxMessageSize caps request messages: requests are small, and a cap keeps a
 // misbehaving caller from making the server allocate.
@@ -130,49 +129,7 @@ type Server struct {
 	serving         atomic.Bool
 
 	registry *prometheus.Registry
-	requests *prometheus.CounterVec // method, code
-	counters sync.Map               // full method name → *methodCounters
-}
-
-// countUnary counts unary calls by method and status code.
-func (s *Server) countUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	resp, err := h(ctx, req)
-	s.count(info.FullMethod, err)
-	return resp, err
-}
-
-// methodCounters are one method's tokenbroker_requests_total series, by
-// code, each made at its first use.
-type methodCounters struct {
-	name  string
-	codes [codes.Unauthenticated + 1]atomic.Value // prometheus.Counter
-}
-
-// count adds a call of method ending with err to tokenbroker_requests_total.
-// Series are looked up once, not hashed from their labels on every call.
-func (s *Server) count(method string, err error) {
-	v, ok := s.counters.Load(method)
-	if !ok {
-		v, _ = s.counters.LoadOrStore(method, &methodCounters{name: strings.TrimPrefix(method, "/")})
-	}
-	mc, code := v.(*methodCounters), status.Code(err)
-	if code > codes.Unauthenticated { // not a code gRPC defines
-		s.requests.WithLabelValues(mc.name, code.String()).Inc()
-		return
-	}
-	c, _ := mc.codes[code].Load().(prometheus.Counter)
-	if c == nil {
-		c = s.requests.WithLabelValues(mc.name, code.String())
-		mc.codes[code].Store(c)
-	}
-	c.Inc()
-}
-
-// countStream counts streams by method and the status they ended with.
-func (s *Server) countStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	err := h(srv, ss)
-	s.count(info.FullMethod, err)
-	return err
+	rpcs     *rpcMetrics
 }
 
 // New builds a Server from opts. It reads the TLS material and checks every
@@ -219,6 +176,12 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Past this point s.cfg serves the keys that only a restart applies; the
+	// credentials in force are cfgNow's. Without them, the first reload does
+	// not keep a second copy of every credential alive.
+	boot := *s.cfg
+	boot.Credentials = nil
+	s.cfg = &boot
 	if s.store, err = newStore(s.cfg.Store, s.log, s.now, opts.TracerProvider); err != nil {
 		return nil, err
 	}
@@ -242,14 +205,10 @@ func New(opts Options) (*Server, error) {
 	s.front = newFrontDoor(s.cfg.Limits, s.broker)
 	s.registry = prometheus.NewRegistry()
 	s.registry.MustRegister(s.front.collectors()...)
-	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "tokenbroker_requests_total",
-		Help: "gRPC calls, by method and status code.",
-	}, []string{"method", "code"})
-	// grpc_server_* metrics (started, handled, messages, handling time) from
-	// go-grpc-middleware's provider, for latency SLOs per method.
-	grpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram(
-		grpcprom.WithHistogramBuckets([]float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10})))
+	// tokenbroker_requests_total and the grpc_server_* metrics (started,
+	// handled, messages, handling time), for latency SLOs per method.
+	s.rpcs = newRPCMetrics()
+	s.registry.MustRegister(s.rpcs.collectors()...)
 	storeUp := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name:        "tokenbroker_store_up",
 		Help:        "1 while the token store answers, 0 while the broker serves without it (fail-open).",
@@ -269,7 +228,7 @@ func New(opts Options) (*Server, error) {
 		Help: "Caller connections open past their TLS handshake.",
 	}, func() float64 { return float64(s.conns.Len()) })
 	s.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		s.requests, s.broker, grpcMetrics, storeUp, certExpiry, materialCollector{s}, s.connsShut, openConns)
+		s.broker, storeUp, certExpiry, materialCollector{s}, s.connsShut, openConns)
 	if r, ok := s.store.(*store.Redis); ok {
 		s.registry.MustRegister(storeCollector{r})
 	}
@@ -285,8 +244,13 @@ func New(opts Options) (*Server, error) {
 		grpc.Creds(s.front.credentials(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()), s.conns))),
 		grpc.ConnectionTimeout(handshake),
 		grpc.MaxConcurrentStreams(streams),
-		grpc.ChainUnaryInterceptor(grpcMetrics.UnaryServerInterceptor(), s.countUnary),
-		grpc.ChainStreamInterceptor(grpcMetrics.StreamServerInterceptor(), s.countStream),
+		// Calls run on goroutines that live on, whose stacks have grown to
+		// what the interceptors need, instead of a new goroutine's stack
+		// growing (and being copied) on every call; a call finding every
+		// worker busy gets a goroutine of its own, as without the option.
+		grpc.NumStreamWorkers(streamWorkers()),
+		grpc.ChainUnaryInterceptor(s.rpcs.unary),
+		grpc.ChainStreamInterceptor(s.rpcs.stream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// A connection re-proves its certificate at least this often (grpc-go
@@ -309,7 +273,7 @@ func New(opts Options) (*Server, error) {
 	if s.cfg.Reflection {
 		reflection.Register(s.grpc)
 	}
-	grpcMetrics.InitializeMetrics(s.grpc) // every method shows at zero from the start
+	s.rpcs.initialize(s.grpc) // every method shows at zero from the start
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -470,7 +434,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	s.log.Info("serving", zap.Stringer("grpc_addr", s.GRPCAddr()), zap.Stringer("admin_addr", s.AdminAddr()),
-		zap.Int("credentials", len(s.cfg.Credentials)), zap.String("store", s.store.Name()))
+		zap.Int("credentials", len(s.cfgNow.Load().Credentials)), zap.String("store", s.store.Name()))
 
 	var err error
 	select {
