@@ -20,7 +20,11 @@ import (
 
 // Defaults of a Source.
 const (
-	// DefaultMinTTL is the lifetime a token must have left to be handed out.
+	// DefaultMinTTL is the most lifetime a token must have left to be handed
+	// out when WithMinTTL is not used: half of what the token had left when it
+	// arrived, if that is less, so that short-lived tokens (30s, 60s) are
+	// cached too. The broker then applies its own default min_ttl, which it
+	// caps to what the bank's lifetime can give.
 	DefaultMinTTL = 30 * time.Second
 	// DefaultTimeout bounds each call to the broker.
 	DefaultTimeout = 10 * time.Second
@@ -44,10 +48,11 @@ func WithScopes(scopes ...string) Option {
 }
 
 // WithMinTTL sets the lifetime a token must have left when Token returns it
-// (default DefaultMinTTL). It is sent to the broker too, which never answers
-// with less.
+// (default: see DefaultMinTTL). It is sent to the broker too, which never
+// answers with less, and refuses (FAILED_PRECONDITION) one the bank's token
+// lifetime cannot give.
 func WithMinTTL(d time.Duration) Option {
-	return func(s *Source) { s.minTTL = d }
+	return func(s *Source) { s.minTTL, s.minTTLSet = d, true }
 }
 
 // WithTimeout bounds each call to the broker (default DefaultTimeout).
@@ -79,6 +84,8 @@ type Source struct {
 	credential string
 	scopes     []string
 	minTTL     time.Duration
+	minTTLSet  bool      // WithMinTTL was used: minTTL is sent to the broker
+	received   time.Time // when tok arrived
 	timeout    time.Duration
 	watch      bool
 	now        func() time.Time
@@ -134,7 +141,7 @@ func (s *Source) Token() (*oauth2.Token, error) {
 // by ctx: callers that join it share it.
 func (s *Source) TokenContext(ctx context.Context) (*oauth2.Token, error) {
 	s.mu.Lock()
-	if t := s.tok; t != nil && t.GetExpireTime().AsTime().Sub(s.now()) > s.minTTL {
+	if t := s.tok; t != nil && t.GetExpireTime().AsTime().Sub(s.now()) > s.threshold(t) {
 		s.mu.Unlock()
 		return s.oauthToken(t), nil
 	}
@@ -161,6 +168,23 @@ func (s *Source) TokenContext(ctx context.Context) (*oauth2.Token, error) {
 	return nil, f.err
 }
 
+// threshold is the lifetime t must have left to be handed out; s.mu held.
+func (s *Source) threshold(t *pb.Token) time.Duration {
+	if s.minTTLSet {
+		return s.minTTL
+	}
+	return min(s.minTTL, t.GetExpireTime().AsTime().Sub(s.received)/2)
+}
+
+// minTTLReq is the min_ttl sent to the broker: none (the broker's default)
+// unless WithMinTTL was used.
+func (s *Source) minTTLReq() *durationpb.Duration {
+	if !s.minTTLSet {
+		return nil
+	}
+	return durationpb.New(s.minTTL)
+}
+
 // fetch makes the shared GetToken call of f, in the trace of sc when valid.
 func (s *Source) fetch(f *flight, sc trace.SpanContext) {
 	ctx := s.ctx
@@ -170,7 +194,7 @@ func (s *Source) fetch(f *flight, sc trace.SpanContext) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	resp, err := s.c.GetToken(ctx, &pb.GetTokenRequest{Credential: s.credential, Scopes: s.scopes,
-		MinTtl: durationpb.New(s.minTTL)})
+		MinTtl: s.minTTLReq()})
 	if err == nil && resp.GetToken().GetAccessToken() == "" {
 		err = errors.New("client: the broker answered without a token")
 	}
@@ -191,7 +215,7 @@ func (s *Source) fetch(f *flight, sc trace.SpanContext) {
 // keepLocked makes t the cached token unless the cached one expires later.
 func (s *Source) keepLocked(t *pb.Token) {
 	if s.tok == nil || !t.GetExpireTime().AsTime().Before(s.tok.GetExpireTime().AsTime()) {
-		s.tok = t
+		s.tok, s.received = t, s.now()
 		s.notifyLocked()
 	}
 }
@@ -233,12 +257,12 @@ func (s *Source) watchLoop() {
 	backoff := watchBackoffMin
 	for s.ctx.Err() == nil {
 		stream, err := s.c.WatchToken(s.ctx, &pb.WatchTokenRequest{Credential: s.credential, Scopes: s.scopes,
-			MinTtl: durationpb.New(s.minTTL)})
+			MinTtl: s.minTTLReq()})
 		for err == nil {
 			var resp *pb.WatchTokenResponse
 			if resp, err = stream.Recv(); err == nil && resp.GetToken().GetAccessToken() != "" {
 				s.mu.Lock()
-				s.tok = resp.GetToken() // the broker's current token, even if it expires sooner
+				s.tok, s.received = resp.GetToken(), s.now() // the broker's current token, even if it expires sooner
 				s.notifyLocked()
 				s.mu.Unlock()
 				backoff = watchBackoffMin

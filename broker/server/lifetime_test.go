@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/tokenbroker/tokenbroker/broker/client"
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
@@ -269,5 +270,30 @@ func TestBackAsSoonAsTheBank(t *testing.T) {
 		if d <= 0 || d > 5*time.Second+time.Second {
 			t.Errorf("replica %d's callers had a token %v after the bank's return, want within 5s", i, d)
 		}
+	}
+}
+
+// TestGoClientWithShortTokens: the Go library without WithMinTTL leaves
+// min_ttl to the broker, whose default fits 30s tokens, and caches them.
+func TestGoClientWithShortTokens(t *testing.T) {
+	h := newHarness(t, nil)
+	h.as.SetExpiresIn(30 * time.Second)
+	ts := client.TokenSource(h.conn(nil, payments), "identity")
+	first, err := ts.Token()
+	if err != nil {
+		t.Fatalf("Token with 30s tokens: %v", err)
+	}
+	for range 20 {
+		tok, err := ts.Token()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok.AccessToken != first.AccessToken {
+			t.Fatal("a fresh 30s token was not cached by the client")
+		}
+	}
+	// An explicit min_ttl the lifetime cannot give is still refused.
+	if _, err := client.TokenSource(h.conn(nil, payments), "identity", client.WithMinTTL(time.Minute)).Token(); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("WithMinTTL(1m) against 30s tokens: %v, want FAILED_PRECONDITION", err)
 	}
 }

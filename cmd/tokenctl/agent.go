@@ -31,7 +31,7 @@ func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr 
 	fs.SetOutput(io.Discard)
 	var scopes listFlag
 	fs.Var(&scopes, "scope", "scope to request (repeatable; default: the credential's)")
-	minTTL := fs.Duration("min-ttl", client.DefaultMinTTL, "the token in the file and the proxy always has this much left")
+	minTTL := fs.Duration("min-ttl", 0, "the token in the file and the proxy always has this much left (default: the broker's, which fits the bank's token lifetime)")
 	write := fs.String("write", "", "keep this `file` holding the current access token (no newline)")
 	mode := fs.String("mode", "0640", "the token file's `mode` (octal)")
 	listen := fs.String("listen", "", "serve the proxy on this loopback `address`")
@@ -73,7 +73,10 @@ func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr 
 	cfg.Logger = log
 
 	changed := make(chan struct{}, 1)
-	opts := []client.Option{client.WithWatch(), client.WithMinTTL(*minTTL), client.WithNotify(changed)}
+	opts := []client.Option{client.WithWatch(), client.WithNotify(changed)}
+	if *minTTL > 0 {
+		opts = append(opts, client.WithMinTTL(*minTTL))
+	}
 	if len(scopes) > 0 {
 		opts = append(opts, client.WithScopes(scopes...))
 	}
