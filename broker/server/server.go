@@ -184,11 +184,7 @@ func New(opts Options) (*Server, error) {
 		minVersion = tls.VersionTLS12
 	}
 	var err error
-	files := tlsreload.Files{CertFile: s.cfg.TLS.CertFile, KeyFile: s.cfg.TLS.KeyFile, ClientCAFile: s.cfg.TLS.ClientCAFile}
-	for _, b := range s.cfg.TLS.ClientTrustBundles {
-		files.TrustBundles = append(files.TrustBundles, tlsreload.TrustBundle{TrustDomain: b.TrustDomain, CAFile: b.CAFile})
-	}
-	if s.tls, err = tlsreload.New(files, minVersion); err != nil {
+	if s.tls, err = newTLS(s.cfg, minVersion, s.log); err != nil {
 		return nil, err
 	}
 	s.connsShut = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -273,7 +269,7 @@ func New(opts Options) (*Server, error) {
 		// A connection re-proves its certificate at least this often (grpc-go
 		// adds ±10% jitter so that a fleet does not reconnect at once).
 		grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionAge:      cmp.Or(s.cfg.TLS.MaxConnectionAge.D(), config.DefaultMaxConnectionAge),
+			MaxConnectionAge:      s.maxConnectionAge(),
 			MaxConnectionAgeGrace: cmp.Or(s.cfg.TLS.MaxConnectionAgeGrace.D(), config.DefaultMaxConnectionAgeGrace)}),
 	)...)
 	s.svc = grpcapi.NewService(s.broker, s.log, s.tp != nil)
@@ -431,6 +427,8 @@ func (s *Server) Serve(ctx context.Context) error {
 				return
 			case <-t.C:
 				_, _ = s.ReloadTLS()
+			case <-s.tls.Updated(): // from the SPIFFE Workload API
+				_, _ = s.ReloadTLS()
 			}
 		}
 	}()
@@ -488,6 +486,7 @@ func (s *Server) shutdown() {
 	if err := s.store.Close(); err != nil {
 		s.log.Warn("store close failed", zap.Error(err))
 	}
+	_ = s.tls.Close()
 	s.log.Info("stopped")
 }
 
@@ -515,8 +514,11 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	}
 	// Credential health is shown too, and does not fail readiness either: a
 	// refused registration or a failing token endpoint is the same for all replicas.
-	writeJSON(w, code, map[string]any{"status": st, "checks": checks, "store": storeInfo,
-		"credentials": s.broker.Health()})
+	body := map[string]any{"status": st, "checks": checks, "store": storeInfo, "credentials": s.broker.Health()}
+	if wl := s.tls.WorkloadState(); wl != nil { // shown; the SVID's expiry above is what fails readiness
+		body["spiffe"] = wl
+	}
+	writeJSON(w, code, body)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
