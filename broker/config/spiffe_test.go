@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -78,5 +79,38 @@ func TestParseSPIFFEInvalid(t *testing.T) {
 				t.Errorf("Parse error = %v, want it to contain %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestSPIFFEConfigsInReadmeAndDeploy: README's broker configuration in
+// "SPIFFE and SPIRE" and the kustomize component's config.yaml (with the
+// variable the component sets) are valid.
+func TestSPIFFEConfigsInReadmeAndDeploy(t *testing.T) {
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(b), "## SPIFFE and SPIRE")
+	if !ok {
+		t.Fatal(`README has no "SPIFFE and SPIRE" section`)
+	}
+	_, block, ok := strings.Cut(section, "```yaml\n")
+	if !ok {
+		t.Fatal(`README's "SPIFFE and SPIRE" has no yaml block`)
+	}
+	block, _, _ = strings.Cut(block, "```")
+	if c, err := Parse([]byte(block)); err != nil {
+		t.Errorf("README's SPIFFE configuration: %v", err)
+	} else if c.TLS.SPIFFE == nil || c.TLS.SPIFFE.ID == "" {
+		t.Errorf("README's SPIFFE configuration has no tls.spiffe.id: %+v", c.TLS.SPIFFE)
+	}
+
+	t.Setenv("SPIFFE_ENDPOINT_SOCKET", "unix:///run/spire/agent-sockets/spire-agent.sock")
+	c, err := Load("../../deploy/kubernetes/components/spiffe/config.yaml")
+	if err != nil {
+		t.Fatalf("components/spiffe/config.yaml: %v", err)
+	}
+	if c.TLS.SPIFFE == nil {
+		t.Error("components/spiffe/config.yaml has no tls.spiffe")
 	}
 }
