@@ -170,7 +170,7 @@ func (s *Server) countStream(srv any, ss grpc.ServerStream, info *grpc.StreamSer
 
 // New builds a Server from opts. It reads the TLS material and checks every
 // credential, but opens no listener.
-func New(opts Options) (*Server, error) {
+func New(opts Options) (_ *Server, err error) {
 	s := &Server{cfg: opts.Config, log: opts.Logger, now: opts.Now}
 	s.cfgNow.Store(opts.Config)
 	if s.log == nil {
@@ -183,10 +183,14 @@ func New(opts Options) (*Server, error) {
 	if s.cfg.TLS.MinVersion == "1.2" {
 		minVersion = tls.VersionTLS12
 	}
-	var err error
 	if s.tls, err = newTLS(s.cfg, minVersion, s.log); err != nil {
 		return nil, err
 	}
+	defer func() {
+		if err != nil {
+			_ = s.tls.Close() // a Workload API watch
+		}
+	}()
 	s.connsShut = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_connections_closed_total",
 		Help: "Caller connections the broker closed because what admitted them no longer holds, by reason.",

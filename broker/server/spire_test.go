@@ -162,12 +162,12 @@ func TestSPIRETokenOverSVIDs(t *testing.T) {
 	}
 }
 
-// TestSPIRESVIDRotation: SVIDs of 20s rotate on both sides (SPIRE renews at
+// TestSPIRESVIDRotation: SVIDs of 30s rotate on both sides (SPIRE renews at
 // half-life) while two callers keep calling; no call fails, and calls keep
 // succeeding after both first SVIDs have expired, so both sides use the
 // renewed ones.
 func TestSPIRESVIDRotation(t *testing.T) {
-	const ttl = 20 * time.Second
+	const ttl = 30 * time.Second
 	sp := startSPIRE(t, ttl)
 	h := newSPIFFEHarness(t, sp)
 	if got := h.srv.maxConnectionAge(); got != ttl/4 {
