@@ -276,7 +276,11 @@ func (s *Server) ID(path string) string { return "spiffe://" + s.TrustDomain + p
 func (s *Server) JoinToken() (token, agentID string) {
 	s.t.Helper()
 	out := s.Run("token generate", "-ttl", "600")
-	token = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(out), "Token:"))
+	for _, line := range strings.Split(out, "\n") { // "Token: …", then a warning
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "Token:"); ok {
+			token = strings.TrimSpace(v)
+		}
+	}
 	if token == "" || strings.ContainsAny(token, " \n") {
 		s.t.Fatalf("token generate: unexpected output %q", out)
 	}
@@ -357,6 +361,9 @@ func (s *Server) StartAgent(token string) *Agent {
 	s.t.Helper()
 	dir := shortDir(s.t, "spire-a")
 	a := &Agent{t: s.t, Dir: dir, Socket: filepath.Join(dir, "workload.sock")}
+	if err := os.Mkdir(filepath.Join(dir, "keys"), 0o700); err != nil {
+		s.t.Fatal(err)
+	}
 	bundle := filepath.Join(dir, "bootstrap.pem")
 	if err := os.WriteFile(bundle, s.BundlePEM(), 0o600); err != nil {
 		s.t.Fatal(err)
