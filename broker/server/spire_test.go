@@ -133,6 +133,7 @@ func readyz(t *testing.T, h *harness) (int, struct {
 // agent, a caller dials with its own and gets a token; a caller expecting
 // another broker ID refuses the broker.
 func TestSPIRETokenOverSVIDs(t *testing.T) {
+	t.Parallel() // each has its own SPIRE; most of their time is waiting on it
 	sp := startSPIRE(t, 0)
 	h := newSPIFFEHarness(t, sp)
 
@@ -167,6 +168,7 @@ func TestSPIRETokenOverSVIDs(t *testing.T) {
 // succeeding after both first SVIDs have expired, so both sides use the
 // renewed ones.
 func TestSPIRESVIDRotation(t *testing.T) {
+	t.Parallel() // each has its own SPIRE; most of their time is waiting on it
 	const ttl = 30 * time.Second
 	sp := startSPIRE(t, ttl)
 	h := newSPIFFEHarness(t, sp)
@@ -267,6 +269,7 @@ func later(a, b time.Time) time.Time {
 // and a caller of a domain the broker does not federate with, are refused
 // at the handshake.
 func TestSPIREFederatedCaller(t *testing.T) {
+	t.Parallel() // each has its own SPIRE; most of their time is waiting on it
 	partner := spiretest.StartServer(t, partnerTD)
 	stranger := spiretest.StartServer(t, strangerTD)
 	sp := startSPIRE(t, 0, partner)
@@ -338,6 +341,7 @@ func TestSPIREFederatedCaller(t *testing.T) {
 // Workload API is unreachable while staying ready; once the agent is back,
 // /readyz says ok again.
 func TestSPIREAgentDown(t *testing.T) {
+	t.Parallel() // each has its own SPIRE; most of their time is waiting on it
 	sp := startSPIRE(t, 0)
 	h := newSPIFFEHarness(t, sp)
 	if _, err := h.get(dialCaller(t, h, sp, spireBroker), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
