@@ -85,7 +85,17 @@ func DialSPIFFE(ctx context.Context, target string, cfg SPIFFE, opts ...grpc.Dia
 	if err != nil {
 		return nil, fmt.Errorf("client: SPIFFE Workload API %s: %w", addr, err)
 	}
-	if _, err := src.GetX509SVID(); err != nil {
+	// The first update may lack the SVID picked (an entry not yet synced
+	// to the agent): wait for one that has it.
+	_, err = src.GetX509SVID()
+	for err != nil && ctx.Err() == nil {
+		select {
+		case <-src.Updated():
+			_, err = src.GetX509SVID()
+		case <-ctx.Done():
+		}
+	}
+	if err != nil {
 		_ = src.Close()
 		return nil, fmt.Errorf("client: SPIFFE Workload API %s gives this workload no SVID%s: %w", addr, forID(cfg.ID), err)
 	}

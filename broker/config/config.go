@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"gopkg.in/yaml.v3"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
@@ -138,7 +137,30 @@ func (s *SPIFFE) Address() string {
 	if s.WorkloadAPI != "" {
 		return s.WorkloadAPI
 	}
-	return os.Getenv(workloadapi.SocketEnv)
+	return os.Getenv(SPIFFESocketEnv)
+}
+
+// SPIFFESocketEnv is the standard variable holding the Workload API address.
+const SPIFFESocketEnv = "SPIFFE_ENDPOINT_SOCKET"
+
+// checkWorkloadAPIAddr checks a Workload API address as go-spiffe's
+// ValidateAddress does (its package is not imported here: it would bring
+// gRPC into every package that reads the configuration, the core included).
+func checkWorkloadAPIAddr(addr string) error {
+	u, err := url.Parse(addr)
+	switch {
+	case err != nil:
+		return fmt.Errorf("not a URI: %w", err)
+	case u.Scheme != "unix" && u.Scheme != "tcp":
+		return errors.New(`the scheme must be "unix" or "tcp"`)
+	case u.Opaque != "" || u.User != nil || u.RawQuery != "" || u.Fragment != "":
+		return errors.New("no user information, query or fragment, and not opaque (unix:///path)")
+	case u.Scheme == "unix" && u.Host == "" && u.Path == "":
+		return errors.New("a unix address needs a path")
+	case u.Scheme == "tcp" && (u.Path != "" || net.ParseIP(u.Hostname()) == nil || u.Port() == ""):
+		return errors.New("a tcp address is an IP address and a port, without a path")
+	}
+	return nil
 }
 
 // TrustBundle is the CA bundle of one SPIFFE trust domain.
@@ -826,12 +848,12 @@ func (t *TLS) validateSPIFFE() error {
 	}
 	addr := t.SPIFFE.Address()
 	if addr == "" {
-		return fieldErr("tls.spiffe.workload_api", "required unless %s is set (e.g. unix:///run/spire/agent-sockets/spire-agent.sock)", workloadapi.SocketEnv)
+		return fieldErr("tls.spiffe.workload_api", "required unless %s is set (e.g. unix:///run/spire/agent-sockets/spire-agent.sock)", SPIFFESocketEnv)
 	}
-	if err := workloadapi.ValidateAddress(addr); err != nil {
+	if err := checkWorkloadAPIAddr(addr); err != nil {
 		key := "tls.spiffe.workload_api"
 		if t.SPIFFE.WorkloadAPI == "" {
-			key += " (from " + workloadapi.SocketEnv + ")"
+			key += " (from " + SPIFFESocketEnv + ")"
 		}
 		return fieldErr(key, "%v; want unix:///path or tcp://ip:port, got %q", err, addr)
 	}

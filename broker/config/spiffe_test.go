@@ -65,10 +65,11 @@ func TestParseSPIFFEInvalid(t *testing.T) {
 		{"with bundles", strings.Replace(validSPIFFE, "tls:\n", "tls:\n  client_trust_bundles: [{trust_domain: a, ca_file: /a}]\n", 1), "",
 			"tls.client_trust_bundles: not allowed with tls.spiffe"},
 		{"no address", withAddr("{}"), "", "tls.spiffe.workload_api: required unless SPIFFE_ENDPOINT_SOCKET is set"},
-		{"bare path", withAddr("{workload_api: /run/agent.sock}"), "", `tls.spiffe.workload_api: workload endpoint socket URI must have a "tcp" or "unix" scheme`},
-		{"tcp by name", withAddr("{workload_api: 'tcp://spire:8081'}"), "", "tls.spiffe.workload_api: workload endpoint tcp socket URI host component must be an IP:port"},
+		{"bare path", withAddr("{workload_api: /run/agent.sock}"), "", `tls.spiffe.workload_api: the scheme must be "unix" or "tcp"`},
+		{"tcp by name", withAddr("{workload_api: 'tcp://spire:8081'}"), "", "tls.spiffe.workload_api: a tcp address is an IP address and a port"},
 		{"bad variable", withAddr("{}"), "/run/agent.sock", "tls.spiffe.workload_api (from SPIFFE_ENDPOINT_SOCKET):"},
 		{"bad id", withAddr("{workload_api: 'unix:///a', id: 'bank.internal/broker'}"), "", "tls.spiffe.id: want a SPIFFE ID"},
+		{"unix with query", withAddr("{workload_api: 'unix:///a.sock?x=1'}"), "", "tls.spiffe.workload_api: no user information, query or fragment"},
 		{"unknown key", withAddr("{socket: 'unix:///a'}"), "", "tls.spiffe.socket: unknown key"},
 	}
 	for _, tt := range tests {

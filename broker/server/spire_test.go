@@ -241,19 +241,24 @@ const certificateExpiredLog = `"reason":"client_certificate_expired"`
 // callerSVID is spireCaller's current SVID, read from the Workload API.
 func callerSVID(t *testing.T, sp *spire) *x509svid.SVID {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	svids, err := workloadapi.FetchX509SVIDs(ctx, workloadapi.WithAddr(sp.agent.Addr()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, s := range svids {
-		if s.ID.String() == spireCaller {
-			return s
+	deadline := time.Now().Add(30 * time.Second)
+	for { // its entry may reach the agent's cache after the broker's
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		svids, err := workloadapi.FetchX509SVIDs(ctx, workloadapi.WithAddr(sp.agent.Addr()))
+		cancel()
+		if err != nil {
+			t.Fatal(err)
 		}
+		for _, s := range svids {
+			if s.ID.String() == spireCaller {
+				return s
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the Workload API gives no SVID %s within 30s", spireCaller)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	t.Fatalf("the Workload API gives no SVID %s", spireCaller)
-	return nil
 }
 
 func later(a, b time.Time) time.Time {

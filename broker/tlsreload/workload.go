@@ -116,7 +116,16 @@ func NewWorkloadAPI(ctx context.Context, w WorkloadAPI, minVersion uint16) (*Rel
 	}
 	wl.src = src
 	r := &Reloader{minVersion: minVersion, wl: wl}
+	// The first update may lack the SVID picked (an entry not yet synced
+	// to the agent): wait for one that has it.
 	m, err := wl.material()
+	for err != nil && ctx.Err() == nil {
+		select {
+		case <-src.Updated():
+			m, err = wl.material()
+		case <-ctx.Done():
+		}
+	}
 	if err != nil {
 		_ = src.Close()
 		offeredMu.Lock()
