@@ -118,6 +118,53 @@ type TLS struct {
 	// MaxConnectionAgeGrace is how long calls may still run on a connection
 	// past its MaxConnectionAge. Default 30s.
 	MaxConnectionAgeGrace Duration `yaml:"max_connection_age_grace"`
+	// SPIFFE, when set, takes the serving certificate and the client trust
+	// bundles from the SPIFFE Workload API instead of the files above,
+	// which must then be absent. With it, MaxConnectionAge defaults to a
+	// quarter of the broker's SVID lifetime.
+	SPIFFE *SPIFFE `yaml:"spiffe"`
+}
+
+// SPIFFE takes the server's TLS material from the SPIFFE Workload API.
+type SPIFFE struct {
+	// WorkloadAPI is the Workload API's address (unix:///path or
+	// tcp://ip:port); empty means the SPIFFE_ENDPOINT_SOCKET variable.
+	WorkloadAPI string `yaml:"workload_api"`
+	// ID is the broker's own SPIFFE ID: which SVID to serve with when the
+	// Workload API gives this workload several. Empty means the first.
+	ID string `yaml:"id"`
+}
+
+// Address is the Workload API address in force: WorkloadAPI, or the
+// SPIFFE_ENDPOINT_SOCKET variable.
+func (s *SPIFFE) Address() string {
+	if s.WorkloadAPI != "" {
+		return s.WorkloadAPI
+	}
+	return os.Getenv(SPIFFESocketEnv)
+}
+
+// SPIFFESocketEnv is the standard variable holding the Workload API address.
+const SPIFFESocketEnv = "SPIFFE_ENDPOINT_SOCKET"
+
+// checkWorkloadAPIAddr checks a Workload API address as go-spiffe's
+// ValidateAddress does (its package is not imported here: it would bring
+// gRPC into every package that reads the configuration, the core included).
+func checkWorkloadAPIAddr(addr string) error {
+	u, err := url.Parse(addr)
+	switch {
+	case err != nil:
+		return fmt.Errorf("not a URI: %w", err)
+	case u.Scheme != "unix" && u.Scheme != "tcp":
+		return errors.New(`the scheme must be "unix" or "tcp"`)
+	case u.Opaque != "" || u.User != nil || u.RawQuery != "" || u.Fragment != "":
+		return errors.New("no user information, query or fragment, and not opaque (unix:///path)")
+	case u.Scheme == "unix" && u.Host == "" && u.Path == "":
+		return errors.New("a unix address needs a path")
+	case u.Scheme == "tcp" && (u.Path != "" || net.ParseIP(u.Hostname()) == nil || u.Port() == ""):
+		return errors.New("a tcp address is an IP address and a port, without a path")
+	}
+	return nil
 }
 
 // TrustBundle is the CA bundle of one SPIFFE trust domain.
@@ -526,7 +573,9 @@ func (c *Config) applyDefaults() {
 	if c.TLS.MinVersion == "" {
 		c.TLS.MinVersion = "1.3"
 	}
-	setDefault(&c.TLS.MaxConnectionAge, DefaultMaxConnectionAge)
+	if c.TLS.SPIFFE == nil { // with it, the server derives the default from its SVID
+		setDefault(&c.TLS.MaxConnectionAge, DefaultMaxConnectionAge)
+	}
 	setDefault(&c.TLS.MaxConnectionAgeGrace, DefaultMaxConnectionAgeGrace)
 	if c.Audit.Path == "" {
 		c.Audit.Path = "stdout"
@@ -795,6 +844,12 @@ func (cr *Credential) validate(p string) error {
 }
 
 func (t *TLS) validate() error {
+	if t.SPIFFE != nil {
+		if err := t.validateSPIFFE(); err != nil {
+			return err
+		}
+		return t.validateCommon()
+	}
 	for key, v := range map[string]string{"tls.cert_file": t.CertFile, "tls.key_file": t.KeyFile} {
 		if v == "" {
 			return fieldErr(key, "required")
@@ -817,6 +872,41 @@ func (t *TLS) validate() error {
 			return fieldErr(key+".ca_file", "required")
 		}
 	}
+	return t.validateCommon()
+}
+
+// validateSPIFFE checks tls.spiffe, which excludes the files.
+func (t *TLS) validateSPIFFE() error {
+	for _, f := range []struct {
+		key string
+		set bool
+	}{{"tls.cert_file", t.CertFile != ""}, {"tls.key_file", t.KeyFile != ""},
+		{"tls.client_ca_file", t.ClientCAFile != ""}, {"tls.client_trust_bundles", len(t.ClientTrustBundles) > 0}} {
+		if f.set {
+			return fieldErr(f.key, "not allowed with tls.spiffe, which takes the certificate and the trust bundles from the Workload API; use one or the other")
+		}
+	}
+	addr := t.SPIFFE.Address()
+	if addr == "" {
+		return fieldErr("tls.spiffe.workload_api", "required unless %s is set (e.g. unix:///run/spire/agent-sockets/spire-agent.sock)", SPIFFESocketEnv)
+	}
+	if err := checkWorkloadAPIAddr(addr); err != nil {
+		key := "tls.spiffe.workload_api"
+		if t.SPIFFE.WorkloadAPI == "" {
+			key += " (from " + SPIFFESocketEnv + ")"
+		}
+		return fieldErr(key, "%v; want unix:///path or tcp://ip:port, got %q", err, addr)
+	}
+	if t.SPIFFE.ID != "" {
+		if _, err := spiffeid.FromString(t.SPIFFE.ID); err != nil {
+			return fieldErr("tls.spiffe.id", "want a SPIFFE ID such as spiffe://bank.internal/ns/tokenbroker/sa/tokenbroker: %v", err)
+		}
+	}
+	return nil
+}
+
+// validateCommon checks the keys that files and tls.spiffe share.
+func (t *TLS) validateCommon() error {
 	if t.MinVersion != "1.3" && t.MinVersion != "1.2" {
 		return fieldErr("tls.min_version", "must be \"1.3\" or \"1.2\"; got %q", t.MinVersion)
 	}
@@ -880,11 +970,13 @@ func (c *Config) CheckFiles() error {
 		}
 		return f.Close()
 	}
-	if err := check("tls.cert_file", c.TLS.CertFile); err != nil {
-		return err
-	}
-	if err := check("tls.key_file", c.TLS.KeyFile); err != nil {
-		return err
+	if c.TLS.SPIFFE == nil {
+		if err := check("tls.cert_file", c.TLS.CertFile); err != nil {
+			return err
+		}
+		if err := check("tls.key_file", c.TLS.KeyFile); err != nil {
+			return err
+		}
 	}
 	if c.TLS.ClientCAFile != "" {
 		if err := check("tls.client_ca_file", c.TLS.ClientCAFile); err != nil {

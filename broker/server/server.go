@@ -134,7 +134,7 @@ type Server struct {
 
 // New builds a Server from opts. It reads the TLS material and checks every
 // credential, but opens no listener.
-func New(opts Options) (*Server, error) {
+func New(opts Options) (_ *Server, err error) {
 	s := &Server{cfg: opts.Config, log: opts.Logger, now: opts.Now}
 	s.cfgNow.Store(opts.Config)
 	if s.log == nil {
@@ -147,12 +147,7 @@ func New(opts Options) (*Server, error) {
 	if s.cfg.TLS.MinVersion == "1.2" {
 		minVersion = tls.VersionTLS12
 	}
-	var err error
-	files := tlsreload.Files{CertFile: s.cfg.TLS.CertFile, KeyFile: s.cfg.TLS.KeyFile, ClientCAFile: s.cfg.TLS.ClientCAFile}
-	for _, b := range s.cfg.TLS.ClientTrustBundles {
-		files.TrustBundles = append(files.TrustBundles, tlsreload.TrustBundle{TrustDomain: b.TrustDomain, CAFile: b.CAFile})
-	}
-	if s.tls, err = tlsreload.New(files, minVersion); err != nil {
+	if s.tls, err = newTLS(s.cfg, minVersion, s.log); err != nil {
 		return nil, err
 	}
 	if s.cfg.AdminTLS.CertFile != "" {
@@ -160,6 +155,11 @@ func New(opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
+	defer func() {
+		if err != nil {
+			_ = s.tls.Close() // a Workload API watch
+		}
+	}()
 	s.connsShut = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tokenbroker_connections_closed_total",
 		Help: "Caller connections the broker closed because what admitted them no longer holds, by reason.",
@@ -256,7 +256,7 @@ func New(opts Options) (*Server, error) {
 		// A connection re-proves its certificate at least this often (grpc-go
 		// adds ±10% jitter so that a fleet does not reconnect at once).
 		grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionAge:      cmp.Or(s.cfg.TLS.MaxConnectionAge.D(), config.DefaultMaxConnectionAge),
+			MaxConnectionAge:      s.maxConnectionAge(),
 			MaxConnectionAgeGrace: cmp.Or(s.cfg.TLS.MaxConnectionAgeGrace.D(), config.DefaultMaxConnectionAgeGrace)}),
 	)...)
 	s.svc = grpcapi.NewService(s.broker, s.log, s.tp != nil)
@@ -430,6 +430,8 @@ func (s *Server) Serve(ctx context.Context) error {
 				// The wall clock, in case a suspended VM or a stepped clock
 				// left the per-connection expiry timers behind.
 				s.conns.Sweep(time.Now())
+			case <-s.tls.Updated(): // from the SPIFFE Workload API
+				_, _ = s.ReloadTLS()
 			}
 		}
 	}()
@@ -487,6 +489,7 @@ func (s *Server) shutdown() {
 	if err := s.store.Close(); err != nil {
 		s.log.Warn("store close failed", zap.Error(err))
 	}
+	_ = s.tls.Close()
 	s.log.Info("stopped")
 }
 
@@ -511,8 +514,12 @@ func (s *Server) readyz(w http.ResponseWriter, _ *http.Request) {
 	// refused registration or a failing token endpoint is the same for all
 	// replicas. "state" sums both up: "degraded" while either is not ok.
 	creds := s.broker.Health()
-	writeJSON(w, code, map[string]any{"status": st, "state": overallState(s.store, creds), "checks": checks,
-		"store": storeDetail(s.store), "credentials": creds})
+	body := map[string]any{"status": st, "state": overallState(s.store, creds), "checks": checks,
+		"store": storeDetail(s.store), "credentials": creds}
+	if wl := s.tls.WorkloadState(); wl != nil { // shown; the SVID's expiry above is what fails readiness
+		body["spiffe"] = wl
+	}
+	writeJSON(w, code, body)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -49,8 +49,8 @@ type material struct {
 	cert    *tls.Certificate
 	leaf    *x509.Certificate
 	pool    *x509.CertPool // client_ca_file; nil without one
-	bundles *x509bundle.Set
-	hints   *x509.CertPool // every CA, named in the certificate request
+	bundles x509bundle.Source
+	hints   *x509.CertPool // every CA, named in the certificate request; nil: none named
 	sum     [32]byte       // of every file's contents, to notice changes
 }
 
@@ -67,7 +67,7 @@ func (m *material) verify(chain []*x509.Certificate, now time.Time) (time.Time, 
 	leaf := chain[0]
 	if id, err := policy.IdentityFromCert(leaf); err == nil && id.IsSPIFFE() {
 		td, err := spiffeid.TrustDomainFromString(id.TrustDomain())
-		if err == nil && m.bundles.Has(td) {
+		if err == nil && hasBundle(m.bundles, td) {
 			_, chains, err := x509svid.Verify(chain, m.bundles, x509svid.WithTime(now))
 			if err != nil {
 				return time.Time{}, fmt.Errorf("%w: %s does not verify against trust domain %s's bundle: %w", ErrUntrusted, id, td, err)
@@ -104,11 +104,19 @@ func firstExpiry(chains [][]*x509.Certificate) time.Time {
 	return t
 }
 
-// Reloader holds the current TLS material.
+// hasBundle reports whether src has a bundle for td.
+func hasBundle(src x509bundle.Source, td spiffeid.TrustDomain) bool {
+	_, err := src.GetX509BundleForTrustDomain(td)
+	return err == nil
+}
+
+// Reloader holds the current TLS material, from files (New) or from the
+// SPIFFE Workload API (NewWorkloadAPI).
 type Reloader struct {
 	files      Files
 	minVersion uint16
 	cur        atomic.Pointer[material]
+	wl         *workload // nil for files
 }
 
 // New loads the files. minVersion is tls.VersionTLS13 or tls.VersionTLS12.
@@ -141,7 +149,8 @@ func load(f Files) (*material, error) {
 			return nil, fmt.Errorf("tls.cert_file: %w", err)
 		}
 	}
-	m := &material{cert: &cert, leaf: leaf, bundles: x509bundle.NewSet(), hints: x509.NewCertPool()}
+	set := x509bundle.NewSet()
+	m := &material{cert: &cert, leaf: leaf, bundles: set, hints: x509.NewCertPool()}
 	sum := sha256.New()
 	sum.Write(bytes.Join([][]byte{certPEM, keyPEM}, []byte{0}))
 	if f.ClientCAFile != "" {
@@ -171,7 +180,7 @@ func load(f Files) (*material, error) {
 		if err != nil || bundle.Empty() {
 			return nil, fmt.Errorf("%s: no PEM certificates found", key)
 		}
-		m.bundles.Add(bundle)
+		set.Add(bundle)
 		for _, ca := range bundle.X509Authorities() {
 			m.hints.AddCert(ca)
 		}
@@ -185,8 +194,12 @@ func load(f Files) (*material, error) {
 }
 
 // Reload re-reads the files. It reports whether new material took effect;
-// on error the previous material stays.
+// on error the previous material stays. With the Workload API it reads
+// nothing: it reports whether an update arrived since the last call.
 func (r *Reloader) Reload() (bool, error) {
+	if r.wl != nil {
+		return r.wl.pending.Swap(false), nil
+	}
 	m, err := load(r.files)
 	if err != nil {
 		return false, err

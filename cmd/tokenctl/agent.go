@@ -26,7 +26,7 @@ const agentUsage = "usage: agent CREDENTIAL [--scope S]... [--min-ttl D] [--writ
 
 // agentCmd runs the token agent until ctx ends (SIGTERM, SIGINT). Its log
 // goes to stderr as JSON lines.
-func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr io.Writer, files client.TLSFiles) (int, error) {
+func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr io.Writer, hint func(error) string) (int, error) {
 	fs := flag.NewFlagSet("agent", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var scopes listFlag
@@ -54,7 +54,7 @@ func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr 
 		return exitUsage, fmt.Errorf("agent: --mode %q is not an octal file mode such as 0640", *mode)
 	}
 	cfg := agent.Config{MinTTL: *minTTL, File: *write, FileMode: os.FileMode(fileMode), Listen: *listen,
-		ListenAny: *listenAny, Health: *health, Hint: func(err error) string { return client.HandshakeHint(err, files) }}
+		ListenAny: *listenAny, Health: *health, Hint: hint}
 	if *listen != "" {
 		if *upstream == "" {
 			return exitUsage, errors.New("agent: --listen needs --upstream URL")

@@ -1,7 +1,7 @@
 // Command tokenctl talks to a tokenbroker: it gets tokens and lists the
 // credentials a caller may use, authenticating with a client certificate.
 //
-//	tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-dir D]] COMMAND
+//	tokenctl [--addr A] [--ca F --cert F --key F | --spiffe-socket S --broker-id ID | --dev [--dev-dir D]] COMMAND
 //
 // Commands:
 //
@@ -89,7 +89,7 @@ func main() {
 	os.Exit(code)
 }
 
-const usage = `usage: tokenctl [--addr A --ca F --cert F --key F | --dev [--dev-dir D]] COMMAND
+const usage = `usage: tokenctl [--addr A] [--ca F --cert F --key F | --spiffe-socket S --broker-id ID | --dev [--dev-dir D]] COMMAND
        tokenctl --version
 
 commands:
@@ -122,6 +122,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	key := fs.String("key", "", "client key `file`")
 	dev := fs.Bool("dev", false, "use the dev PKI written by `tokenbroker --dev`")
 	dir := fs.String("dev-dir", devDir, "dev `directory` (with --dev)")
+	spiffeSocket := fs.String("spiffe-socket", "", "SPIFFE Workload API `address` (unix:///path) to take the client SVID and "+
+		"trust bundles from (default $SPIFFE_ENDPOINT_SOCKET when --broker-id is given)")
+	brokerID := fs.String("broker-id", "", "the broker's SPIFFE `ID`, required with the Workload API "+
+		"(e.g. spiffe://bank.internal/ns/tokenbroker/sa/tokenbroker)")
 	timeout := fs.Duration("timeout", 30*time.Second, "deadline for the call")
 	showVersion := fs.Bool("version", false, "print the version and commit, then exit")
 	if err := fs.Parse(args); err != nil {
@@ -135,7 +139,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		*addr = devAddr
 	}
 	files := client.TLSFiles{CAFile: *ca, CertFile: *cert, KeyFile: *key}
-	if *dev {
+	sp := client.SPIFFE{WorkloadAPI: *spiffeSocket, BrokerID: *brokerID}
+	useSPIFFE := *spiffeSocket != "" || *brokerID != ""
+	if useSPIFFE {
+		switch {
+		case *dev || *ca != "" || *cert != "" || *key != "":
+			fmt.Fprintln(stderr, "tokenctl: --spiffe-socket/--broker-id and --dev or --ca/--cert/--key are exclusive")
+			return exitUsage
+		case *brokerID == "":
+			fmt.Fprintln(stderr, "tokenctl: --broker-id is required with --spiffe-socket (the SPIFFE ID the broker must present)")
+			return exitUsage
+		case sp.Address() == "":
+			fmt.Fprintln(stderr, "tokenctl: --spiffe-socket is required unless SPIFFE_ENDPOINT_SOCKET is set")
+			return exitUsage
+		}
+	} else if *dev {
 		if *ca != "" || *cert != "" || *key != "" {
 			fmt.Fprintln(stderr, "tokenctl: --dev and --ca/--cert/--key are exclusive")
 			return exitUsage
@@ -146,7 +164,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			KeyFile:  filepath.Join(*dir, "client-key.pem"),
 		}
 	} else if *ca == "" || *cert == "" || *key == "" {
-		fmt.Fprintln(stderr, "tokenctl: --ca, --cert and --key are required (or --dev)")
+		fmt.Fprintln(stderr, "tokenctl: --ca, --cert and --key are required (or --spiffe-socket and --broker-id, or --dev)")
 		return exitUsage
 	}
 	if fs.NArg() == 0 {
@@ -154,6 +172,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
+	hint := func(err error) string { return client.HandshakeHint(err, files) }
+	if useSPIFFE {
+		hint = func(err error) string { return client.SPIFFEHandshakeHint(err, sp) }
+	}
 	var cmd func(context.Context, *grpc.ClientConn, []string, io.Writer) (int, error)
 	switch fs.Arg(0) {
 	case "token":
@@ -170,7 +192,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		cmd = inventoryCmd
 	case "agent":
 		cmd = func(ctx context.Context, conn *grpc.ClientConn, args []string, _ io.Writer) (int, error) {
-			return agentCmd(ctx, conn, args, stderr, files)
+			return agentCmd(ctx, conn, args, stderr, hint)
 		}
 	default:
 		fmt.Fprintf(stderr, "tokenctl: unknown command %q\n", fs.Arg(0))
@@ -178,7 +200,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 
-	conn, err := client.DialFiles(*addr, files)
+	var conn *grpc.ClientConn
+	var err error
+	if useSPIFFE {
+		dialCtx, cancel := context.WithTimeout(ctx, *timeout) // for the first SVID
+		conn, err = client.DialSPIFFE(dialCtx, *addr, sp)
+		cancel()
+	} else {
+		conn, err = client.DialFiles(*addr, files)
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "tokenctl:", err)
 		return exitError
@@ -194,7 +224,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		code = exitCode(err)
 	}
 	if err != nil {
-		if hint := client.HandshakeHint(err, files); hint != "" {
+		if hint := hint(err); hint != "" {
 			fmt.Fprintln(stderr, "tokenctl:", hint)
 		} else if st, ok := status.FromError(err); ok && st.Code() != 0 {
 			fmt.Fprintf(stderr, "tokenctl: %s: %s\n", st.Code(), st.Message())
