@@ -1,6 +1,7 @@
 package client
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -29,6 +30,8 @@ type Transport struct {
 	Source *Source
 	// Base sends the requests; nil means http.DefaultTransport.
 	Base http.RoundTripper
+
+	nonces nonces // DPoP-Nonce per origin
 }
 
 // RoundTrip implements http.RoundTripper.
@@ -37,7 +40,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(req)
 		return nil, err
 	}
+	if t.Source.DPoP() {
+		return t.dpopRoundTrip(req)
+	}
 	tok, err := t.Source.TokenContext(req.Context())
+	if errors.Is(err, ErrDPoPRequired) || err == nil && tok.TokenType == "DPoP" {
+		return t.dpopRoundTrip(req)
+	}
 	if err == nil {
 		err = checkSyntax(tok)
 	}
