@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 
+	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
@@ -1080,6 +1081,11 @@ func (c *Config) CheckFiles() error {
 			}
 			if err := check(cr.Key()+"."+key, path); err != nil {
 				return err
+			}
+		}
+		if cr.DPoP != nil { // a key that does not fit alg fails here, not at the first token request
+			if _, err := dpop.LoadKey(cr.DPoP.KeyFile, cr.DPoP.Alg); err != nil {
+				return fieldErr(cr.Key()+".dpop.key_file", "%v", err)
 			}
 		}
 	}

@@ -1,6 +1,13 @@
 package config
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -36,5 +43,40 @@ func TestDPoPConfig(t *testing.T) {
 				t.Errorf("Parse = %v, want an error containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestCheckFilesParsesDPoPKey: --check-config refuses a DPoP key that does
+// not parse or fit alg, naming the key and never the content.
+func TestCheckFilesParsesDPoPKey(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKCS8PrivateKey(k)
+	good := write("good.pem", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})))
+	bad := write("bad.pem", "not a key")
+	for _, f := range []string{"tls.crt", "tls.key", "ca.crt", "secret"} {
+		write(f, "x")
+	}
+	doc := strings.NewReplacer("/tls/", dir+"/", "/secrets/identity", dir+"/secret").Replace(valid)
+	for _, tc := range []struct{ key, alg, want string }{
+		{good, "ES256", ""},
+		{good, "EdDSA", `credentials[0].dpop.key_file: dpop key ` + good + `: alg "EdDSA" does not fit an EC P-256 key`},
+		{bad, "", "credentials[0].dpop.key_file: dpop key " + bad + ": no PEM block"},
+	} {
+		c, err := Parse([]byte(doc + "    dpop: {key_file: " + tc.key + ", alg: " + tc.alg + "}\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = c.CheckFiles()
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("CheckFiles(%s, %s) = %v, want %q", filepath.Base(tc.key), tc.alg, err, tc.want)
+		}
 	}
 }

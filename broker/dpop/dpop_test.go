@@ -22,7 +22,7 @@ import (
 )
 
 // writeKey writes a new PEM private key of kind (ec, ed25519, rsa, rsa1024, p384) to dir.
-func writeKey(t *testing.T, dir, name, kind string) string {
+func writeKey(t testing.TB, dir, name, kind string) string {
 	t.Helper()
 	var k crypto.Signer
 	var err error
@@ -276,3 +276,28 @@ func TestKeyringKeepsEarlierKeys(t *testing.T) {
 		t.Error("Current with the file gone: no error")
 	}
 }
+
+// BenchmarkProof is the cost of one proof per algorithm, signing included.
+//
+//	go test -run '^$' -bench BenchmarkProof -benchmem ./broker/dpop/
+func BenchmarkProof(b *testing.B) {
+	dir := b.TempDir()
+	for _, tc := range []struct{ kind, alg string }{{"ec", "ES256"}, {"ed25519", "EdDSA"}, {"rsa", "PS256"}} {
+		k, err := dpop.LoadKey(writeKeyB(b, dir, tc.kind), tc.alg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		r := dpop.Request{Method: "GET", URL: "https://api.bank.example/v1/accounts/7?page=2", AccessToken: strings.Repeat("t", 800)}
+		b.Run(tc.alg, func(b *testing.B) {
+			b.ReportAllocs()
+			now := time.Now()
+			for b.Loop() {
+				if _, _, err := k.Proof(r, now); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func writeKeyB(b *testing.B, dir, kind string) string { return writeKey(b, dir, kind+".pem", kind) }

@@ -30,6 +30,7 @@ import (
 	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
 // dpopHarness is a broker with a bearer credential "identity" and a DPoP
@@ -38,10 +39,11 @@ import (
 // the resource server's /v1/accounts only; kyc workloads for any URL.
 type dpopHarness struct {
 	*harness
-	rs *oauthtest.ResourceServer
+	rs      *oauthtest.ResourceServer
+	keyFile string
 }
 
-func newDPoPHarness(t *testing.T) *dpopHarness {
+func newDPoPHarness(t *testing.T, more ...func(*config.Config)) *dpopHarness {
 	t.Helper()
 	rsAddr := freeAddr(t)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -61,6 +63,9 @@ func newDPoPHarness(t *testing.T) *dpopHarness {
 		d.AllowedCallers = []config.AllowedCaller{{Caller: payments, URLs: []string{"http://" + rsAddr + "/v1/accounts"}},
 			{Caller: "spiffe://bank.internal/ns/kyc/*"}}
 		c.Credentials = append(c.Credentials, d)
+		for _, m := range more {
+			m(c)
+		}
 	})
 	h.secrets = append(h.secrets, pemKey)
 	h.as.AddClient(oauthtest.Client{ID: "broker-dpop", Secret: h.secret, Scopes: []string{"IDENTITY", "IDENTITY_READ"}, DPoP: true})
@@ -69,7 +74,106 @@ func newDPoPHarness(t *testing.T) *dpopHarness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = rs.Close() })
-	return &dpopHarness{harness: h, rs: rs}
+	return &dpopHarness{harness: h, rs: rs, keyFile: keyFile}
+}
+
+// rotateKey writes a new EC P-256 key over the DPoP key file.
+func (h *dpopHarness) rotateKey() {
+	h.t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	der, _ := x509.MarshalPKCS8PrivateKey(key)
+	pemKey := string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+	h.secrets = append(h.secrets, pemKey)
+	if err := os.WriteFile(h.keyFile, []byte(pemKey), 0o600); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// call asks c for a token and a proof for GET url and sends them to the
+// resource server; it returns the token and the resource server's status.
+func (h *dpopHarness) call(c pb.TokenBrokerClient, url string) (*pb.Token, int) {
+	h.t.Helper()
+	resp, err := c.GetToken(context.Background(), &pb.GetTokenRequest{Credential: "identity-dpop",
+		Dpop: &pb.DPoPRequest{Method: "GET", Url: url, Nonce: h.rs.DPoP().Nonce()}})
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.remember(resp.GetToken().GetAccessToken())
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("Authorization", "DPoP "+resp.GetToken().GetAccessToken())
+	req.Header.Set("DPoP", resp.GetDpopProof())
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	r.Body.Close()
+	return resp.GetToken(), r.StatusCode
+}
+
+// TestDPoPKeyRotation: a changed key file binds the next token; the token
+// already bound to the previous key keeps getting proofs from it until it
+// expires.
+func TestDPoPKeyRotation(t *testing.T) {
+	h := newDPoPHarness(t)
+	c := h.client(payments)
+	target := h.rs.URL() + "/v1/accounts/1"
+	t1, code := h.call(c, target)
+	if code != http.StatusOK {
+		t.Fatalf("first call: %d", code)
+	}
+	h.rotateKey()
+	again, code := h.call(c, target)
+	if code != http.StatusOK || again.GetFingerprint() != t1.GetFingerprint() {
+		t.Fatalf("after the rotation, the cached token: %d, same token %v", code, again.GetFingerprint() == t1.GetFingerprint())
+	}
+	h.clock.Add(tokenTTL)
+	t2, code := h.call(c, target)
+	if code != http.StatusOK || t2.GetFingerprint() == t1.GetFingerprint() {
+		t.Fatalf("after expiry: %d, new token %v", code, t2.GetFingerprint() != t1.GetFingerprint())
+	}
+	is1, _ := h.as.Lookup(t1.GetAccessToken())
+	is2, _ := h.as.Lookup(t2.GetAccessToken())
+	if is1.JKT == "" || is1.JKT == is2.JKT {
+		t.Errorf("bound to %q then %q; want the new key for the new token", is1.JKT, is2.JKT)
+	}
+}
+
+// TestDPoPUnknownKeyReplaced: a replica that starts after the key file
+// changed, and finds in Redis a token bound to the earlier key, replaces
+// that token once rather than fail until it expires; the first replica
+// then serves the replacement, proving with the new key.
+func TestDPoPUnknownKeyReplaced(t *testing.T) {
+	rdb := redistest.Start(t)
+	h := newDPoPHarness(t, withRedis("", rdb.Addr()))
+	target := h.rs.URL() + "/v1/accounts/1"
+	t1, code := h.call(h.client(payments), target)
+	if code != http.StatusOK {
+		t.Fatalf("first call: %d", code)
+	}
+	h.rotateKey()
+	keyrings.Clear() // the next replica is a new process: it never read the first key
+	b, _ := h.startBroker()
+	before := h.as.TokenRequests()
+	t2, code := h.call(pb.NewTokenBrokerClient(h.connTo(b, nil, payments)), target)
+	if code != http.StatusOK || t2.GetFingerprint() == t1.GetFingerprint() {
+		t.Fatalf("new replica: %d, replaced %v", code, t2.GetFingerprint() != t1.GetFingerprint())
+	}
+	if n := h.as.TokenRequests() - before; n != 1 {
+		t.Errorf("%d token requests, want 1 (the replacement)", n)
+	}
+	if !strings.Contains(h.logs.String(), "token bound to a DPoP key this process never read") {
+		t.Error("the replacement was not for the unknown key (no log line)")
+	}
+	waitFor(t, "the first replica to serve the replacement", func() bool {
+		t3, code := h.call(h.client(payments), target)
+		return code == http.StatusOK && t3.GetFingerprint() == t2.GetFingerprint()
+	})
+	if n := h.as.TokenRequests() - before; n != 1 {
+		t.Errorf("%d token requests, want 1", n)
+	}
 }
 
 // TestDPoPEndToEnd: a Go caller (client.Transport) and a caller through the
