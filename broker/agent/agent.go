@@ -1,6 +1,7 @@
 // Package agent serves tokenbroker tokens to callers that cannot speak gRPC:
 // it keeps a file holding the current access token, serves a loopback reverse
-// proxy that adds "Authorization: Bearer" to every request it forwards to one
+// proxy that adds "Authorization: Bearer" (for a DPoP-bound credential,
+// "Authorization: DPoP" and a fresh proof) to every request it forwards to one
 // upstream, and answers a health probe. It is what `tokenctl agent` runs, as
 // a sidecar beside an application written in any language.
 //

@@ -25,6 +25,11 @@ import (
 // It refuses to send a token over plain http except to a loopback address,
 // and refuses (with an error, sending nothing) a token that is not a bearer
 // token in the syntax of RFC 6750 §2.1.
+//
+// For a DPoP-bound credential (the broker answers DPOP_REQUIRED, or the
+// token's type is DPoP) it asks the broker, per request, for a token and a
+// proof for the request's method and URL, and sends "Authorization: DPoP"
+// and "DPoP"; see dpopRoundTrip for the 401s it answers.
 type Transport struct {
 	// Source provides the tokens.
 	Source *Source

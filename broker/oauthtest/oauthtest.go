@@ -9,6 +9,12 @@
 // other than POST → 405). Faults can be switched on to imitate a failing
 // server, and it counts every token request so tests can assert how many
 // reached it.
+//
+// A client registered with DPoP must send a DPoP proof (RFC 9449) with
+// every token request; its tokens are bound to the proof's key (token_type
+// DPoP, cnf.jkt). ProofVerifier checks proofs as RFC 9449 §4.3 says, with
+// nonces on demand, and ResourceServer is a resource server double that
+// accepts a bound token only with a valid proof of its key.
 package oauthtest
 
 import (
