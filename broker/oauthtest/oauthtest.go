@@ -221,6 +221,13 @@ func (s *Server) Lookup(token string) (Issued, bool) {
 	return is, ok
 }
 
+// Revoke forgets token: resource servers that look it up refuse it from now on.
+func (s *Server) Revoke(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.issued, token)
+}
+
 // LastForm returns the form fields of the last token request, without client_secret.
 func (s *Server) LastForm() url.Values {
 	s.mu.Lock()

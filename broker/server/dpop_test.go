@@ -312,6 +312,42 @@ func TestDPoPEndToEnd(t *testing.T) {
 	}
 }
 
+// TestDPoPTransportReportsRejectedToken: a 401 DPoP error="invalid_token"
+// (the bank revoked the token) is reported to the broker once, and the
+// request is sent again with the next token and a new proof.
+func TestDPoPTransportReportsRejectedToken(t *testing.T) {
+	h := newDPoPHarness(t)
+	src := client.TokenSource(h.conn(nil, payments), "identity-dpop")
+	hc := &http.Client{Transport: &client.Transport{Source: src}}
+	get := func() int {
+		req, _ := http.NewRequest("PUT", h.rs.URL()+"/v1/accounts/3", strings.NewReader("body"))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("first request: %d", code)
+	}
+	old, _ := src.Token()
+	h.remember(old.AccessToken)
+	h.as.Revoke(old.AccessToken)
+	before := h.as.TokenRequests()
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("after the revocation: %d (refusals %v)", code, h.rs.Refusals())
+	}
+	next, _ := src.Token()
+	h.remember(next.AccessToken)
+	if n := h.as.TokenRequests() - before; n != 1 || client.Fingerprint(next) == client.Fingerprint(old) {
+		t.Errorf("%d token requests, new token %v; want one replacement", n, client.Fingerprint(next) != client.Fingerprint(old))
+	}
+	if r := h.rs.Refusals(); r["invalid_token"] != 1 {
+		t.Errorf("refusals %v, want one invalid_token", r)
+	}
+}
+
 // TestDPoPRequestRules: the status codes of mismatched and disallowed
 // proof requests, and the audit trail of the proofs made.
 func TestDPoPRequestRules(t *testing.T) {
