@@ -335,9 +335,14 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	if is.Source != SourceMemory {
 		// Not a hit: the call may have waited on the store or the bank
 		// while a reload took the caller's access away.
-		if _, err := b.readmit(caller, req, p); err != nil {
+		np, err := b.readmit(caller, req, p)
+		if err == nil {
+			err = np.c.checkProof(caller, req.Proof)
+		}
+		if err != nil {
 			return Issued{}, err
 		}
+		p = np
 	}
 	if req.Proof != nil {
 		if is, err = b.prove(ctx, p, is, req.Proof); err != nil {
