@@ -20,6 +20,7 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/audit"
 	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
 	"github.com/tokenbroker/tokenbroker/store"
@@ -79,6 +80,9 @@ type Credential struct {
 	TokenURL       string
 	ClientID       string
 	EndpointParams map[string]string
+	// DPoP, when set, is the key the credential's tokens are bound to
+	// (RFC 9449): GetToken then requires a ProofRequest (see proof.go).
+	DPoP *dpop.Keyring
 }
 
 // Options configures a Broker.
@@ -129,6 +133,9 @@ type Request struct {
 	MinTTL time.Duration
 	// MinTTLSet says whether the caller sent a min_ttl.
 	MinTTLSet bool
+	// Proof asks for a DPoP proof with the token: required for a DPoP
+	// credential, refused for a bearer one.
+	Proof *ProofRequest
 }
 
 // Issued is a token handed to a caller, with where it came from.
@@ -136,6 +143,8 @@ type Issued struct {
 	*store.Entry
 	// Source is SourceMemory, the store's name, or SourceUpstream.
 	Source string
+	// Proof is the DPoP proof asked for with Request.Proof; nil otherwise.
+	Proof *Proof
 }
 
 // Broker vends tokens. It is safe for concurrent use.
@@ -277,6 +286,9 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 			cr.IdleTimeout = DefaultIdleTimeout
 		}
 		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
+		if c.DPoP != nil { // bound tokens never mix with bearer ones of the same registration
+			cr.upstreamID += "\x00dpop"
+		}
 		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
 		for i, r := range c.Callers.Rules() {
 			if len(r.Scopes) > 0 {
@@ -304,6 +316,9 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 // GetToken returns a token for caller that has at least the requested min_ttl left.
 func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Request) (Issued, error) {
 	p, err := b.prepare(caller, req)
+	if err == nil {
+		err = p.c.checkProof(caller, req.Proof)
+	}
 	if err != nil {
 		return Issued{}, err
 	}
@@ -320,7 +335,17 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 	if is.Source != SourceMemory {
 		// Not a hit: the call may have waited on the store or the bank
 		// while a reload took the caller's access away.
-		if _, err := b.readmit(caller, req, p); err != nil {
+		np, err := b.readmit(caller, req, p)
+		if err == nil {
+			err = np.c.checkProof(caller, req.Proof)
+		}
+		if err != nil {
+			return Issued{}, err
+		}
+		p = np
+	}
+	if req.Proof != nil {
+		if is, err = b.prove(ctx, p, is, req.Proof); err != nil {
 			return Issued{}, err
 		}
 	}

@@ -21,4 +21,10 @@ var (
 	// ErrStreamRevoked: a WatchToken stream's caller lost access by a
 	// configuration change. It comes wrapped with ErrPermissionDenied.
 	ErrStreamRevoked = errors.New("WatchToken stream revoked by a configuration change")
+	// ErrDPoPRequired: a DPoP credential was asked for without a proof
+	// request. It comes wrapped with ErrInvalidArgument.
+	ErrDPoPRequired = errors.New("DPoP credential asked without dpop")
+	// ErrNotDPoP: a bearer credential was asked for with a proof request.
+	// It comes wrapped with ErrInvalidArgument.
+	ErrNotDPoP = errors.New("bearer credential asked with dpop")
 )

@@ -249,6 +249,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		IssuedAt:    t.IssuedAt,
 		Expiry:      t.Expiry,
 		Fingerprint: Fingerprint(t.AccessToken),
+		JKT:         t.JKT,
 	}
 	if _, err := b.store.PutIfNewer(ctx, key, e); err != nil {
 		b.storeFailed("put", err)

@@ -72,7 +72,7 @@ func newMetrics() *metrics {
 		m.storeErrors.WithLabelValues(op)
 	}
 	m.auditEvents = map[string]prometheus.Counter{}
-	for _, e := range []string{audit.TokenIssued, audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ConfigReloaded} {
+	for _, e := range []string{audit.TokenIssued, audit.TokenDenied, audit.TokenInvalidated, audit.UpstreamFetch, audit.ProofIssued, audit.ConfigReloaded} {
 		m.auditEvents[e] = m.audit.WithLabelValues(e)
 	}
 	return m

@@ -25,6 +25,7 @@ type record struct {
 	IssuedAt int64    `json:"i"` // Unix nanoseconds
 	Expiry   int64    `json:"e"` // Unix nanoseconds
 	FP       string   `json:"f"`
+	JKT      string   `json:"k,omitempty"` // DPoP key thumbprint; absent for bearer tokens, as older versions wrote them
 }
 
 // tombstone is the sealed plaintext of an invalidation: the token with
@@ -75,7 +76,7 @@ func (r *Redis) openEntry(key string, s stored) (*Entry, verdict) {
 		return nil, tampered
 	}
 	return &Entry{AccessToken: rec.Token, TokenType: rec.Type, Scopes: rec.Scopes,
-		IssuedAt: time.Unix(0, rec.IssuedAt), Expiry: time.Unix(0, rec.Expiry), Fingerprint: rec.FP}, valid
+		IssuedAt: time.Unix(0, rec.IssuedAt), Expiry: time.Unix(0, rec.Expiry), Fingerprint: rec.FP, JKT: rec.JKT}, valid
 }
 
 // openTombstone opens the stored tombstone for key; nil when there is none
@@ -106,7 +107,7 @@ func (t *tombstone) buries(e *Entry) bool {
 // sealEntry seals e for key.
 func (r *Redis) sealEntry(key string, e *Entry) ([]byte, error) {
 	pt, err := json.Marshal(record{V: recordVersion, Token: e.AccessToken, Type: e.TokenType, Scopes: e.Scopes,
-		IssuedAt: e.IssuedAt.UnixNano(), Expiry: e.Expiry.UnixNano(), FP: e.Fingerprint})
+		IssuedAt: e.IssuedAt.UnixNano(), Expiry: e.Expiry.UnixNano(), FP: e.Fingerprint, JKT: e.JKT})
 	if err != nil {
 		return nil, fmt.Errorf("redis: encode entry: %w", err)
 	}

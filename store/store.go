@@ -36,6 +36,9 @@ type Entry struct {
 	Expiry time.Time
 	// Fingerprint identifies the token in logs and audit (see broker.Fingerprint).
 	Fingerprint string
+	// JKT is the RFC 7638 thumbprint of the DPoP key the token is bound to
+	// (RFC 9449); empty for a bearer token. The key itself is never stored.
+	JKT string
 }
 
 // Lifetime is the lifetime the authorization server granted.

@@ -1,6 +1,7 @@
 // Package agent serves tokenbroker tokens to callers that cannot speak gRPC:
 // it keeps a file holding the current access token, serves a loopback reverse
-// proxy that adds "Authorization: Bearer" to every request it forwards to one
+// proxy that adds "Authorization: Bearer" (for a DPoP-bound credential,
+// "Authorization: DPoP" and a fresh proof) to every request it forwards to one
 // upstream, and answers a health probe. It is what `tokenctl agent` runs, as
 // a sidecar beside an application written in any language.
 //
@@ -226,6 +227,9 @@ func (a *Agent) first(ctx context.Context) error {
 		if err == nil {
 			return nil
 		}
+		if errors.Is(err, ErrDPoPFile) {
+			return err
+		}
 		if fatal(err) {
 			return fmt.Errorf("%w: %w", ErrNoAccess, err)
 		}
@@ -262,10 +266,23 @@ func (a *Agent) logFailure(err error, retry time.Duration) {
 	a.log.Warn("no token from the broker; the last one stays in use while it is valid", fields...)
 }
 
+// ErrDPoPFile: a token file was asked for a DPoP-bound credential.
+var ErrDPoPFile = errors.New("agent: the credential is DPoP-bound (sender-constrained): a token file cannot carry the proof each request needs; use --listen ADDR --upstream URL, whose proxy adds a proof per request, or broker/client.Transport in Go")
+
 // refresh asks the Source for the current token and, if it changed, writes
-// it to the file.
+// it to the file. For a DPoP-bound credential, the proxy gets a token and a
+// proof per request; the watched token, once the stream has brought it,
+// serves the health probe.
 func (a *Agent) refresh() error {
 	tok, err := a.cfg.Source.Token()
+	if dpop := errors.Is(err, client.ErrDPoPRequired); dpop || err == nil && tok.TokenType == "DPoP" {
+		if a.cfg.File != "" {
+			return ErrDPoPFile
+		}
+		if dpop {
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -331,7 +348,10 @@ func (a *Agent) healthz(w http.ResponseWriter, _ *http.Request) {
 
 // proxy is the reverse proxy to Upstream (behind guard): the incoming host is
 // ignored, the path is normalised under Upstream's path, the query is kept, any incoming Authorization is dropped and the current
-// token set by client.Transport, which also handles a 401 once.
+// token set by client.Transport, which also handles a 401 once. For a
+// DPoP-bound credential the Transport adds a proof for the outgoing
+// request, whose URL is Upstream's with the normalised path: htu never
+// comes from the caller's Host. An incoming DPoP header is dropped too.
 func (a *Agent) proxy() http.Handler {
 	base := a.cfg.UpstreamTransport
 	if base == nil {
@@ -344,6 +364,7 @@ func (a *Agent) proxy() http.Handler {
 			// The path normalised, as guard checked it (it cannot fail here).
 			pr.Out.URL.Path, pr.Out.URL.RawPath, _ = upstreamPath(target, pr.In.URL)
 			pr.Out.Header.Del("Authorization")
+			pr.Out.Header.Del("DPoP")
 			replayable(pr.Out)
 		},
 		Transport: &client.Transport{Source: a.cfg.Source, Base: base},

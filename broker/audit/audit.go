@@ -1,6 +1,6 @@
 // Package audit writes tokenbroker's audit trail: one JSON line per decision
 // (token.issued, token.denied, token.invalidated, upstream.fetch,
-// config.reloaded), with who asked, for what, where the token came from and its
+// proof.issued, config.reloaded), with who asked, for what, where the token came from and its
 // fingerprint — never the token or a secret.
 //
 // Denials can be written through WriteDenial, which aggregates them per
@@ -31,6 +31,9 @@ const (
 	TokenInvalidated = "token.invalidated"
 	UpstreamFetch    = "upstream.fetch"
 	ConfigReloaded   = "config.reloaded"
+	// ProofIssued: a DPoP proof was made for a caller's request (one event
+	// per proof, never aggregated).
+	ProofIssued = "proof.issued"
 )
 
 // Event is one audit record. Empty fields are left out.
@@ -47,6 +50,8 @@ type Event struct {
 	Reason      string
 	// Peer is the source address of a peer denied without an identity.
 	Peer string
+	// Method, URL (without query or fragment) and JTI describe a DPoP proof.
+	Method, URL, JTI string
 	// Count and Since make a summary of aggregated denials (see
 	// Logger.WriteDenial): Count denials like this one since Since.
 	Count int
@@ -95,6 +100,9 @@ func (e *Event) appendJSON(b []byte, now time.Time, ts *lineStamps) []byte {
 	add("outcome", e.Outcome)
 	add("reason", e.Reason)
 	add("peer", e.Peer)
+	add("method", e.Method)
+	add("url", e.URL)
+	add("jti", e.JTI)
 	if e.Count > 0 {
 		b = append(b, `,"count":`...)
 		b = strconv.AppendInt(b, int64(e.Count), 10)

@@ -1,7 +1,8 @@
 // Package client connects Go services to tokenbroker over mutual TLS and
 // hands them access tokens the Go way: an oauth2.TokenSource (TokenSource)
 // and an http.RoundTripper (Transport) that sets the Authorization header and
-// recovers once from a token the resource server rejects.
+// recovers once from a token the resource server rejects. For a DPoP-bound
+// credential, Transport also sends the broker's proof for each request.
 //
 // It imports neither the server packages nor the store: a caller's binary
 // carries only what it needs to reach the broker.

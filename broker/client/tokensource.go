@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -95,6 +96,8 @@ type Source struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the watch loop has returned
 
+	dpop atomic.Bool // the credential is DPoP-bound: GetToken needs a proof request
+
 	mu       sync.Mutex
 	tok      *pb.Token
 	flight   *flight
@@ -144,6 +147,10 @@ func (s *Source) TokenContext(ctx context.Context) (*oauth2.Token, error) {
 	if t := s.tok; t != nil && t.GetExpireTime().AsTime().Sub(s.now()) > s.threshold(t) {
 		s.mu.Unlock()
 		return s.oauthToken(t), nil
+	}
+	if s.dpop.Load() { // asking without a proof request would only be refused
+		s.mu.Unlock()
+		return nil, ErrDPoPRequired
 	}
 	f := s.flight
 	if f == nil {
@@ -197,6 +204,10 @@ func (s *Source) fetch(f *flight, sc trace.SpanContext) {
 		MinTtl: s.minTTLReq()})
 	if err == nil && resp.GetToken().GetAccessToken() == "" {
 		err = errors.New("client: the broker answered without a token")
+	}
+	if dpopRequired(err) {
+		s.dpop.Store(true)
+		err = dpopErr(s.credential, err)
 	}
 	if s.ctx.Err() != nil {
 		err = ErrClosed
@@ -291,7 +302,11 @@ func transient(err error) bool {
 
 // oauthToken converts t, keeping its fingerprint and scopes as extras.
 func (s *Source) oauthToken(t *pb.Token) *oauth2.Token {
-	ot := &oauth2.Token{AccessToken: t.GetAccessToken(), TokenType: "Bearer", Expiry: t.GetExpireTime().AsTime()}
+	typ := "Bearer"
+	if strings.EqualFold(t.GetTokenType(), "DPoP") {
+		typ = "DPoP"
+	}
+	ot := &oauth2.Token{AccessToken: t.GetAccessToken(), TokenType: typ, Expiry: t.GetExpireTime().AsTime()}
 	return ot.WithExtra(map[string]any{"fingerprint": t.GetFingerprint(), "scope": strings.Join(t.GetScopes(), " ")})
 }
 

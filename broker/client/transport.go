@@ -1,6 +1,7 @@
 package client
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -24,11 +25,18 @@ import (
 // It refuses to send a token over plain http except to a loopback address,
 // and refuses (with an error, sending nothing) a token that is not a bearer
 // token in the syntax of RFC 6750 §2.1.
+//
+// For a DPoP-bound credential (the broker answers DPOP_REQUIRED, or the
+// token's type is DPoP) it asks the broker, per request, for a token and a
+// proof for the request's method and URL, and sends "Authorization: DPoP"
+// and "DPoP"; see dpopRoundTrip for the 401s it answers.
 type Transport struct {
 	// Source provides the tokens.
 	Source *Source
 	// Base sends the requests; nil means http.DefaultTransport.
 	Base http.RoundTripper
+
+	nonces nonces // DPoP-Nonce per origin
 }
 
 // RoundTrip implements http.RoundTripper.
@@ -37,7 +45,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(req)
 		return nil, err
 	}
+	if t.Source.DPoP() {
+		return t.dpopRoundTrip(req)
+	}
 	tok, err := t.Source.TokenContext(req.Context())
+	if errors.Is(err, ErrDPoPRequired) || err == nil && tok.TokenType == "DPoP" {
+		return t.dpopRoundTrip(req)
+	}
 	if err == nil {
 		err = checkSyntax(tok)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
 
+	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 )
 
@@ -333,6 +334,10 @@ type Credential struct {
 	ExpiryMargin Duration `yaml:"expiry_margin"`
 	// AllowedCallers are the callers admitted; none means nobody.
 	AllowedCallers []AllowedCaller `yaml:"allowed_callers"`
+	// DPoP, when set, makes the credential's tokens sender-constrained
+	// (RFC 9449): bound to a key the broker holds, usable only with a proof
+	// the broker signs for each request.
+	DPoP *DPoP `yaml:"dpop"`
 
 	// DefinedIn is the credentials_dir file the credential comes from, as
 	// credentials_dir names it ("" for the main file); Index is its place
@@ -357,12 +362,26 @@ func (cr *Credential) Key() string {
 type AllowedCaller struct {
 	Caller string   `yaml:"caller" json:"caller"`
 	Scopes []string `yaml:"scopes" json:"scopes,omitempty"`
+	// URLs, for a DPoP credential, are the API URL prefixes (scheme, host,
+	// path prefix on a segment boundary) the caller may get proofs for;
+	// none means any.
+	URLs []string `yaml:"urls" json:"urls,omitempty"`
+}
+
+// DPoP is a credential's DPoP key (RFC 9449).
+type DPoP struct {
+	// KeyFile is a PEM private key: EC P-256, Ed25519 or RSA of at least
+	// 2048 bits. It is read at each token request, like a secret file.
+	KeyFile string `yaml:"key_file" json:"-"`
+	// Alg is ES256 (EC P-256), EdDSA (Ed25519), RS256 or PS256 (RSA);
+	// empty picks ES256, EdDSA or RS256 by key type.
+	Alg string `yaml:"alg" json:"alg,omitempty"`
 }
 
 // UnmarshalYAML accepts a bare pattern or a mapping.
 func (a *AllowedCaller) UnmarshalYAML(n *yaml.Node) error {
 	if n.Kind == yaml.ScalarNode {
-		a.Caller, a.Scopes = n.Value, nil
+		a.Caller, a.Scopes, a.URLs = n.Value, nil, nil
 		return nil
 	}
 	type plain AllowedCaller
@@ -371,7 +390,7 @@ func (a *AllowedCaller) UnmarshalYAML(n *yaml.Node) error {
 
 // MarshalYAML writes a bare pattern when there is no scope restriction.
 func (a AllowedCaller) MarshalYAML() (any, error) {
-	if len(a.Scopes) == 0 {
+	if len(a.Scopes) == 0 && len(a.URLs) == 0 {
 		return a.Caller, nil
 	}
 	type plain AllowedCaller
@@ -839,8 +858,32 @@ func (cr *Credential) validate(p string) error {
 				return fieldErr(fmt.Sprintf("%s.scopes[%d]", key, k), "%q is not one of the credential's scopes", sc)
 			}
 		}
+		if len(a.URLs) > 0 && cr.DPoP == nil {
+			return fieldErr(key+".urls", "only for a credential with dpop: (proofs are what URLs limit)")
+		}
+		for k, u := range a.URLs {
+			if _, err := policy.ParseURLPrefix(u); err != nil {
+				return fieldErr(fmt.Sprintf("%s.urls[%d]", key, k), "%v", err)
+			}
+		}
 	}
-	return nil
+	return cr.validateDPoP(p)
+}
+
+// validateDPoP checks the dpop: mapping. The key itself is checked when the
+// server starts (CheckFiles only opens files).
+func (cr *Credential) validateDPoP(p string) error {
+	if cr.DPoP == nil {
+		return nil
+	}
+	if cr.DPoP.KeyFile == "" {
+		return fieldErr(p+".dpop.key_file", "required (a PEM EC P-256, Ed25519 or RSA private key)")
+	}
+	switch cr.DPoP.Alg {
+	case "", "ES256", "EdDSA", "RS256", "PS256":
+		return nil
+	}
+	return fieldErr(p+".dpop.alg", "must be ES256 (EC P-256), EdDSA (Ed25519), RS256 or PS256 (RSA); got %q", cr.DPoP.Alg)
 }
 
 func (t *TLS) validate() error {
@@ -1027,13 +1070,22 @@ func (c *Config) CheckFiles() error {
 				return err
 			}
 		}
-		for key, path := range map[string]string{"private_key_file": cr.PrivateKeyFile, "tls_client_cert_file": cr.TLSClientCertFile,
-			"tls_client_key_file": cr.TLSClientKeyFile, "tls_ca_file": cr.TLSCAFile} {
+		files := map[string]string{"private_key_file": cr.PrivateKeyFile, "tls_client_cert_file": cr.TLSClientCertFile,
+			"tls_client_key_file": cr.TLSClientKeyFile, "tls_ca_file": cr.TLSCAFile}
+		if cr.DPoP != nil {
+			files["dpop.key_file"] = cr.DPoP.KeyFile
+		}
+		for key, path := range files {
 			if path == "" {
 				continue
 			}
 			if err := check(cr.Key()+"."+key, path); err != nil {
 				return err
+			}
+		}
+		if cr.DPoP != nil { // a key that does not fit alg fails here, not at the first token request
+			if _, err := dpop.LoadKey(cr.DPoP.KeyFile, cr.DPoP.Alg); err != nil {
+				return fieldErr(cr.Key()+".dpop.key_file", "%v", err)
 			}
 		}
 	}

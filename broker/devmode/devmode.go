@@ -1,7 +1,8 @@
 // Package devmode prepares everything `tokenbroker --dev` needs on a machine
 // with nothing else running: a throwaway PKI, an in-process OAuth 2.0
 // authorization server with a client for credential "identity" (scope
-// IDENTITY, five-minute tokens), and the effective configuration, all written
+// IDENTITY, five-minute tokens) and one for "identity-dpop" (the same, with
+// DPoP-bound tokens and a dev DPoP key), and the effective configuration, all written
 // to one directory so that tokenctl and grpcurl can use the same files.
 // The directory is rewritten at every start.
 //
@@ -12,8 +13,12 @@
 package devmode
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -26,6 +31,7 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/devpki"
+	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
 	"github.com/tokenbroker/tokenbroker/store"
 )
@@ -42,6 +48,7 @@ const (
 	ConfigFile       = "config.yaml"
 	ClientSecretFile = "identity-client-secret"
 	StoreKeyFile     = "store-key"
+	DPoPKeyFile      = "identity-dpop-key.pem"
 )
 
 // The dev identities, credential and authorization server client.
@@ -50,6 +57,8 @@ const (
 	ClientIdentity = "spiffe://tokenbroker.dev/dev-client"
 	DeniedIdentity = "spiffe://tokenbroker.dev/denied-client"
 	Credential     = "identity"
+	DPoPCredential = "identity-dpop"
+	DPoPClientID   = "tokenbroker-dev-dpop"
 	Scope          = "IDENTITY"
 	OAuthClientID  = "tokenbroker-dev"
 	TokenLifetime  = 5 * time.Minute
@@ -123,6 +132,11 @@ func Start(opts Options) (*Env, error) {
 
 	as := oauthtest.New(oauthtest.Options{ExpiresIn: TokenLifetime, Format: oauthtest.JWT})
 	as.AddClient(oauthtest.Client{ID: OAuthClientID, Secret: sec, Scopes: []string{Scope}})
+	as.AddClient(oauthtest.Client{ID: DPoPClientID, Secret: sec, Scopes: []string{Scope}, DPoP: true})
+	if err := ensureDPoPKey(d); err != nil {
+		_ = as.Close()
+		return nil, err
+	}
 	if err := as.Start(opts.OAuthAddr); err != nil {
 		return nil, err
 	}
@@ -303,6 +317,10 @@ func writeConfig(d devDir, opts Options, tokenURL, secretPath string) (*config.C
 			AllowedCallers:   []config.AllowedCaller{{Caller: ClientIdentity}},
 		}},
 	}
+	dp := cfg.Credentials[0]
+	dp.Name, dp.ClientID = DPoPCredential, DPoPClientID
+	dp.DPoP = &config.DPoP{KeyFile: filepath.Join(dir, DPoPKeyFile), Alg: "ES256"}
+	cfg.Credentials = append(cfg.Credentials, dp)
 	if opts.RateLimit != nil {
 		cfg.RateLimit = opts.RateLimit
 	}
@@ -349,7 +367,34 @@ func (e *Env) Instructions(grpcAddr, adminAddr string) string {
 	fmt.Fprintf(&b, "  go run ./cmd/tokenctl --dev token %s\n", Credential)
 	fmt.Fprintf(&b, "  grpcurl -cacert %[1]s/%[2]s -cert %[1]s/%[3]s -key %[1]s/%[4]s -d '{\"credential\":\"%[5]s\"}' %[6]s tokenbroker.v1.TokenBroker/GetToken\n",
 		rel, CAFile, ClientCertFile, ClientKeyFile, Credential, grpcAddr)
+	fmt.Fprintf(&b, "A DPoP-bound token and a proof for one request (both header lines):\n")
+	fmt.Fprintf(&b, "  go run ./cmd/tokenctl --dev token %s --dpop-method GET --dpop-url https://api.example/v1/accounts\n", DPoPCredential)
 	fmt.Fprintf(&b, "A caller no credential allows: %s/%s (%s)\n", rel, DeniedCertFile, DeniedIdentity)
 	b.WriteString("The operators' inventory (the dev client is in admin.callers):\n  go run ./cmd/tokenctl --dev inventory\n")
 	return b.String()
+}
+
+// ensureDPoPKey keeps a valid dev DPoP key, or writes a new EC P-256 one, so
+// that a restarted dev broker can still prove for tokens it stored in Redis.
+// As for the store key, only a key this user wrote is kept.
+func ensureDPoPKey(d devDir) error {
+	if fi, err := d.root.Lstat(DPoPKeyFile); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm() == 0o600 && ownedByMe(fi) {
+		if b, err := d.root.ReadFile(DPoPKeyFile); err == nil {
+			if _, err := dpop.ParseKey(b, "ES256"); err == nil {
+				return nil
+			}
+		}
+	}
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("dev DPoP key: %w", err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		return fmt.Errorf("dev DPoP key: %w", err)
+	}
+	if err := d.write(DPoPKeyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		return fmt.Errorf("dev DPoP key: %w", err)
+	}
+	return nil
 }

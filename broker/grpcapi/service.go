@@ -73,6 +73,9 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 		}
 		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
 	}
+	if d := req.GetDpop(); d != nil {
+		r.Proof = &broker.ProofRequest{Method: d.GetMethod(), URL: d.GetUrl(), Nonce: d.GetNonce()}
+	}
 	is, err := s.core.GetToken(ctx, caller, r)
 	if err != nil {
 		return nil, s.deny(ctx, id, caller, r.Credential, r.Scopes, err)
@@ -82,6 +85,9 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	}
 	if s.traced {
 		s.annotate(ctx, r.Credential, is)
+	}
+	if is.Proof != nil {
+		return s.withProof(id, caller, r.Credential, is)
 	}
 	return s.responses.get(is.Entry), nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -37,5 +38,22 @@ func toStatus(err error) error {
 	default:
 		return status.Error(codes.Internal, "internal error")
 	}
+	if reason := dpopReason(err); reason != "" {
+		st, derr := status.New(code, err.Error()).WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain})
+		if derr == nil {
+			return st.Err()
+		}
+	}
 	return status.Error(code, err.Error())
+}
+
+// dpopReason is the ErrorInfo reason of a DPoP mismatch, "" for other errors.
+func dpopReason(err error) string {
+	switch {
+	case errors.Is(err, broker.ErrDPoPRequired):
+		return ReasonDPoPRequired
+	case errors.Is(err, broker.ErrNotDPoP):
+		return ReasonNotDPoP
+	}
+	return ""
 }

@@ -9,6 +9,12 @@
 // other than POST → 405). Faults can be switched on to imitate a failing
 // server, and it counts every token request so tests can assert how many
 // reached it.
+//
+// A client registered with DPoP must send a DPoP proof (RFC 9449) with
+// every token request; its tokens are bound to the proof's key (token_type
+// DPoP, cnf.jkt). ProofVerifier checks proofs as RFC 9449 §4.3 says, with
+// nonces on demand, and ResourceServer is a resource server double that
+// accepts a bound token only with a valid proof of its key.
 package oauthtest
 
 import (
@@ -67,6 +73,9 @@ type Client struct {
 	// a client certificate that chains to the server's client CAs and whose
 	// common name or a DNS or URI SAN is TLSSubject.
 	TLSSubject string
+	// DPoP makes every token request of the client carry a DPoP proof
+	// (RFC 9449): its tokens are bound to the proof's key, token_type DPoP.
+	DPoP bool
 }
 
 // Faults make the token endpoint misbehave. The zero value is a healthy server.
@@ -116,6 +125,9 @@ type Issued struct {
 	AuthMethod string
 	// Expiry is when the token expires.
 	Expiry time.Time
+	// JKT is the thumbprint of the DPoP key the token is bound to (its
+	// cnf.jkt); empty for a bearer token.
+	JKT string
 }
 
 // Server is the authorization server. Create it with New and start it with Start.
@@ -133,6 +145,7 @@ type Server struct {
 	issued    map[string]Issued
 	lastForm  url.Values
 	jtis      map[string]time.Time // assertion IDs seen, until they expire
+	proofs    ProofVerifier        // DPoP proofs at the token endpoint
 
 	srv       *http.Server
 	ln        net.Listener
@@ -166,8 +179,14 @@ func New(opts Options) *Server {
 		expiresIn: opts.ExpiresIn,
 		issued:    map[string]Issued{},
 		jtis:      map[string]time.Time{},
+		proofs:    ProofVerifier{Now: opts.Now},
 	}
 }
+
+// DPoP is the verifier of the token endpoint's DPoP proofs: turn nonces on
+// with its SetRequireNonce. With nonces on, every response carries the
+// current nonce in DPoP-Nonce, and each token issued rotates it.
+func (s *Server) DPoP() *ProofVerifier { return &s.proofs }
 
 // AddClient registers c, replacing any client with the same ID.
 func (s *Server) AddClient(c Client) {
@@ -200,6 +219,13 @@ func (s *Server) Lookup(token string) (Issued, bool) {
 	defer s.mu.Unlock()
 	is, ok := s.issued[token]
 	return is, ok
+}
+
+// Revoke forgets token: resource servers that look it up refuse it from now on.
+func (s *Server) Revoke(token string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.issued, token)
 }
 
 // LastForm returns the form fields of the last token request, without client_secret.
@@ -346,7 +372,36 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 		_, _ = w.Write([]byte(f.Body))
 		return
 	}
-	s.issue(w, client, method, scopes, f)
+	jkt, ok := s.checkProof(w, r, client)
+	if !ok {
+		return
+	}
+	s.issue(w, client, method, scopes, f, jkt)
+}
+
+// checkProof checks the DPoP proof of a token request, if the client must
+// send one or sends one anyway, and answers the request when it fails. It
+// returns the thumbprint to bind the token to ("" for a bearer token).
+func (s *Server) checkProof(w http.ResponseWriter, r *http.Request, c Client) (string, bool) {
+	if !c.DPoP && r.Header.Get("DPoP") == "" {
+		return "", true
+	}
+	if n := s.proofs.Nonce(); n != "" {
+		w.Header().Set("DPoP-Nonce", n)
+	}
+	p, err := s.proofs.Verify(r, s.TokenURL(), "")
+	switch {
+	case errors.Is(err, ErrUseNonce):
+		oauthError(w, http.StatusBadRequest, "use_dpop_nonce", "Authorization server requires nonce in DPoP proof")
+		return "", false
+	case err != nil:
+		oauthError(w, http.StatusBadRequest, "invalid_dpop_proof", "the DPoP proof is not valid")
+		return "", false
+	}
+	if n := s.proofs.RotateNonce(); n != "" {
+		w.Header().Set("DPoP-Nonce", n)
+	}
+	return p.JKT, true
 }
 
 func (s *Server) recordForm(form url.Values) {
@@ -481,13 +536,13 @@ func (s *Server) authenticateAssertion(form url.Values) (Client, string, int, st
 	return c, method, 0, ""
 }
 
-func (s *Server) issue(w http.ResponseWriter, c Client, method string, scopes []string, f Faults) {
+func (s *Server) issue(w http.ResponseWriter, c Client, method string, scopes []string, f Faults, jkt string) {
 	now := s.now()
 	s.mu.Lock()
 	ttl := s.expiresIn
 	s.mu.Unlock()
 	exp := now.Add(ttl)
-	tok := s.mint(c.ID, scopes, now, exp)
+	tok := s.mint(c.ID, scopes, now, exp, jkt)
 
 	s.mu.Lock()
 	for k, is := range s.issued { // keep the record bounded in long dev runs
@@ -495,10 +550,13 @@ func (s *Server) issue(w http.ResponseWriter, c Client, method string, scopes []
 			delete(s.issued, k)
 		}
 	}
-	s.issued[tok] = Issued{ClientID: c.ID, Scopes: slices.Clone(scopes), AuthMethod: method, Expiry: exp}
+	s.issued[tok] = Issued{ClientID: c.ID, Scopes: slices.Clone(scopes), AuthMethod: method, Expiry: exp, JKT: jkt}
 	s.mu.Unlock()
 
 	tokenType := "Bearer"
+	if jkt != "" {
+		tokenType = "DPoP"
+	}
 	if f.TokenType != "" {
 		tokenType = f.TokenType
 	}
@@ -538,17 +596,21 @@ func (s *Server) issue(w http.ResponseWriter, c Client, method string, scopes []
 }
 
 // mint makes an access token in the configured format.
-func (s *Server) mint(clientID string, scopes []string, iat, exp time.Time) string {
+func (s *Server) mint(clientID string, scopes []string, iat, exp time.Time, jkt string) string {
 	if s.format != JWT {
 		return "tbt_" + base64.RawURLEncoding.EncodeToString(randomBytes(32))
 	}
 	enc := base64.RawURLEncoding
 	header := enc.EncodeToString([]byte(`{"alg":"HS256","typ":"at+jwt"}`))
-	claims, _ := json.Marshal(map[string]any{
+	c := map[string]any{
 		"iss": "oauthtest", "sub": clientID, "client_id": clientID,
 		"scope": strings.Join(scopes, " "), "iat": iat.Unix(), "exp": exp.Unix(),
 		"jti": enc.EncodeToString(randomBytes(12)),
-	})
+	}
+	if jkt != "" {
+		c["cnf"] = map[string]string{"jkt": jkt} // RFC 9449 §6.1
+	}
+	claims, _ := json.Marshal(c)
 	signing := header + "." + enc.EncodeToString(claims)
 	mac := hmac.New(sha256.New, s.key)
 	mac.Write([]byte(signing))

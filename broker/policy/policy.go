@@ -104,10 +104,13 @@ func (id Identity) TrustDomain() string {
 }
 
 // Rule admits the callers its Pattern matches, to the Scopes it lists (all
-// of the credential's scopes when Scopes is empty).
+// of the credential's scopes when Scopes is empty) and, for DPoP proofs, to
+// the API URLs its URLs prefixes admit (any URL when URLs is empty; see
+// URLPrefix).
 type Rule struct {
 	Pattern string
 	Scopes  []string
+	URLs    []URLPrefix
 }
 
 // Grant is what a Matcher admits a caller to.

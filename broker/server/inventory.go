@@ -223,6 +223,9 @@ func (m *materials) of(cr config.Credential) []material {
 		add("client_secret", f)
 	}
 	add("private_key", cr.PrivateKeyFile)
+	if cr.DPoP != nil {
+		add("dpop_key", cr.DPoP.KeyFile)
+	}
 	add("client_certificate", cr.TLSClientCertFile)
 	return out
 }

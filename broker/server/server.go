@@ -323,6 +323,10 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 		for k, v := range c.EndpointParams {
 			params.Set(k, v)
 		}
+		ring, err := keyringFor(c)
+		if err != nil {
+			return nil, err
+		}
 		up, err := upstream.New(upstream.Config{
 			TokenURL:          c.TokenURL,
 			ClientID:          c.ClientID,
@@ -343,13 +347,14 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 			Timeout:           c.Timeout.D(),
 			Now:               now,
 			TracerProvider:    tp,
+			DPoP:              ring,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", c.Key(), err)
 		}
-		rules := make([]policy.Rule, len(c.AllowedCallers))
-		for j, a := range c.AllowedCallers {
-			rules[j] = policy.Rule{Pattern: a.Caller, Scopes: a.Scopes}
+		rules, err := callerRules(c)
+		if err != nil {
+			return nil, err
 		}
 		callers, err := policy.CompileRules(rules)
 		if err != nil {
@@ -361,6 +366,7 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 			RefreshAt:   c.RefreshAt,
 			IdleTimeout: c.IdleTimeout.D(),
 			TokenURL:    c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
+			DPoP: ring,
 		})
 	}
 	return out, nil

@@ -45,6 +45,7 @@ const (
 var knownCodes = map[string]bool{
 	"invalid_request": true, "invalid_client": true, "invalid_grant": true,
 	"unauthorized_client": true, "unsupported_grant_type": true, "invalid_scope": true,
+	"invalid_dpop_proof": true, "use_dpop_nonce": true, // RFC 9449 §5, §8
 }
 
 // Error is a failed fetch. Its message holds the reason, the RFC 6749 error
@@ -149,6 +150,9 @@ func fromResponse(resp *http.Response, code, description string) *Error {
 		if e.Code == "" && e.StatusCode == http.StatusUnauthorized {
 			e.Code = "invalid_client"
 		}
+		// A nonce the server wants and did not give, or changed meanwhile:
+		// the next request will carry the newest.
+		e.Temporary = e.Code == "use_dpop_nonce"
 	default: // a 1xx/3xx, or a 2xx that carried no error code but still failed
 		e.Reason, e.Temporary = ReasonMalformed, true
 	}

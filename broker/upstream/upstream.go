@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
@@ -35,6 +36,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tokenbroker/tokenbroker/broker/bearer"
+	"github.com/tokenbroker/tokenbroker/broker/dpop"
 	"github.com/tokenbroker/tokenbroker/broker/secret"
 )
 
@@ -105,6 +107,9 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// DPoP, when set, makes every token request carry a DPoP proof (RFC
+	// 9449) signed by its current key, and requires DPoP-bound tokens.
+	DPoP *dpop.Keyring
 	// TracerProvider, when set, traces each token request (method, host,
 	// status; never the body or the form). The request carries no trace
 	// context to the bank.
@@ -125,12 +130,17 @@ type Token struct {
 	Expiry time.Time
 	// SecretIndex is the index in ClientSecretFiles of the secret that worked.
 	SecretIndex int
+	// JKT is the thumbprint of the DPoP key the token is bound to; empty
+	// for a bearer token.
+	JKT string
 }
 
 // Client fetches tokens for one client registration. It is safe for concurrent use.
 type Client struct {
 	cfg  Config
 	http *http.Client
+	// nonce is the newest DPoP-Nonce the token endpoint sent.
+	nonce atomic.Pointer[string]
 }
 
 // New returns a Client for cfg, filling in defaults.
@@ -270,25 +280,33 @@ func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transpor
 func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Timeout)
 	defer cancel()
+	var key *dpop.Key
+	if c.cfg.DPoP != nil { // read at each fetch: a changed key file is used for the next token
+		k, err := c.cfg.DPoP.Current()
+		if err != nil {
+			return nil, &Error{Reason: ReasonNoSecret, err: err}
+		}
+		key = k
+	}
 	if c.cfg.AuthMethod == PrivateKeyJWT {
 		a, err := c.assertion()
 		if err != nil {
 			return nil, &Error{Reason: ReasonNoSecret, err: err}
 		}
-		return c.fetchWith(ctx, secret.Value{}, scopes, url.Values{"client_assertion_type": {assertionType}, "client_assertion": {a}})
+		return c.fetchWith(ctx, key, secret.Value{}, scopes, url.Values{"client_assertion_type": {assertionType}, "client_assertion": {a}})
 	}
 	if c.cfg.AuthMethod == TLSClientAuth { // the certificate on the connection authenticates; client_id in the body
 		if _, err := tls.LoadX509KeyPair(c.cfg.TLSClientCertFile, c.cfg.TLSClientKeyFile); err != nil {
 			return nil, &Error{Reason: ReasonNoSecret, err: fmt.Errorf("client certificate: %w", err)}
 		}
-		return c.fetchWith(ctx, secret.Value{}, scopes, nil)
+		return c.fetchWith(ctx, key, secret.Value{}, scopes, nil)
 	}
 	for i, f := range c.cfg.ClientSecretFiles {
 		sec, err := secret.ReadFile(f)
 		if err != nil {
 			return nil, &Error{Reason: ReasonNoSecret, err: err}
 		}
-		t, err := c.fetchWith(ctx, sec, scopes, nil)
+		t, err := c.fetchWith(ctx, key, sec, scopes, nil)
 		var ue *Error
 		if errors.As(err, &ue) && ue.Code == "invalid_client" && i+1 < len(c.cfg.ClientSecretFiles) {
 			continue
@@ -302,8 +320,10 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 }
 
 // fetchWith makes one token request (RFC 6749 §4.4.2) with sec (empty for
-// the methods that send no secret) and extra form fields.
-func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []string, extra url.Values) (*Token, error) {
+// the methods that send no secret) and extra form fields; with a DPoP key,
+// each HTTP request carries a fresh proof, and a use_dpop_nonce answer that
+// names a nonce is tried once more with it.
+func (c *Client) fetchWith(ctx context.Context, key *dpop.Key, sec secret.Value, scopes []string, extra url.Values) (*Token, error) {
 	form := url.Values{}
 	for k, v := range c.cfg.EndpointParams {
 		form[k] = v
@@ -321,31 +341,52 @@ func (c *Client) fetchWith(ctx context.Context, sec secret.Value, scopes []strin
 			form.Set("client_secret", sec.Reveal())
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.cfg.TokenURL, strings.NewReader(form.Encode()))
-	if err != nil {
-		return nil, &Error{Reason: ReasonNetwork, detail: "token_url does not make a request"}
+	body := form.Encode()
+	for attempt := 0; ; attempt++ {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.cfg.TokenURL, strings.NewReader(body))
+		if err != nil {
+			return nil, &Error{Reason: ReasonNetwork, detail: "token_url does not make a request"}
+		}
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("Accept", "application/json")
+		if c.cfg.AuthMethod == ClientSecretBasic {
+			// RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+			req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(sec.Reveal()))
+		}
+		sentNonce := ""
+		if key != nil {
+			if sentNonce, err = c.prove(req, key); err != nil {
+				return nil, &Error{Reason: ReasonNoSecret, err: err}
+			}
+		}
+		resp, err := c.http.Do(req)
+		if err != nil {
+			return nil, classify(ctx, err)
+		}
+		t, err := c.read(ctx, resp, scopes, key)
+		resp.Body.Close()
+		var ue *Error
+		if errors.As(err, &ue) && ue.Description != "" {
+			// A server that echoes what it was sent would put the secret or the
+			// assertion in front of operators, logs and /readyz.
+			sent := []string{sec.Reveal(), url.QueryEscape(sec.Reveal()), req.Header.Get("Authorization")}
+			sent = append(sent, form["client_assertion"]...)
+			ue.Description = withholdEcho(ue.Description, sent)
+		}
+		// RFC 9449 §8: a server that wants a nonce says which; asked once.
+		if key != nil && attempt == 0 && nonceAsked(err) && c.newNonce(resp, sentNonce) {
+			if c.cfg.AuthMethod == PrivateKeyJWT { // an assertion's jti is used once
+				a, aerr := c.assertion()
+				if aerr != nil {
+					return nil, &Error{Reason: ReasonNoSecret, err: aerr}
+				}
+				form.Set("client_assertion", a)
+				body = form.Encode()
+			}
+			continue
+		}
+		return t, err
 	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	if c.cfg.AuthMethod == ClientSecretBasic {
-		// RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-		req.SetBasicAuth(url.QueryEscape(c.cfg.ClientID), url.QueryEscape(sec.Reveal()))
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, classify(ctx, err)
-	}
-	defer resp.Body.Close()
-	t, err := c.read(ctx, resp, scopes)
-	var ue *Error
-	if errors.As(err, &ue) && ue.Description != "" {
-		// A server that echoes what it was sent would put the secret or the
-		// assertion in front of operators, logs and /readyz.
-		sent := []string{sec.Reveal(), url.QueryEscape(sec.Reveal()), req.Header.Get("Authorization")}
-		sent = append(sent, extra["client_assertion"]...)
-		ue.Description = withholdEcho(ue.Description, sent)
-	}
-	return t, err
 }
 
 // withheldDescription replaces an error_description that repeats any of
@@ -365,10 +406,13 @@ func withholdEcho(description string, sent []string) string {
 }
 
 // read reads and checks the token endpoint's answer to a request for scopes.
-func (c *Client) read(ctx context.Context, resp *http.Response, scopes []string) (*Token, error) {
+func (c *Client) read(ctx context.Context, resp *http.Response, scopes []string, key *dpop.Key) (*Token, error) {
 	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection can be reused
 		return nil, redirected(resp)
+	}
+	if key != nil {
+		c.keepNonce(resp)
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
 	arrived := c.cfg.Now()
@@ -393,11 +437,11 @@ func (c *Client) read(ctx context.Context, resp *http.Response, scopes []string)
 	case r.errorCode != "": // an error in a 2xx body
 		return nil, fromResponse(resp, r.errorCode, r.errorDescription)
 	}
-	return c.validate(r, scopes, arrived)
+	return c.validate(r, scopes, arrived, key)
 }
 
 // validate checks a successful response and computes its expiry.
-func (c *Client) validate(r tokenResponse, asked []string, arrived time.Time) (*Token, error) {
+func (c *Client) validate(r tokenResponse, asked []string, arrived time.Time, key *dpop.Key) (*Token, error) {
 	if r.accessToken == "" {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no access_token"}
 	}
@@ -408,7 +452,12 @@ func (c *Client) validate(r tokenResponse, asked []string, arrived time.Time) (*
 	if r.tokenType == "" {
 		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "no token_type"}
 	}
-	if !strings.EqualFold(r.tokenType, "Bearer") {
+	switch {
+	case key != nil && !strings.EqualFold(r.tokenType, "DPoP"):
+		// The server ignored the proof: the token is not bound to the key,
+		// and a copy of it would work without the broker.
+		return nil, &Error{Reason: ReasonMalformed, Temporary: true, detail: "token_type is not DPoP: the token is not bound to the DPoP key"}
+	case key == nil && !strings.EqualFold(r.tokenType, "Bearer"):
 		return nil, &Error{Reason: ReasonTokenType, detail: "token_type is not Bearer"}
 	}
 	ttl, err := lifetime(r.expiresIn, c.cfg.DefaultTTL, c.cfg.MaxTTL)
@@ -423,13 +472,17 @@ func (c *Client) validate(r tokenResponse, asked []string, arrived time.Time) (*
 	if missing := missingScopes(asked, granted); len(missing) > 0 {
 		return nil, &Error{Reason: ReasonScopeNotGranted, detail: "not granted: " + strings.Join(missing, " ")}
 	}
-	return &Token{
+	t := &Token{
 		AccessToken: r.accessToken,
 		TokenType:   r.tokenType,
 		Scopes:      granted,
 		IssuedAt:    arrived,
 		Expiry:      arrived.Add(ttl),
-	}, nil
+	}
+	if key != nil {
+		t.JKT = key.Thumbprint()
+	}
+	return t, nil
 }
 
 // absurdTTL is a lifetime no access token has: a response declaring more is

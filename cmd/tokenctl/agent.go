@@ -88,6 +88,9 @@ func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr 
 		return exitUsage, err
 	}
 	if err := a.Run(ctx); err != nil {
+		if errors.Is(err, agent.ErrDPoPFile) {
+			return exitUsage, err
+		}
 		return exitError, err // exitCode maps the broker's status
 	}
 	return exitOK, nil

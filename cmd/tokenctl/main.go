@@ -6,6 +6,7 @@
 // Commands:
 //
 //	token CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print an access token
+//	      [--dpop-method M --dpop-url U [--dpop-nonce N]]        (DPoP: print both header lines)
 //	invalidate CREDENTIAL --fingerprint F [--scope S]... [--json]   report a rejected token
 //	watch CREDENTIAL [--scope S]... [--min-ttl D] [--json]      print each rotation until interrupted
 //	list [--json]                                               list usable credentials
@@ -243,23 +244,36 @@ func tokenCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stdout 
 	fs.Var(&scopes, "scope", "scope to request (repeatable; default: the credential's)")
 	minTTL := fs.Duration("min-ttl", 0, "minimum remaining lifetime (default: the broker's)")
 	asJSON := fs.Bool("json", false, "print the whole token as JSON")
+	method := fs.String("dpop-method", "", "DPoP: the HTTP method of the request the token is for")
+	target := fs.String("dpop-url", "", "DPoP: the URL of the request the token is for")
+	nonce := fs.String("dpop-nonce", "", "DPoP: the resource server's DPoP-Nonce, if it sent one")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return exitUsage, err
 	}
-	if len(pos) != 1 {
-		return exitUsage, errors.New("usage: token CREDENTIAL [--scope S]... [--min-ttl D] [--json]")
+	if len(pos) != 1 || (*method == "") != (*target == "") || *nonce != "" && *method == "" {
+		return exitUsage, errors.New("usage: token CREDENTIAL [--scope S]... [--min-ttl D] [--json] [--dpop-method M --dpop-url U [--dpop-nonce N]]")
 	}
 	req := &pb.GetTokenRequest{Credential: pos[0], Scopes: scopes}
 	if *minTTL != 0 {
 		req.MinTtl = durationpb.New(*minTTL)
 	}
+	if *method != "" {
+		req.Dpop = &pb.DPoPRequest{Method: *method, Url: *target, Nonce: *nonce}
+	}
 	resp, err := c.GetToken(ctx, req)
 	if err != nil {
 		return exitError, err
 	}
+	if *asJSON && req.Dpop != nil {
+		return printJSON(stdout, resp)
+	}
 	if *asJSON {
 		return printJSON(stdout, resp.GetToken())
+	}
+	if req.Dpop != nil { // both headers, one a line: curl -H @FILE reads them as they are
+		fmt.Fprintf(stdout, "Authorization: %s %s\nDPoP: %s\n", resp.GetToken().GetTokenType(), resp.GetToken().GetAccessToken(), resp.GetDpopProof())
+		return exitOK, nil
 	}
 	fmt.Fprintln(stdout, resp.GetToken().GetAccessToken())
 	return exitOK, nil

@@ -155,8 +155,8 @@ func TestDevModeEndToEnd(t *testing.T) {
 		t.Errorf("second tokenctl invalidate = %d, %q; want not invalidated", code, out)
 	}
 
-	if code, out, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "list"); code != 0 || out != "identity\tIDENTITY\n" {
-		t.Errorf("tokenctl list = %d, %q; want identity\\tIDENTITY", code, out)
+	if code, out, _ := s.tokenctl(t, "--dev", "--dev-dir", s.dir, "list"); code != 0 || out != "identity\tIDENTITY\nidentity-dpop\tIDENTITY\n" {
+		t.Errorf("tokenctl list = %d, %q; want identity and identity-dpop, each with IDENTITY", code, out)
 	}
 
 	// The dev client is the dev configuration's admin caller.

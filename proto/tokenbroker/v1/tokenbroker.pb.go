@@ -32,7 +32,9 @@ type Token struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The access token, to be sent as "Authorization: <token_type> <access_token>".
 	AccessToken string `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
-	// The token type as the authorization server sent it, e.g. "Bearer".
+	// The token type as the authorization server sent it: "Bearer", or "DPoP"
+	// for a sender-constrained credential (RFC 9449), whose token is usable
+	// only with a proof the broker signs (GetTokenRequest.dpop).
 	TokenType string `protobuf:"bytes,2,opt,name=token_type,json=tokenType,proto3" json:"token_type,omitempty"`
 	// The instant the token expires.
 	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
@@ -120,7 +122,11 @@ type GetTokenRequest struct {
 	Scopes []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
 	// The minimum remaining lifetime of the returned token; unset means the
 	// credential's configured default. At most 24h.
-	MinTtl        *durationpb.Duration `protobuf:"bytes,3,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
+	MinTtl *durationpb.Duration `protobuf:"bytes,3,opt,name=min_ttl,json=minTtl,proto3" json:"min_ttl,omitempty"`
+	// For a DPoP credential (required there, refused for a bearer one): the
+	// HTTP request the token will be sent with, so that the response carries
+	// a proof for it.
+	Dpop          *DPoPRequest `protobuf:"bytes,4,opt,name=dpop,proto3" json:"dpop,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -176,18 +182,95 @@ func (x *GetTokenRequest) GetMinTtl() *durationpb.Duration {
 	return nil
 }
 
+func (x *GetTokenRequest) GetDpop() *DPoPRequest {
+	if x != nil {
+		return x.Dpop
+	}
+	return nil
+}
+
+// DPoPRequest names one HTTP request to a resource server that a DPoP proof
+// (RFC 9449) is made for. A proof is good for that request only.
+type DPoPRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The HTTP method, e.g. "GET" (the proof's htm).
+	Method string `protobuf:"bytes,1,opt,name=method,proto3" json:"method,omitempty"`
+	// The absolute https (or http) URL; its query and fragment are left out
+	// of the proof's htu. The credential's policy may limit the URLs a caller
+	// gets proofs for.
+	Url string `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	// The nonce the resource server sent in DPoP-Nonce, if any.
+	Nonce         string `protobuf:"bytes,3,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DPoPRequest) Reset() {
+	*x = DPoPRequest{}
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DPoPRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DPoPRequest) ProtoMessage() {}
+
+func (x *DPoPRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DPoPRequest.ProtoReflect.Descriptor instead.
+func (*DPoPRequest) Descriptor() ([]byte, []int) {
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *DPoPRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *DPoPRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *DPoPRequest) GetNonce() string {
+	if x != nil {
+		return x.Nonce
+	}
+	return ""
+}
+
 // GetTokenResponse carries the token.
 type GetTokenResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The token, valid for at least the requested min_ttl.
-	Token         *Token `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	Token *Token `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	// With GetTokenRequest.dpop: a fresh DPoP proof for that request and this
+	// token, to send as the "DPoP" header beside "Authorization: DPoP <token>".
+	DpopProof     string `protobuf:"bytes,2,opt,name=dpop_proof,json=dpopProof,proto3" json:"dpop_proof,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetTokenResponse) Reset() {
 	*x = GetTokenResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[2]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -199,7 +282,7 @@ func (x *GetTokenResponse) String() string {
 func (*GetTokenResponse) ProtoMessage() {}
 
 func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[2]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -212,7 +295,7 @@ func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTokenResponse.ProtoReflect.Descriptor instead.
 func (*GetTokenResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{2}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetTokenResponse) GetToken() *Token {
@@ -220,6 +303,13 @@ func (x *GetTokenResponse) GetToken() *Token {
 		return x.Token
 	}
 	return nil
+}
+
+func (x *GetTokenResponse) GetDpopProof() string {
+	if x != nil {
+		return x.DpopProof
+	}
+	return ""
 }
 
 // InvalidateTokenRequest reports a token that a resource server rejected.
@@ -238,7 +328,7 @@ type InvalidateTokenRequest struct {
 
 func (x *InvalidateTokenRequest) Reset() {
 	*x = InvalidateTokenRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[3]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -250,7 +340,7 @@ func (x *InvalidateTokenRequest) String() string {
 func (*InvalidateTokenRequest) ProtoMessage() {}
 
 func (x *InvalidateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[3]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -263,7 +353,7 @@ func (x *InvalidateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InvalidateTokenRequest.ProtoReflect.Descriptor instead.
 func (*InvalidateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{3}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *InvalidateTokenRequest) GetCredential() string {
@@ -299,7 +389,7 @@ type InvalidateTokenResponse struct {
 
 func (x *InvalidateTokenResponse) Reset() {
 	*x = InvalidateTokenResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[4]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -311,7 +401,7 @@ func (x *InvalidateTokenResponse) String() string {
 func (*InvalidateTokenResponse) ProtoMessage() {}
 
 func (x *InvalidateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[4]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -324,7 +414,7 @@ func (x *InvalidateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InvalidateTokenResponse.ProtoReflect.Descriptor instead.
 func (*InvalidateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{4}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *InvalidateTokenResponse) GetInvalidated() bool {
@@ -349,7 +439,7 @@ type WatchTokenRequest struct {
 
 func (x *WatchTokenRequest) Reset() {
 	*x = WatchTokenRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[5]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -361,7 +451,7 @@ func (x *WatchTokenRequest) String() string {
 func (*WatchTokenRequest) ProtoMessage() {}
 
 func (x *WatchTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[5]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -374,7 +464,7 @@ func (x *WatchTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchTokenRequest.ProtoReflect.Descriptor instead.
 func (*WatchTokenRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{5}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WatchTokenRequest) GetCredential() string {
@@ -409,7 +499,7 @@ type WatchTokenResponse struct {
 
 func (x *WatchTokenResponse) Reset() {
 	*x = WatchTokenResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[6]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -421,7 +511,7 @@ func (x *WatchTokenResponse) String() string {
 func (*WatchTokenResponse) ProtoMessage() {}
 
 func (x *WatchTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[6]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -434,7 +524,7 @@ func (x *WatchTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchTokenResponse.ProtoReflect.Descriptor instead.
 func (*WatchTokenResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{6}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchTokenResponse) GetToken() *Token {
@@ -453,7 +543,7 @@ type ListCredentialsRequest struct {
 
 func (x *ListCredentialsRequest) Reset() {
 	*x = ListCredentialsRequest{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[7]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -465,7 +555,7 @@ func (x *ListCredentialsRequest) String() string {
 func (*ListCredentialsRequest) ProtoMessage() {}
 
 func (x *ListCredentialsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[7]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -478,7 +568,7 @@ func (x *ListCredentialsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCredentialsRequest.ProtoReflect.Descriptor instead.
 func (*ListCredentialsRequest) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{7}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{8}
 }
 
 // ListCredentialsResponse lists the credentials the caller may use.
@@ -492,7 +582,7 @@ type ListCredentialsResponse struct {
 
 func (x *ListCredentialsResponse) Reset() {
 	*x = ListCredentialsResponse{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[8]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +594,7 @@ func (x *ListCredentialsResponse) String() string {
 func (*ListCredentialsResponse) ProtoMessage() {}
 
 func (x *ListCredentialsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[8]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +607,7 @@ func (x *ListCredentialsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCredentialsResponse.ProtoReflect.Descriptor instead.
 func (*ListCredentialsResponse) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{8}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListCredentialsResponse) GetCredentials() []*Credential {
@@ -540,7 +630,7 @@ type Credential struct {
 
 func (x *Credential) Reset() {
 	*x = Credential{}
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[9]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +642,7 @@ func (x *Credential) String() string {
 func (*Credential) ProtoMessage() {}
 
 func (x *Credential) ProtoReflect() protoreflect.Message {
-	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[9]
+	mi := &file_tokenbroker_v1_tokenbroker_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +655,7 @@ func (x *Credential) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Credential.ProtoReflect.Descriptor instead.
 func (*Credential) Descriptor() ([]byte, []int) {
-	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{9}
+	return file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Credential) GetName() string {
@@ -594,15 +684,22 @@ const file_tokenbroker_v1_tokenbroker_proto_rawDesc = "" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12\x16\n" +
 	"\x06scopes\x18\x04 \x03(\tR\x06scopes\x12 \n" +
-	"\vfingerprint\x18\x05 \x01(\tR\vfingerprint\"}\n" +
+	"\vfingerprint\x18\x05 \x01(\tR\vfingerprint\"\xae\x01\n" +
 	"\x0fGetTokenRequest\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
 	"credential\x12\x16\n" +
 	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x122\n" +
-	"\amin_ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\"?\n" +
+	"\amin_ttl\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x06minTtl\x12/\n" +
+	"\x04dpop\x18\x04 \x01(\v2\x1b.tokenbroker.v1.DPoPRequestR\x04dpop\"M\n" +
+	"\vDPoPRequest\x12\x16\n" +
+	"\x06method\x18\x01 \x01(\tR\x06method\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x14\n" +
+	"\x05nonce\x18\x03 \x01(\tR\x05nonce\"^\n" +
 	"\x10GetTokenResponse\x12+\n" +
-	"\x05token\x18\x01 \x01(\v2\x15.tokenbroker.v1.TokenR\x05token\"r\n" +
+	"\x05token\x18\x01 \x01(\v2\x15.tokenbroker.v1.TokenR\x05token\x12\x1d\n" +
+	"\n" +
+	"dpop_proof\x18\x02 \x01(\tR\tdpopProof\"r\n" +
 	"\x16InvalidateTokenRequest\x12\x1e\n" +
 	"\n" +
 	"credential\x18\x01 \x01(\tR\n" +
@@ -645,41 +742,43 @@ func file_tokenbroker_v1_tokenbroker_proto_rawDescGZIP() []byte {
 	return file_tokenbroker_v1_tokenbroker_proto_rawDescData
 }
 
-var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_tokenbroker_v1_tokenbroker_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_tokenbroker_v1_tokenbroker_proto_goTypes = []any{
 	(*Token)(nil),                   // 0: tokenbroker.v1.Token
 	(*GetTokenRequest)(nil),         // 1: tokenbroker.v1.GetTokenRequest
-	(*GetTokenResponse)(nil),        // 2: tokenbroker.v1.GetTokenResponse
-	(*InvalidateTokenRequest)(nil),  // 3: tokenbroker.v1.InvalidateTokenRequest
-	(*InvalidateTokenResponse)(nil), // 4: tokenbroker.v1.InvalidateTokenResponse
-	(*WatchTokenRequest)(nil),       // 5: tokenbroker.v1.WatchTokenRequest
-	(*WatchTokenResponse)(nil),      // 6: tokenbroker.v1.WatchTokenResponse
-	(*ListCredentialsRequest)(nil),  // 7: tokenbroker.v1.ListCredentialsRequest
-	(*ListCredentialsResponse)(nil), // 8: tokenbroker.v1.ListCredentialsResponse
-	(*Credential)(nil),              // 9: tokenbroker.v1.Credential
-	(*timestamppb.Timestamp)(nil),   // 10: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 11: google.protobuf.Duration
+	(*DPoPRequest)(nil),             // 2: tokenbroker.v1.DPoPRequest
+	(*GetTokenResponse)(nil),        // 3: tokenbroker.v1.GetTokenResponse
+	(*InvalidateTokenRequest)(nil),  // 4: tokenbroker.v1.InvalidateTokenRequest
+	(*InvalidateTokenResponse)(nil), // 5: tokenbroker.v1.InvalidateTokenResponse
+	(*WatchTokenRequest)(nil),       // 6: tokenbroker.v1.WatchTokenRequest
+	(*WatchTokenResponse)(nil),      // 7: tokenbroker.v1.WatchTokenResponse
+	(*ListCredentialsRequest)(nil),  // 8: tokenbroker.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil), // 9: tokenbroker.v1.ListCredentialsResponse
+	(*Credential)(nil),              // 10: tokenbroker.v1.Credential
+	(*timestamppb.Timestamp)(nil),   // 11: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 12: google.protobuf.Duration
 }
 var file_tokenbroker_v1_tokenbroker_proto_depIdxs = []int32{
-	10, // 0: tokenbroker.v1.Token.expire_time:type_name -> google.protobuf.Timestamp
-	11, // 1: tokenbroker.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	0,  // 2: tokenbroker.v1.GetTokenResponse.token:type_name -> tokenbroker.v1.Token
-	11, // 3: tokenbroker.v1.WatchTokenRequest.min_ttl:type_name -> google.protobuf.Duration
-	0,  // 4: tokenbroker.v1.WatchTokenResponse.token:type_name -> tokenbroker.v1.Token
-	9,  // 5: tokenbroker.v1.ListCredentialsResponse.credentials:type_name -> tokenbroker.v1.Credential
-	1,  // 6: tokenbroker.v1.TokenBroker.GetToken:input_type -> tokenbroker.v1.GetTokenRequest
-	3,  // 7: tokenbroker.v1.TokenBroker.InvalidateToken:input_type -> tokenbroker.v1.InvalidateTokenRequest
-	5,  // 8: tokenbroker.v1.TokenBroker.WatchToken:input_type -> tokenbroker.v1.WatchTokenRequest
-	7,  // 9: tokenbroker.v1.TokenBroker.ListCredentials:input_type -> tokenbroker.v1.ListCredentialsRequest
-	2,  // 10: tokenbroker.v1.TokenBroker.GetToken:output_type -> tokenbroker.v1.GetTokenResponse
-	4,  // 11: tokenbroker.v1.TokenBroker.InvalidateToken:output_type -> tokenbroker.v1.InvalidateTokenResponse
-	6,  // 12: tokenbroker.v1.TokenBroker.WatchToken:output_type -> tokenbroker.v1.WatchTokenResponse
-	8,  // 13: tokenbroker.v1.TokenBroker.ListCredentials:output_type -> tokenbroker.v1.ListCredentialsResponse
-	10, // [10:14] is the sub-list for method output_type
-	6,  // [6:10] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 0: tokenbroker.v1.Token.expire_time:type_name -> google.protobuf.Timestamp
+	12, // 1: tokenbroker.v1.GetTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	2,  // 2: tokenbroker.v1.GetTokenRequest.dpop:type_name -> tokenbroker.v1.DPoPRequest
+	0,  // 3: tokenbroker.v1.GetTokenResponse.token:type_name -> tokenbroker.v1.Token
+	12, // 4: tokenbroker.v1.WatchTokenRequest.min_ttl:type_name -> google.protobuf.Duration
+	0,  // 5: tokenbroker.v1.WatchTokenResponse.token:type_name -> tokenbroker.v1.Token
+	10, // 6: tokenbroker.v1.ListCredentialsResponse.credentials:type_name -> tokenbroker.v1.Credential
+	1,  // 7: tokenbroker.v1.TokenBroker.GetToken:input_type -> tokenbroker.v1.GetTokenRequest
+	4,  // 8: tokenbroker.v1.TokenBroker.InvalidateToken:input_type -> tokenbroker.v1.InvalidateTokenRequest
+	6,  // 9: tokenbroker.v1.TokenBroker.WatchToken:input_type -> tokenbroker.v1.WatchTokenRequest
+	8,  // 10: tokenbroker.v1.TokenBroker.ListCredentials:input_type -> tokenbroker.v1.ListCredentialsRequest
+	3,  // 11: tokenbroker.v1.TokenBroker.GetToken:output_type -> tokenbroker.v1.GetTokenResponse
+	5,  // 12: tokenbroker.v1.TokenBroker.InvalidateToken:output_type -> tokenbroker.v1.InvalidateTokenResponse
+	7,  // 13: tokenbroker.v1.TokenBroker.WatchToken:output_type -> tokenbroker.v1.WatchTokenResponse
+	9,  // 14: tokenbroker.v1.TokenBroker.ListCredentials:output_type -> tokenbroker.v1.ListCredentialsResponse
+	11, // [11:15] is the sub-list for method output_type
+	7,  // [7:11] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_tokenbroker_v1_tokenbroker_proto_init() }
@@ -693,7 +792,7 @@ func file_tokenbroker_v1_tokenbroker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tokenbroker_v1_tokenbroker_proto_rawDesc), len(file_tokenbroker_v1_tokenbroker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
