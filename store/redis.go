@@ -73,7 +73,7 @@ type RedisOptions struct {
 
 // Redis is a Store shared by all replicas, built so that what others can
 // write into Redis cannot make the broker serve a token it should not, stall
-// the fleet, or hide an outage (README "Store" states the threat model):
+// the fleet, or hide an outage (deploy/docs/security.md states the threat model):
 //
 //   - Each entry is a hash at "<prefix>{<cache key>}": the sealed record (v),
 //     which alone the broker trusts, and plain copies of its fingerprint

@@ -3,7 +3,7 @@ package store
 import "github.com/redis/go-redis/v9"
 
 // The Lua scripts below are all the broker runs against keys, so the Redis
-// ACL of its user can be exact (see README "Least privilege in Redis").
+// ACL of its user can be exact (see README "Sharing tokens across replicas").
 // Scripts never trust what they find: a key of the wrong type counts as
 // absent, and nothing they compare decides which token wins — the broker
 // decides on sealed values it has opened, and a script only checks that

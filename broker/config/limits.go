@@ -2,7 +2,8 @@ package config
 
 import "time"
 
-// Defaults of the limits: section. README "Limits" says why each is what it is.
+// Defaults of the limits: section. deploy/docs/security.md ("The front door")
+// says why each is what it is.
 const (
 	// DefaultHandshakes caps the connections in their TLS (and HTTP/2)
 	// handshake at once, across all sources.

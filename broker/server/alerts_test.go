@@ -42,9 +42,13 @@ type alertRules struct {
 
 const alertsFile = "../../deploy/kubernetes/components/monitoring/prometheusrule.yaml"
 
+// runbooksFile holds a runbook per alert, under a heading of the alert's name.
+const runbooksFile = "../../deploy/docs/operations.md"
+
 // TestAlertRules parses the shipped alert rules and checks that each is
 // complete, that its expression is balanced, that every metric it reads is one
-// the server exports, and that README has its runbook.
+// the server exports, and that the operations guide has its runbook, which
+// the rule's runbook annotation links to.
 func TestAlertRules(t *testing.T) {
 	raw, err := os.ReadFile(alertsFile)
 	if err != nil {
@@ -56,7 +60,7 @@ func TestAlertRules(t *testing.T) {
 	if err := dec.Decode(&pr); err != nil {
 		t.Fatalf("%s: %v", alertsFile, err)
 	}
-	readme, err := os.ReadFile("../../README.md")
+	guide, err := os.ReadFile(runbooksFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,8 +110,11 @@ func TestAlertRules(t *testing.T) {
 					t.Errorf("%s reads %s, which the server does not export", r.Alert, m)
 				}
 			}
-			if !strings.Contains(string(readme), "#### "+r.Alert) {
-				t.Errorf("%s: README has no runbook heading \"#### %s\"", r.Alert, r.Alert)
+			if !strings.Contains(string(guide), "\n### "+r.Alert+"\n") {
+				t.Errorf("%s: %s has no runbook heading \"### %s\"", r.Alert, runbooksFile, r.Alert)
+			}
+			if got, want := r.Annotations["runbook"], "deploy/docs/operations.md#"+strings.ToLower(r.Alert); got != want {
+				t.Errorf("%s: runbook annotation %q, want %q", r.Alert, got, want)
 			}
 		}
 	}

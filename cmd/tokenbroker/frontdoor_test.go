@@ -108,7 +108,7 @@ func TestHeaderFloodMemory(t *testing.T) {
 	}
 }
 
-// BenchmarkFrontDoorMemory measures what the README's Limits table states:
+// BenchmarkFrontDoorMemory measures what deploy/docs/security.md states:
 // the broker's resident memory per open connection (mTLS, HTTP/2, one
 // Health/Check made on it) and per open stream (grpc.health.v1.Health/Watch,
 // all on one connection, under limits.streams_per_connection), on the real

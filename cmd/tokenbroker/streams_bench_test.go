@@ -24,6 +24,11 @@ import (
 // growth of the server's resident memory and of its Go heap and stacks (from
 // its /metrics), per stream. Run it with -benchtime 1x: each iteration starts
 // a server.
+//
+// About half of a stream's cost is its goroutine stack: gRPC runs each
+// stream's handler on its own goroutine, whose stack has grown to 8 KB by the
+// time the first token is sent. The rest is gRPC's per-stream state. Shutdown
+// is awaited with a context callback, not a second goroutine per stream.
 func BenchmarkWatchStreamMemory(b *testing.B) {
 	const streams, conns = 1000, 10
 	bin := buildBinary(b)

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -62,6 +63,10 @@ func agentCmd(ctx context.Context, conn *grpc.ClientConn, args []string, stderr 
 		u, err := url.Parse(*upstream)
 		if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
 			return exitUsage, fmt.Errorf("agent: --upstream %q is not an http(s) URL", *upstream)
+		}
+		if ip := net.ParseIP(u.Hostname()); u.Scheme == "http" && u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			// client.Transport would refuse every request (a 502 each): say so now.
+			return exitUsage, fmt.Errorf("agent: --upstream %q: plain http is allowed only to a loopback address (the token would cross the network in the clear); use https", *upstream)
 		}
 		cfg.Upstream = u
 		if cfg.UpstreamTransport, err = upstreamTransport(*upstreamCA); err != nil {

@@ -312,7 +312,8 @@ func TestAgentProxy(t *testing.T) {
 	}
 }
 
-// TestAgentRefusals: a non-loopback proxy address is refused before anything
+// TestAgentRefusals: a non-loopback proxy address, or a plain-http upstream off
+// loopback (every request would be a 502), is refused before anything
 // runs; a caller without access exits at once with the status's exit code.
 func TestAgentRefusals(t *testing.T) {
 	e := newAgentEnv(t)
@@ -326,6 +327,7 @@ func TestAgentRefusals(t *testing.T) {
 	}{
 		{"non-loopback listen", nil, []string{"agent", "identity", "--listen", "0.0.0.0:0", "--upstream", "https://api.bank.example"}, nil, exitUsage, "not a loopback address"},
 		{"empty-host listen", nil, []string{"agent", "identity", "--listen", ":0", "--upstream", "https://api.bank.example"}, nil, exitUsage, "not a loopback address"},
+		{"http upstream off loopback", nil, []string{"agent", "identity", "--listen", "127.0.0.1:0", "--upstream", "http://api.bank.example"}, nil, exitUsage, "plain http is allowed only to a loopback address"},
 		{"neither write nor listen", nil, []string{"agent", "identity"}, nil, exitUsage, "--write FILE or --listen ADDR"},
 		{"unknown credential", nil, []string{"agent", "nope", "--write", filepath.Join(t.TempDir(), "t")}, nil, exitDenied, "PermissionDenied"},
 		{"denied caller", []string{"--ca", e.env.Path(devmode.CAFile), "--cert", e.env.Path(devmode.DeniedCertFile), "--key", e.env.Path(devmode.DeniedKeyFile)},
