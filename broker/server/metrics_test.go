@@ -1,10 +1,8 @@
 package server
 
 import (
-	"bufio"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -20,34 +18,7 @@ import (
 // label given as "key=value", or -1 when there is none.
 func (h *harness) metric(t *testing.T, name string, labels ...string) float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	sc := bufio.NewScanner(strings.NewReader(string(body)))
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
-			continue
-		}
-		match := true
-		for _, l := range labels {
-			k, v, _ := strings.Cut(l, "=")
-			if !strings.Contains(line, k+`="`+v+`"`) {
-				match = false
-			}
-		}
-		if match {
-			f, err := strconv.ParseFloat(line[strings.LastIndexByte(line, ' ')+1:], 64)
-			if err != nil {
-				t.Fatalf("bad sample %q", line)
-			}
-			return f
-		}
-	}
-	return -1
+	return metricAt(t, h.srv, name, labels...)
 }
 
 func TestMetricsMatchTheCalls(t *testing.T) {
