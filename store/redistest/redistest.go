@@ -28,10 +28,16 @@ import (
 type Server struct {
 	t    testing.TB
 	Port int
-	Dir  string
-	args []string
-	cmd  *exec.Cmd
-	opts Options
+	// BusPort is the Cluster bus port of a cluster node (0 otherwise).
+	BusPort int
+	Dir     string
+	args    []string
+	cmd     *exec.Cmd
+	exited  chan struct{} // closed when cmd has been waited for
+	opts    Options
+	// build makes the command line for the chosen ports; start calls it
+	// again with new ports when another process took one first.
+	build func(port, bus int) []string
 }
 
 // Options configure a standalone server beyond the defaults.
@@ -45,6 +51,10 @@ type Options struct {
 	ClientTLS *tls.Config
 	// Args are extra redis-server arguments.
 	Args []string
+
+	// clusterBus gives the node its own free Cluster bus port instead of
+	// Redis's default of port+10000, which another test may hold.
+	clusterBus bool
 }
 
 // need fails (or, with -short, skips) the test when redis-server is missing.
@@ -69,6 +79,10 @@ func FreePort(t testing.TB) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// pickPort chooses the ports servers start on; a test replaces it to hand
+// out a port that is already taken.
+var pickPort = FreePort
+
 // Start runs a standalone redis-server with extra arguments and waits for it.
 func Start(t testing.TB, extra ...string) *Server {
 	t.Helper()
@@ -79,19 +93,24 @@ func Start(t testing.TB, extra ...string) *Server {
 func StartWith(t testing.TB, o Options) *Server {
 	t.Helper()
 	need(t)
-	s := &Server{t: t, Port: FreePort(t), Dir: t.TempDir(), opts: o}
-	port := []string{"--port", strconv.Itoa(s.Port)}
-	if o.CertFile != "" {
-		port = []string{"--port", "0", "--tls-port", strconv.Itoa(s.Port),
-			"--tls-cert-file", o.CertFile, "--tls-key-file", o.KeyFile, "--tls-auth-clients", "no"}
+	s := &Server{t: t, Dir: t.TempDir(), opts: o}
+	s.build = func(port, bus int) []string {
+		args := []string{"--port", strconv.Itoa(port)}
+		if o.CertFile != "" {
+			args = []string{"--port", "0", "--tls-port", strconv.Itoa(port),
+				"--tls-cert-file", o.CertFile, "--tls-key-file", o.KeyFile, "--tls-auth-clients", "no"}
+		}
+		if bus != 0 {
+			args = append(args, "--cluster-port", strconv.Itoa(bus))
+		}
+		args = append(args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", s.Dir,
+			"--logfile", filepath.Join(s.Dir, "redis.log"))
+		if o.Password != "" {
+			args = append(args, "--requirepass", o.Password)
+		}
+		return append(args, o.Args...)
 	}
-	s.args = append(port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", s.Dir,
-		"--logfile", filepath.Join(s.Dir, "redis.log"))
-	if o.Password != "" {
-		s.args = append(s.args, "--requirepass", o.Password)
-	}
-	s.args = append(s.args, o.Args...)
-	s.start()
+	s.startFresh()
 	t.Cleanup(s.Kill)
 	return s
 }
@@ -100,17 +119,49 @@ func (s *Server) clientOptions() *redis.Options {
 	return &redis.Options{Addr: s.Addr(), Password: s.opts.Password, TLSConfig: s.opts.ClientTLS}
 }
 
-func (s *Server) start() {
+// startFresh starts the server on newly chosen free ports. A port is only
+// known to be free until the server binds it, so when another process took
+// one in between (the log says "Address already in use") it tries new ports,
+// a few times, before failing the test.
+func (s *Server) startFresh() {
 	s.t.Helper()
-	s.cmd = exec.Command("redis-server", s.args...)
-	if err := s.cmd.Start(); err != nil {
-		s.t.Fatalf("start redis-server: %v", err)
+	for attempt := 1; ; attempt++ {
+		s.Port = pickPort(s.t)
+		if s.opts.clusterBus {
+			s.BusPort = pickPort(s.t)
+		}
+		s.args = s.build(s.Port, s.BusPort)
+		_ = os.Remove(filepath.Join(s.Dir, "redis.log"))
+		err := s.run()
+		if err == nil {
+			return
+		}
+		log, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
+		if attempt < 5 && strings.Contains(string(log), "Address already in use") {
+			continue
+		}
+		s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, log)
 	}
-	s.waitPing()
 }
 
-func (s *Server) waitPing() {
+// start runs the server again on the ports it had (Restart).
+func (s *Server) start() {
 	s.t.Helper()
+	if err := s.run(); err != nil {
+		log, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
+		s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, log)
+	}
+}
+
+// run starts the process and waits until it answers PING, it exits, or 10s pass.
+func (s *Server) run() error {
+	cmd := exec.Command("redis-server", s.args...)
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start redis-server: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	s.cmd, s.exited = cmd, exited
 	o := s.clientOptions()
 	o.MaxRetries = -1
 	c := redis.NewClient(o)
@@ -121,11 +172,17 @@ func (s *Server) waitPing() {
 		err := c.Ping(ctx).Err()
 		cancel()
 		if err == nil {
-			return
+			return nil
+		}
+		select {
+		case <-exited:
+			s.cmd = nil
+			return fmt.Errorf("redis-server exited before answering: %w", err)
+		default:
 		}
 		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
-			s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, log)
+			s.Kill()
+			return err
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -147,7 +204,7 @@ func (s *Server) Kill() {
 		return
 	}
 	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
+	<-s.exited
 	s.cmd = nil
 }
 
@@ -197,8 +254,10 @@ func StartClusterWithReplicas(t testing.TB, masters, replicas int) *Cluster {
 	c := &Cluster{}
 	var addrs []string
 	for range masters * (1 + replicas) {
-		s := Start(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-			"--cluster-replica-validity-factor", "0") // a replica takes over however long ago it last synced
+		s := StartWith(t, Options{clusterBus: true, Args: []string{
+			"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+			"--cluster-replica-validity-factor", "0", // a replica takes over however long ago it last synced
+		}})
 		c.Nodes = append(c.Nodes, s)
 		addrs = append(addrs, s.Addr())
 	}
@@ -259,19 +318,20 @@ func StartSentinel(t testing.TB) *Sentinel {
 	g.Master = Start(t)
 	g.Replica = Start(t, "--replicaof", "127.0.0.1", strconv.Itoa(g.Master.Port))
 
-	port := FreePort(t)
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "sentinel.conf")
-	body := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nlogfile %s\n"+
-		"sentinel monitor %s 127.0.0.1 %d 1\n"+
-		"sentinel down-after-milliseconds %s 1000\n"+
-		"sentinel failover-timeout %s 5000\n",
-		port, dir, filepath.Join(dir, "redis.log"), g.MasterName, g.Master.Port, g.MasterName, g.MasterName)
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	g.Sentinel = &Server{t: t, Port: port, Dir: dir, args: []string{conf, "--sentinel"}}
-	g.Sentinel.start()
+	g.Sentinel = &Server{t: t, Dir: dir, build: func(port, _ int) []string {
+		body := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nlogfile %s\n"+
+			"sentinel monitor %s 127.0.0.1 %d 1\n"+
+			"sentinel down-after-milliseconds %s 1000\n"+
+			"sentinel failover-timeout %s 5000\n",
+			port, dir, filepath.Join(dir, "redis.log"), g.MasterName, g.Master.Port, g.MasterName, g.MasterName)
+		if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return []string{conf, "--sentinel"}
+	}}
+	g.Sentinel.startFresh()
 	t.Cleanup(g.Sentinel.Kill)
 	return g
 }
