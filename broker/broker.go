@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
@@ -83,6 +82,10 @@ type Credential struct {
 	// DPoP, when set, is the key the credential's tokens are bound to
 	// (RFC 9449): GetToken then requires a ProofRequest (see proof.go).
 	DPoP *dpop.Keyring
+	// Secrets is how many client secrets the Fetcher tries (client_secret_files
+	// during a rotation); tokenbroker_client_secret_used_total has series
+	// only for a credential with more than one.
+	Secrets int
 }
 
 // Options configures a Broker.
@@ -177,24 +180,12 @@ type credential struct {
 	upstreamID string
 	defaultKey string
 	ruleScopes map[int]scopeSet // per restricted policy rule: its default scopes and their key
-	hits       atomic.Value     // prometheus.Counter: tokenbroker_token_source_total{source="memory"}, made at the first hit
 	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
 	hint      atomic.Pointer[slot]
 	log       *zap.Logger
 	capLogged atomic.Bool // the default min_ttl cap was logged
-}
-
-// hit counts a token served from memory. The series is made at the
-// credential's first hit, so that an idle credential has none.
-func (c *credential) hit(m *metrics) {
-	h, _ := c.hits.Load().(prometheus.Counter)
-	if h == nil {
-		h = m.source.WithLabelValues(c.Name, SourceMemory)
-		c.hits.Store(h)
-	}
-	h.Inc()
 }
 
 // New returns a Broker for opts.
@@ -453,7 +444,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 			}
 			s.touch(now, demand)
 			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
-				p.c.hit(b.m)
+				p.c.stats.sources[fromMemory].Add(1)
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a

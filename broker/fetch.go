@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -52,7 +51,7 @@ func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes [
 		f := r.Val.(flight)
 		minTTL := w.of(c, f.entry.Lifetime())
 		if b.usable(f.entry, minTTL) {
-			b.m.source.WithLabelValues(c.Name, f.source).Inc()
+			c.stats.source(f.source)
 			return Issued{Entry: f.entry, Source: f.source}, nil
 		}
 		if f.source == SourceUpstream {
@@ -106,7 +105,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			// replica's: someone keeps rewriting it. Fetch without it, as
 			// during a Redis outage.
 			if !waitStart.IsZero() && time.Since(waitStart) > 2*c.LockTTL {
-				b.m.leaseOverruns.WithLabelValues(c.Name).Inc()
+				c.stats.overruns.Add(1)
 				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
 					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
 				return b.fetchUnlessAhead(ctx, c, key, scopes, nil, w)
@@ -220,7 +219,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		if errors.As(err, &ue) {
 			outcome = string(ue.Reason)
 		}
-		b.m.upstream.WithLabelValues(c.Name, outcome).Inc()
+		c.stats.failed(outcome)
 		if span.IsRecording() {
 			span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
 			span.SetStatus(otelcodes.Error, outcome)
@@ -230,12 +229,14 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
-	b.m.upstream.WithLabelValues(c.Name, "ok").Inc()
+	c.stats.ok.Add(1)
 	if span.IsRecording() {
 		span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
 	}
 	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
-	b.m.secretUsed.WithLabelValues(c.Name, strconv.Itoa(t.SecretIndex)).Inc()
+	if c.Secrets > 1 {
+		c.stats.secretUsed(t.SecretIndex)
+	}
 	if t.SecretIndex > 0 {
 		b.log.Warn("an older client secret worked; the first in client_secret_files was refused (is the rotation done at the bank?)",
 			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))

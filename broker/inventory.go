@@ -19,9 +19,11 @@ const (
 	RecentCallersWindow = time.Hour
 )
 
-// credStats is what the broker remembers about a credential's use for the
-// inventory. It outlives reloads that keep the credential.
+// credStats is what the broker remembers about a credential's use, for the
+// inventory and the per-credential metrics. It outlives reloads that keep
+// the credential, and goes with the credential when a reload removes it.
 type credStats struct {
+	counts
 	lastFetch atomic.Pointer[FetchRecord]
 	mark      atomic.Pointer[callerMark] // the caller noted last, and when
 
@@ -107,11 +109,10 @@ type CredentialUse struct {
 // Use returns the state and use of every configured credential, by name.
 func (b *Broker) Use() map[string]CredentialUse {
 	now := b.now()
-	issued := b.m.issuedByCredential()
 	out := map[string]CredentialUse{}
 	for name := range *b.creds.Load() {
 		st := b.stats(name)
-		u := CredentialUse{Upstream: b.gate(name).health(), Issued: issued[name], LastFetch: st.lastFetch.Load(),
+		u := CredentialUse{Upstream: b.gate(name).health(), Issued: int64(st.issued()), LastFetch: st.lastFetch.Load(),
 			Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
 		st.mu.Lock()
 		for id, sec := range st.callers {

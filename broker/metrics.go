@@ -2,29 +2,23 @@ package broker
 
 import (
 	"net/url"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/tokenbroker/tokenbroker/broker/audit"
+	"github.com/tokenbroker/tokenbroker/broker/promtext"
 )
 
 // metrics are the Broker's Prometheus collectors. Labels carry credential
 // names and fixed words only, never caller identities (cardinality).
 type metrics struct {
-	source      *prometheus.CounterVec   // credential, source
-	upstream    *prometheus.CounterVec   // credential, outcome
 	upstreamDur *prometheus.HistogramVec // endpoint: the token endpoint's host, not the credential (a histogram is 13 series)
 	storeErrors *prometheus.CounterVec   // op
 	lockWait    prometheus.Histogram
 	audit       *prometheus.CounterVec        // event
 	auditEvents map[string]prometheus.Counter // the known events' series, looked up once
-	secretUsed  *prometheus.CounterVec        // credential, secret (index in client_secret_files)
-
-	// leaseOverruns counts fetches made without the lease after waiting
-	// longer than its bound (a lease someone else keeps writing).
-	leaseOverruns *prometheus.CounterVec // credential
 }
 
 // storeOps are the store operations counted in tokenbroker_store_errors_total;
@@ -33,14 +27,6 @@ var storeOps = []string{"get", "put", "lock", "delete"}
 
 func newMetrics() *metrics {
 	m := &metrics{
-		source: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tokenbroker_token_source_total",
-			Help: "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).",
-		}, []string{"credential", "source"}),
-		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tokenbroker_upstream_requests_total",
-			Help: "Requests to token endpoints, by credential and outcome (ok, or the failure class).",
-		}, []string{"credential", "outcome"}),
 		upstreamDur: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "tokenbroker_upstream_duration_seconds",
 			Help:    "Duration of requests to token endpoints, by endpoint (host and port of token_url).",
@@ -55,14 +41,6 @@ func newMetrics() *metrics {
 			Help:    "Time spent waiting for another replica's fetch.",
 			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}),
-		leaseOverruns: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tokenbroker_lease_wait_exceeded_total",
-			Help: "Fetches made without the lease after waiting longer than the lease bound for another replica's.",
-		}, []string{"credential"}),
-		secretUsed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tokenbroker_client_secret_used_total",
-			Help: "Successful token requests by the client secret that worked (index in client_secret_files; 0 with one file).",
-		}, []string{"credential", "secret"}),
 		audit: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tokenbroker_audit_events_total",
 			Help: "Audit events recorded, by event.",
@@ -78,83 +56,167 @@ func newMetrics() *metrics {
 	return m
 }
 
-var (
-	expiryDesc = prometheus.NewDesc("tokenbroker_token_expiry_seconds",
-		"Seconds until the freshest cached token of each credential expires (the one the refresher keeps young).", []string{"credential"}, nil)
-	healthyDesc = prometheus.NewDesc("tokenbroker_credential_healthy",
-		"1 while the credential's token endpoint answers, 0 while it fails or refuses the broker.", []string{"credential"}, nil)
-)
-
-// Describe implements prometheus.Collector.
+// Describe implements prometheus.Collector. The per-credential families
+// are not among them: WriteCredentialMetrics writes those.
 func (b *Broker) Describe(ch chan<- *prometheus.Desc) {
-	b.m.source.Describe(ch)
-	b.m.upstream.Describe(ch)
 	b.m.upstreamDur.Describe(ch)
 	b.m.storeErrors.Describe(ch)
 	b.m.lockWait.Describe(ch)
-	b.m.leaseOverruns.Describe(ch)
 	b.m.audit.Describe(ch)
-	b.m.secretUsed.Describe(ch)
-	ch <- expiryDesc
-	ch <- healthyDesc
-	ch <- lastSuccessDesc
 }
 
-// Collect implements prometheus.Collector; the gauges are computed at scrape time.
+// Collect implements prometheus.Collector.
 func (b *Broker) Collect(ch chan<- prometheus.Metric) {
-	b.m.source.Collect(ch)
-	b.m.upstream.Collect(ch)
 	b.m.upstreamDur.Collect(ch)
 	b.m.storeErrors.Collect(ch)
 	b.m.lockWait.Collect(ch)
-	b.m.leaseOverruns.Collect(ch)
 	b.m.audit.Collect(ch)
-	b.m.secretUsed.Collect(ch)
+}
+
+// The per-credential families, written by WriteCredentialMetrics.
+const (
+	sourceFamily      = "tokenbroker_token_source_total"
+	upstreamFamily    = "tokenbroker_upstream_requests_total"
+	secretFamily      = "tokenbroker_client_secret_used_total"
+	overrunFamily     = "tokenbroker_lease_wait_exceeded_total"
+	expiryFamily      = "tokenbroker_token_expiry_seconds"
+	healthyFamily     = "tokenbroker_credential_healthy"
+	lastSuccessFamily = "tokenbroker_credential_last_success_timestamp_seconds"
+)
+
+// CredentialFamilies are the names of the families WriteCredentialMetrics
+// writes; no collector registered beside it may have them.
+var CredentialFamilies = []string{sourceFamily, upstreamFamily, secretFamily, overrunFamily,
+	expiryFamily, healthyFamily, lastSuccessFamily}
+
+// WriteCredentialMetrics appends the per-credential families to w, read
+// from the credentials' counters and state now, credentials in name order.
+// A family without series is left out, as client_golang leaves out a vector
+// without series.
+func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
+	creds := *b.creds.Load()
+	names := make([]string, 0, len(creds))
+	for name := range creds {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	sources := [numSources]string{SourceMemory, b.store.Name(), SourceUpstream}
+	storeIsMemory := sources[fromStore] == SourceMemory
+	fam := familyWriter{w: w}
+
+	fam.start(sourceFamily, "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).", promtext.Counter)
+	for _, n := range names {
+		st := creds[n].stats
+		mem := st.sources[fromMemory].Load()
+		if storeIsMemory { // the in-process store and the in-process cache are both "memory"
+			mem += st.sources[fromStore].Load()
+		}
+		for i, v := range [numSources]uint64{mem, st.sources[fromStore].Load(), st.sources[fromUpstream].Load()} {
+			if v > 0 && !(i == fromStore && storeIsMemory) {
+				fam.count(v, "credential", n, "source", sources[i])
+			}
+		}
+	}
+
+	fam.start(upstreamFamily, "Requests to token endpoints, by credential and outcome (ok, or the failure class).", promtext.Counter)
+	for _, n := range names {
+		st := creds[n].stats
+		if v := st.ok.Load(); v > 0 {
+			fam.count(v, "credential", n, "outcome", "ok")
+		}
+		if r := st.rare.Load(); r != nil {
+			for _, f := range r.failures {
+				fam.count(f.n, "credential", n, "outcome", f.outcome)
+			}
+		}
+	}
+
+	fam.start(secretFamily, "Successful token requests by the client secret that worked (index in client_secret_files), for credentials with more than one.", promtext.Counter)
+	for _, n := range names {
+		if r := creds[n].stats.rare.Load(); r != nil {
+			for i, v := range r.secrets {
+				if v > 0 {
+					fam.count(v, "credential", n, "secret", secretLabel(i))
+				}
+			}
+		}
+	}
+
+	fam.start(overrunFamily, "Fetches made without the lease after waiting longer than the lease bound for another replica's.", promtext.Counter)
+	for _, n := range names {
+		if v := creds[n].stats.overruns.Load(); v > 0 {
+			fam.count(v, "credential", n)
+		}
+	}
 
 	now := b.now()
 	// The freshest token, not the oldest: an idle scope set's token may run
 	// down harmlessly, but when even the freshest is close to expiry, callers are.
-	freshest := map[string]time.Duration{}
+	freshest := make(map[string]time.Time, len(names))
 	b.l1.Range(func(_, v any) bool {
 		s := v.(*slot)
 		if e := s.entry.Load(); e != nil {
-			if left, ok := freshest[s.cred]; !ok || e.Expiry.Sub(now) > left {
-				freshest[s.cred] = e.Expiry.Sub(now)
+			if t, ok := freshest[s.cred]; !ok || e.Expiry.After(t) {
+				freshest[s.cred] = e.Expiry
 			}
 		}
 		return true
 	})
-	for name, left := range freshest {
-		ch <- prometheus.MustNewConstMetric(expiryDesc, prometheus.GaugeValue, left.Seconds(), name)
+	fam.start(expiryFamily, "Seconds until the freshest cached token of each credential expires (the one the refresher keeps young).", promtext.Gauge)
+	for _, n := range names {
+		if t, ok := freshest[n]; ok {
+			fam.sample(t.Sub(now).Seconds(), "credential", n)
+		}
 	}
-	health := b.Health()
-	b.collectLastSuccess(ch, health)
-	for name, h := range health {
+
+	health := make([]CredentialHealth, len(names))
+	for i, n := range names {
+		health[i] = b.health(creds[n])
+	}
+	fam.start(healthyFamily, "1 while the credential's token endpoint answers, 0 while it fails or refuses the broker.", promtext.Gauge)
+	for i, n := range names {
 		v := 0.0
-		if h.State == "ok" {
+		if health[i].State == "ok" {
 			v = 1
 		}
-		ch <- prometheus.MustNewConstMetric(healthyDesc, prometheus.GaugeValue, v, name)
+		fam.sample(v, "credential", n)
+	}
+	fam.start(lastSuccessFamily, "When the credential's token endpoint last answered (a token fetched, or a background connection check passed), Unix time.", promtext.Gauge)
+	for i, n := range names {
+		if t := health[i].LastSuccess; t != nil {
+			fam.sample(float64(t.UnixNano())/1e9, "credential", n)
+		}
 	}
 }
 
-// issuedByCredential sums tokenbroker_token_source_total by credential.
-func (m *metrics) issuedByCredential() map[string]int64 {
-	ch := make(chan prometheus.Metric, 64)
-	go func() { m.source.Collect(ch); close(ch) }()
-	out := map[string]int64{}
-	for mt := range ch {
-		var d dto.Metric
-		if mt.Write(&d) != nil {
-			continue
-		}
-		for _, l := range d.GetLabel() {
-			if l.GetName() == "credential" {
-				out[l.GetValue()] += int64(d.GetCounter().GetValue())
-			}
-		}
+// familyWriter writes a family's HELP and TYPE lines before its first
+// sample, so that a family without samples is left out.
+type familyWriter struct {
+	w             *promtext.Writer
+	name, help    string
+	typ           promtext.Type
+	headerWritten bool
+}
+
+func (f *familyWriter) start(name, help string, t promtext.Type) {
+	f.name, f.help, f.typ, f.headerWritten = name, help, t, false
+}
+
+func (f *familyWriter) header() {
+	if !f.headerWritten {
+		f.w.Family(f.name, f.help, f.typ)
+		f.headerWritten = true
 	}
-	return out
+}
+
+func (f *familyWriter) count(v uint64, labels ...string) {
+	f.header()
+	f.w.Count(f.name, v, labels...)
+}
+
+func (f *familyWriter) sample(v float64, labels ...string) {
+	f.header()
+	f.w.Sample(f.name, v, labels...)
 }
 
 // endpointOf is the label tokenbroker_upstream_duration_seconds has for

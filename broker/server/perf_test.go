@@ -74,6 +74,9 @@ func perfChild(mode, cfgPath string) error {
 		serve func(ctx context.Context) error
 		srv   *Server
 	)
+	if os.Getenv("TOKENBROKER_PERF_PROFILE") != "" {
+		runtime.MemProfileRate = 64 // heap profiles that resolve a credential's few hundred bytes
+	}
 	switch mode {
 	case "broker":
 		cfg, err := config.Load(cfgPath)

@@ -25,7 +25,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
@@ -285,7 +284,7 @@ func New(opts Options) (_ *Server, err error) {
 	} else {
 		mux.HandleFunc("GET /credentials", inventoryElsewhere)
 	}
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.registry, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", s.metricsHandler())
 	if s.cfg.Pprof {
 		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
@@ -366,7 +365,8 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 			RefreshAt:   c.RefreshAt,
 			IdleTimeout: c.IdleTimeout.D(),
 			TokenURL:    c.TokenURL, ClientID: c.ClientID, EndpointParams: c.EndpointParams,
-			DPoP: ring,
+			DPoP:    ring,
+			Secrets: len(c.ClientSecretFiles) + min(len(c.ClientSecretFile), 1),
 		})
 	}
 	return out, nil
