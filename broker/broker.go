@@ -164,9 +164,7 @@ type Broker struct {
 	invalidations limiters // InvalidateToken, per caller
 	requests      limiters // the other calls, per caller
 	streams       streamCounts
-	gates         sync.Map // credential name → *gate; kept across SetCredentials
-	credStats     sync.Map // credential name → *credStats; likewise
-	checks        sync.Map // credential name → *credCheck; likewise
+	credStats     sync.Map // credential name → *credStats (its counts, retry gate and check state); kept across SetCredentials
 	m             *metrics
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
@@ -565,11 +563,7 @@ func (b *Broker) storeFailed(op string, err error) {
 }
 
 func (b *Broker) gate(name string) *gate {
-	if g, ok := b.gates.Load(name); ok {
-		return g.(*gate)
-	}
-	g, _ := b.gates.LoadOrStore(name, &gate{maxWait: b.maxWait, maxRetryAfter: b.maxRetryAfter})
-	return g.(*gate)
+	return &b.stats(name).gate
 }
 
 // Health returns the upstream state of every credential.

@@ -44,11 +44,7 @@ type credCheck struct {
 }
 
 func (b *Broker) check(name string) *credCheck {
-	if v, ok := b.checks.Load(name); ok {
-		return v.(*credCheck)
-	}
-	v, _ := b.checks.LoadOrStore(name, &credCheck{})
-	return v.(*credCheck)
+	return &b.stats(name).check
 }
 
 // noteSuccess records that the token endpoint answered for credential name.

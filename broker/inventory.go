@@ -24,6 +24,8 @@ const (
 // the credential, and goes with the credential when a reload removes it.
 type credStats struct {
 	counts
+	gate  gate      // when the next token request may go out
+	check credCheck // the background check's state (health.go)
 	lastFetch atomic.Pointer[FetchRecord]
 	mark      atomic.Pointer[callerMark] // the caller noted last, and when
 
@@ -141,7 +143,9 @@ func (b *Broker) stats(name string) *credStats {
 	if v, ok := b.credStats.Load(name); ok {
 		return v.(*credStats)
 	}
-	v, _ := b.credStats.LoadOrStore(name, &credStats{})
+	st := &credStats{}
+	st.gate.maxWait, st.gate.maxRetryAfter = b.maxWait, b.maxRetryAfter
+	v, _ := b.credStats.LoadOrStore(name, st)
 	return v.(*credStats)
 }
 
@@ -155,12 +159,10 @@ func (b *Broker) forgetRemoved(current map[string]*credential) {
 		}
 		return true
 	})
-	for _, m := range []*sync.Map{&b.gates, &b.credStats} {
-		m.Range(func(k, _ any) bool {
-			if current[k.(string)] == nil {
-				m.Delete(k)
-			}
-			return true
-		})
-	}
+	b.credStats.Range(func(k, _ any) bool {
+		if current[k.(string)] == nil {
+			b.credStats.Delete(k)
+		}
+		return true
+	})
 }

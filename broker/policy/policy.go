@@ -124,9 +124,17 @@ type Grant struct {
 
 // Matcher admits the identities its rules name. The zero Matcher admits none.
 type Matcher struct {
-	exact    map[Identity][]int // identity → indexes of rules
+	exact    []exactRule // sorted by identity, then rule: found by binary search
 	prefixes []prefix
 	rules    []Rule
+}
+
+// exactRule is a rule that names one identity. A sorted slice of them, not
+// a map: a credential's rules are few, and with ten thousand credentials a
+// map each was a fifth of the broker's heap.
+type exactRule struct {
+	id   Identity
+	rule int
 }
 
 type prefix struct {
@@ -146,7 +154,7 @@ func Compile(patterns []string) (*Matcher, error) {
 // CompileRules parses rules whose patterns are "spiffe://trust-domain/path",
 // "spiffe://trust-domain/path/*" or "dns:name". The error names the first bad pattern.
 func CompileRules(rules []Rule) (*Matcher, error) {
-	m := &Matcher{exact: make(map[Identity][]int, len(rules))}
+	m := &Matcher{rules: make([]Rule, 0, len(rules))}
 	for i, r := range rules {
 		p := r.Pattern
 		if err := CheckPattern(p); err != nil {
@@ -160,14 +168,15 @@ func CompileRules(rules []Rule) (*Matcher, error) {
 		m.rules = append(m.rules, r)
 		switch base, isPrefix := strings.CutSuffix(p, "/*"); {
 		case strings.HasPrefix(p, "dns:"):
-			id := Identity(strings.ToLower(p))
-			m.exact[id] = append(m.exact[id], i)
+			m.exact = append(m.exact, exactRule{id: Identity(strings.ToLower(p)), rule: i})
 		case isPrefix:
 			m.prefixes = append(m.prefixes, prefix{base: base + "/", rule: i})
 		default:
-			m.exact[Identity(p)] = append(m.exact[Identity(p)], i)
+			m.exact = append(m.exact, exactRule{id: Identity(p), rule: i})
 		}
 	}
+	slices.SortStableFunc(m.exact, func(a, b exactRule) int { return strings.Compare(string(a.id), string(b.id)) })
+	m.exact = slices.Clip(m.exact)
 	return m, nil
 }
 
@@ -215,6 +224,20 @@ func (m *Matcher) Allows(id Identity) bool {
 	return ok
 }
 
+// exactFor returns the rules that name id, in rule order.
+func (m *Matcher) exactFor(id Identity) []exactRule {
+	cmp := func(e exactRule, id Identity) int { return strings.Compare(string(e.id), string(id)) }
+	i, found := slices.BinarySearchFunc(m.exact, id, cmp)
+	if !found {
+		return nil
+	}
+	j := i + 1
+	for j < len(m.exact) && m.exact[j].id == id {
+		j++
+	}
+	return m.exact[i:j]
+}
+
 // Grant reports whether id is admitted and to which scopes: the union of
 // the scopes of every matching rule, all of them if any rule is unrestricted.
 func (m *Matcher) Grant(id Identity) (Grant, bool) {
@@ -239,8 +262,8 @@ func (m *Matcher) Grant(id Identity) (Grant, bool) {
 		}
 		return true
 	}
-	for _, i := range m.exact[id] {
-		if !visit(i) {
+	for _, e := range m.exactFor(id) {
+		if !visit(e.rule) {
 			return Grant{Rule: -1}, true
 		}
 	}

@@ -6,8 +6,10 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"math/big"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -161,5 +163,38 @@ func TestTrustDomain(t *testing.T) {
 		if got := id.TrustDomain(); got != want {
 			t.Errorf("%s.TrustDomain() = %q, want %q", id, got, want)
 		}
+	}
+}
+
+// TestManyExactRules: with many rules naming identities in no order, and
+// one identity named twice, each identity gets exactly its rules' scopes
+// (the rules are kept in a sorted slice, found by binary search).
+func TestManyExactRules(t *testing.T) {
+	var rules []Rule
+	for i := range 50 {
+		n := (i * 37) % 50 // not sorted
+		rules = append(rules, Rule{Pattern: fmt.Sprintf("spiffe://td/sa/w%02d", n), Scopes: []string{fmt.Sprintf("S%02d", n)}})
+	}
+	rules = append(rules, Rule{Pattern: "spiffe://td/sa/w07", Scopes: []string{"EXTRA"}})
+	m, err := CompileRules(rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n := range 50 {
+		id := Identity(fmt.Sprintf("spiffe://td/sa/w%02d", n))
+		g, ok := m.Grant(id)
+		want := []string{fmt.Sprintf("S%02d", n)}
+		if n == 7 {
+			want = []string{"EXTRA", "S07"}
+		}
+		if !ok || !slices.Equal(g.Scopes, want) {
+			t.Errorf("%s: %v %v, want %v", id, g.Scopes, ok, want)
+		}
+		if n != 7 && (g.Rule < 0 || rules[g.Rule].Pattern != string(id)) {
+			t.Errorf("%s: rule %d", id, g.Rule)
+		}
+	}
+	if _, ok := m.Grant("spiffe://td/sa/w50"); ok {
+		t.Error("an identity no rule names was admitted")
 	}
 }

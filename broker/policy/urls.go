@@ -92,8 +92,8 @@ func (m *Matcher) AllowsURL(id Identity, u *url.URL) bool {
 		}
 		return false
 	}
-	for _, i := range m.exact[id] {
-		if visit(i) {
+	for _, e := range m.exactFor(id) {
+		if visit(e.rule) {
 			return ok
 		}
 	}

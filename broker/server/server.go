@@ -318,8 +318,11 @@ func (s *Server) setAdmins(cfg *config.Config) error {
 func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.TracerProvider) ([]broker.Credential, error) {
 	out := make([]broker.Credential, 0, len(cfg.Credentials))
 	for _, c := range cfg.Credentials {
-		params := url.Values{}
+		var params url.Values // nil without endpoint_params: a map each adds up over thousands of credentials
 		for k, v := range c.EndpointParams {
+			if params == nil {
+				params = url.Values{}
+			}
 			params.Set(k, v)
 		}
 		ring, err := keyringFor(c)
