@@ -24,8 +24,8 @@ const (
 // the credential, and goes with the credential when a reload removes it.
 type credStats struct {
 	counts
-	gate  gate      // when the next token request may go out
-	check credCheck // the background check's state (health.go)
+	gate      gate      // when the next token request may go out
+	check     credCheck // the background check's state (health.go)
 	lastFetch atomic.Pointer[FetchRecord]
 	mark      atomic.Pointer[callerMark] // the caller noted last, and when
 
