@@ -28,11 +28,12 @@ const (
 	scrapeTarget      = 100 * time.Millisecond
 	reloadGrowthLimit = 1.05 // heap after ten reloads, over the heap before
 	// Issue 27's targets above are reported, met or not; these bounds, half
-	// again over what was measured when the targets were missed (2.5 KB,
-	// 3.0 KB, 4.7 MB), fail the benchmark on a regression.
-	idleBytesBound   = 3800
-	cachedBytesBound = 4500
-	metricsSizeBound = 7 << 20
+	// again over what was measured where a target is missed (2.1 KB idle,
+	// 4.0 MB of /metrics), and the target where it is met (cached), fail the
+	// benchmark on a regression.
+	idleBytesBound   = 3100
+	cachedBytesBound = cachedBytesTarget
+	metricsSizeBound = 6 << 20
 )
 
 // BenchmarkCredentialMemory measures what a credential costs a broker
@@ -47,14 +48,22 @@ const (
 // 100 ms, and the heap after the reloads within 5% of before. Run it with
 // -benchtime 1x: an iteration starts two servers.
 //
-// Why the targets are missed: a cached credential keeps six series, each
-// read by the dashboard, an alert or the contract (token_source_total,
-// upstream_requests_total, client_secret_used_total, token_expiry_seconds,
-// credential_healthy, credential_last_success_timestamp_seconds); 2 MB would
-// leave fewer than three, and a scrape's time is Prometheus' text encoding of
-// them. The idle heap is the credential's configuration as parsed, its
-// upstream client, its compiled policy, its cache key and its statistics,
-// each a few hundred bytes.
+// What is met and what is not (issue 27). A cached token costs about 1.1 KB
+// beyond the idle credential (target 2 KB): its in-process slot and entry,
+// the copy in the in-process store (no Redis here), the cache key's map entry and the inventory's note
+// of its caller; its series are counts in the credential's statistics,
+// written as text at scrape time (broker.WriteCredentialMetrics), so a
+// scrape takes tens of milliseconds, not a second. An idle credential costs
+// about 2.1 KB (target 1 KB): it is held three times over, each a few
+// hundred bytes — as parsed (config.Credential, kept for reloads and the
+// inventory), as the broker's credential (cache keys, defaults) and as its
+// upstream client (with everything a fetch reads) — plus its statistics,
+// retry gate and compiled caller rules; one representation instead of three
+// is what 1 KB would take. /metrics keeps five series per cached credential
+// (token_source_total, upstream_requests_total, token_expiry_seconds,
+// credential_healthy, credential_last_success_timestamp_seconds), each read
+// by the dashboard, an alert or the contract: about 4 MB as text at 10,000
+// credentials (target 2 MB), a tenth of that as the gzip a scraper asks for.
 //
 //	go test -run '^$' -bench BenchmarkCredentialMemory -benchtime 1x -v ./broker/server/
 func BenchmarkCredentialMemory(b *testing.B) {
@@ -137,6 +146,7 @@ func BenchmarkCredentialMemory(b *testing.B) {
 			return nil
 		})
 	}
+	gzipSize := scrapeGzipSize(b, p.addrs.Admin)
 	scrapeTime := medianOf(scrapes, func(d time.Duration) float64 { return float64(d) })
 
 	before := p.control(b, http.MethodGet, "/heap")
@@ -153,16 +163,17 @@ func BenchmarkCredentialMemory(b *testing.B) {
 	growth := after / before
 	b.Logf("\n%d credentials in %d files; heap after GC: one credential %.1f MB, %d idle %.1f MB, cached %.1f MB\n"+
 		"| per credential | heap | target |\n|---|---|---|\n| idle | %.0f B | ≤ %d B |\n| cached (beyond idle) | %.0f B (token %d B) | ≤ %d B + token |\n"+
-		"/metrics: %.2f MB, %d series, scrape %v (median of 5) (targets ≤ %.0f MB, ≤ %v)\n"+
+		"/metrics: %.2f MB, %d series, scrape %v (median of 5) (targets ≤ %.0f MB, ≤ %v); %.2f MB as gzip\n"+
 		"%d reloads: heap after GC %.1f → %.1f MB (%.3f×, limit %.2f×); RSS one credential %.0f MB, cached %.0f MB, after reloads %.0f MB",
 		n, files, base/1e6, n, idle/1e6, cached/1e6, idlePer, idleBytesTarget, cachedPer, tokenLen, cachedBytesTarget,
-		float64(size)/(1<<20), series, time.Duration(scrapeTime).Round(time.Millisecond), float64(metricsSizeTarget)/(1<<20), scrapeTarget,
+		float64(size)/(1<<20), series, time.Duration(scrapeTime).Round(time.Millisecond), float64(metricsSizeTarget)/(1<<20), scrapeTarget, float64(gzipSize)/(1<<20),
 		reloads, before/1e6, after/1e6, growth, reloadGrowthLimit, baseRSS/1e6, cachedRSS/1e6, afterRSS/1e6)
 	b.ReportMetric(0, "ns/op")
 	b.ReportMetric(idlePer, "idle-B/credential")
 	b.ReportMetric(cachedPer, "cached-B/credential")
 	b.ReportMetric(float64(size), "metrics-B")
 	b.ReportMetric(float64(series), "metrics-series")
+	b.ReportMetric(float64(gzipSize), "metrics-gzip-B")
 	b.ReportMetric(scrapeTime/1e6, "scrape-ms")
 	b.ReportMetric(growth, "heap-after/before-reloads")
 	for _, c := range []struct {
@@ -223,6 +234,24 @@ func scrape(tb testing.TB, admin string) []byte {
 		tb.Fatalf("/metrics: %s %v", resp.Status, err)
 	}
 	return body
+}
+
+// scrapeGzipSize is the size of /metrics as sent to a scraper that accepts
+// gzip (as Prometheus does).
+func scrapeGzipSize(tb testing.TB, admin string) int {
+	tb.Helper()
+	req, _ := http.NewRequest(http.MethodGet, "http://"+admin+"/metrics", nil)
+	req.Header.Set("Accept-Encoding", "gzip")
+	resp, err := http.DefaultTransport.RoundTrip(req) // no transparent decompression
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.Header.Get("Content-Encoding") != "gzip" {
+		tb.Fatalf("/metrics with gzip: %s %q %v", resp.Status, resp.Header.Get("Content-Encoding"), err)
+	}
+	return len(body)
 }
 
 // countSeries counts the sample lines of a text exposition.

@@ -74,8 +74,11 @@ func perfChild(mode, cfgPath string) error {
 		serve func(ctx context.Context) error
 		srv   *Server
 	)
-	if os.Getenv("TOKENBROKER_PERF_PROFILE") != "" {
-		runtime.MemProfileRate = 64 // heap profiles that resolve a credential's few hundred bytes
+	// TOKENBROKER_PERF_MEMPROFILERATE=64 gives heap profiles that resolve a
+	// credential's few hundred bytes (and slows every allocation: not for
+	// CPU profiles).
+	if r, err := strconv.Atoi(os.Getenv("TOKENBROKER_PERF_MEMPROFILERATE")); err == nil && r > 0 {
+		runtime.MemProfileRate = r
 	}
 	switch mode {
 	case "broker":
