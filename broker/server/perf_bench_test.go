@@ -115,47 +115,56 @@ func BenchmarkBareFloor(b *testing.B) {
 		}
 	}
 	fetches := p.h.as.TokenRequests()
-	type sample struct{ rps, cpu float64 } // calls/s, ns per call
+	type sample struct{ rps, cpu, objs, bytes float64 } // calls/s, ns, objects and bytes allocated per call
 	samples := make([][]sample, len(targets))
 	for range rounds {
 		wall := make([]time.Duration, len(targets))
 		cpu := make([]time.Duration, len(targets))
+		objs, bytes := make([]float64, len(targets)), make([]float64, len(targets))
 		for slice, done := 0, 0; done < perRound; slice++ {
 			n := min(max(perRound/nSlices, 1), perRound-done)
 			for k := range targets {
 				i := (k + slice) % len(targets)
 				t := targets[i]
+				o0, b0 := t.proc.allocs(b)
 				cpu0, t0 := t.proc.cpu(b), time.Now()
 				if err := runCalls(n, concurrency, t.call); err != nil {
 					b.Fatalf("%s: %v", t.name, err)
 				}
 				wall[i] += time.Since(t0)
 				cpu[i] += t.proc.cpu(b) - cpu0
+				o1, b1 := t.proc.allocs(b)
+				objs[i] += o1 - o0
+				bytes[i] += b1 - b0
 			}
 			done += n
 		}
 		for i := range targets {
-			samples[i] = append(samples[i], sample{float64(perRound) / wall[i].Seconds(), float64(cpu[i]) / float64(perRound)})
+			samples[i] = append(samples[i], sample{float64(perRound) / wall[i].Seconds(), float64(cpu[i]) / float64(perRound),
+				objs[i] / float64(perRound), bytes[i] / float64(perRound)})
 		}
 	}
 	if n := p.h.as.TokenRequests() - fetches; n != 0 {
 		b.Errorf("%d token requests while measuring hits, want 0", n)
 	}
 	if dir := os.Getenv("TOKENBROKER_PERF_PROFILE"); dir != "" { // for go tool pprof
-		profile(b, p.broker.addrs.Admin, filepath.Join(dir, "broker-GetToken.pprof"), brokerLoad.getToken)
-		profile(b, p.broker.addrs.Admin, filepath.Join(dir, "broker-Health.pprof"), brokerLoad.check)
-		profile(b, p.bare.addrs.Control, filepath.Join(dir, "bare-GetToken.pprof"), bareLoad.getToken)
-		profile(b, p.bare.addrs.Control, filepath.Join(dir, "bare-Health.pprof"), bareLoad.check)
+		for _, kind := range []string{"profile", "allocs"} { // CPU, then what was allocated meanwhile
+			profileOf(b, kind, p.broker.addrs.Control, filepath.Join(dir, "broker-GetToken-"+kind+".pprof"), brokerLoad.getToken)
+			profileOf(b, kind, p.broker.addrs.Control, filepath.Join(dir, "broker-Health-"+kind+".pprof"), brokerLoad.check)
+			profileOf(b, kind, p.bare.addrs.Control, filepath.Join(dir, "bare-GetToken-"+kind+".pprof"), bareLoad.getToken)
+			profileOf(b, kind, p.bare.addrs.Control, filepath.Join(dir, "bare-Health-"+kind+".pprof"), bareLoad.check)
+		}
 	}
 	rps := func(i int) float64 { return medianOf(samples[i], func(s sample) float64 { return s.rps }) }
 	cpu := func(i int) float64 { return medianOf(samples[i], func(s sample) float64 { return s.cpu }) }
 	var table strings.Builder
 	fmt.Fprintf(&table, "\nserver: GOMAXPROCS=1, CPU %q; %d calls of each per round at concurrency %d over %d connection(s), medians of %d rounds\n",
 		os.Getenv(perfCPUEnv), perRound, concurrency, conns, rounds)
-	fmt.Fprintf(&table, "| server | call | requests/s | server CPU per call |\n|---|---|---|---|\n")
+	fmt.Fprintf(&table, "| server | call | requests/s | server CPU per call | server allocations per call |\n|---|---|---|---|---|\n")
 	for i, t := range targets {
 		server, call, _ := strings.Cut(t.name, " ")
-		fmt.Fprintf(&table, "| %s | %s | %.0f | %.2f µs |\n", server, call, rps(i), cpu(i)/1e3)
+		fmt.Fprintf(&table, "| %s | %s | %.0f | %.2f µs | %.1f (%.0f B) |\n", server, call, rps(i), cpu(i)/1e3,
+			medianOf(samples[i], func(s sample) float64 { return s.objs }), medianOf(samples[i], func(s sample) float64 { return s.bytes }))
 	}
 	fmt.Fprintf(&table, "\nbroker/bare: GetToken throughput %.3f× (target ≥ 0.90), CPU per call %.3f× (≤ 1.10); Health throughput %.3f×, CPU per call %.3f× (≤ 1.05)\n",
 		rps(0)/rps(1), cpu(0)/cpu(1), rps(2)/rps(3), cpu(2)/cpu(3))
@@ -172,6 +181,13 @@ func BenchmarkBareFloor(b *testing.B) {
 // profile writes to path a 5-second CPU profile of the server whose pprof
 // handlers are at addr, saturated with call.
 func profile(b *testing.B, addr, path string, call func() error) {
+	profileOf(b, "profile", addr, path, call)
+}
+
+// profileOf writes to path a 5-second profile of kind ("profile" for CPU,
+// "allocs" for what was allocated in those seconds) of the server whose
+// pprof handlers are at addr, saturated with call.
+func profileOf(b *testing.B, kind, addr, path string, call func() error) {
 	b.Helper()
 	stop := make(chan struct{})
 	done := make(chan error, 1)
@@ -189,7 +205,7 @@ func profile(b *testing.B, addr, path string, call func() error) {
 			}
 		}
 	}()
-	resp, err := http.Get("http://" + addr + "/debug/pprof/profile?seconds=5")
+	resp, err := http.Get("http://" + addr + "/debug/pprof/" + kind + "?seconds=5")
 	close(stop)
 	if err != nil {
 		b.Fatal(err)

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -136,6 +137,12 @@ func perfChild(mode, cfgPath string) error {
 		runtime.ReadMemStats(&ms)
 		fmt.Fprint(w, ms.HeapAlloc)
 	})
+	mux.HandleFunc("GET /allocs", func(w http.ResponseWriter, _ *http.Request) {
+		// Objects and bytes allocated so far, without stopping the world.
+		s := []metrics.Sample{{Name: "/gc/heap/allocs:objects"}, {Name: "/gc/heap/allocs:bytes"}}
+		metrics.Read(s)
+		fmt.Fprintf(w, "%d %d", s[0].Value.Uint64(), s[1].Value.Uint64())
+	})
 	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, _ *http.Request) {
 		if srv == nil {
 			http.Error(w, "no broker", http.StatusNotFound)
@@ -146,6 +153,7 @@ func perfChild(mode, cfgPath string) error {
 		}
 	})
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile) // the bare floor's too
+	mux.Handle("GET /debug/pprof/allocs", pprof.Handler("allocs"))
 	go func() { _ = http.Serve(ctl, mux) }()
 	addrs.Control = ctl.Addr().String()
 
@@ -297,6 +305,20 @@ func (p *perfProc) control(tb testing.TB, method, path string) float64 {
 		tb.Fatalf("%s %s: %q", method, path, b)
 	}
 	return v
+}
+
+// allocs is what the child has allocated so far: objects and bytes.
+func (p *perfProc) allocs(tb testing.TB) (objects, bytes float64) {
+	tb.Helper()
+	resp, err := http.Get("http://" + p.addrs.Control + "/allocs")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if _, err := fmt.Fscan(resp.Body, &objects, &bytes); err != nil {
+		tb.Fatalf("/allocs: %v", err)
+	}
+	return objects, bytes
 }
 
 // cpu is the child's CPU time so far.
