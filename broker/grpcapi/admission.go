@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,12 +67,16 @@ func (a *Admission) ServerOptions() []grpc.ServerOption {
 // errNoFirstMessage ends a call whose request message did not come in time.
 var errNoFirstMessage = errors.New("no request message within limits.first_message_timeout")
 
-// admitKey is the context key of a call's first-message timer.
+// admitKey is the context key under which an admitted call finds itself.
 type admitKey struct{}
 
+// epoch is what admission times are measured from (monotonic).
+var epoch = time.Now()
+
 // Tap admits or refuses a new stream. It runs with the transport's lock
-// held: it only counts, starts a timer, and (for a first denial of a
-// source) writes one audit line.
+// held: it only counts, makes the call cancellable, puts it at the end of
+// its connection's calls waiting for their first message, and (for a first
+// denial of a source) writes one audit line.
 func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
@@ -94,32 +99,134 @@ func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 		a.refused(RefusedStreams)
 		return nil, status.Errorf(codes.ResourceExhausted, "%d calls are already open on this connection (limits.streams_per_connection); wait for one to end or use another connection", a.cfg.StreamsPerConnection)
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	st := &admitted{streams: &ci.streams}
-	st.timer = time.AfterFunc(a.cfg.FirstMessageTimeout, func() {
-		if st.released.Load() {
-			return
+	cctx, cancel := context.WithCancelCause(ctx)
+	c := &admittedCall{Context: cctx, cancel: cancel, conn: ci, at: time.Since(epoch)}
+	ci.waiting.add(c, a)
+	return c, nil
+}
+
+// admittedCall is an admitted call's context: the stream's context made
+// cancellable, and the call's place in its connection's count. The place is
+// released once: when its handler returns (the interceptors), or when the
+// call is found still without its first message FirstMessageTimeout after
+// its headers — a call that never reached an interceptor (reset by the
+// peer, or silent) holds its place until then.
+//
+// One allocation besides the cancellable context: no timer, closure or
+// context value per call. A connection's calls waiting for their first
+// message are a list in admission order, and one timer per connection
+// fires at the oldest one's deadline (waitingCalls).
+type admittedCall struct {
+	context.Context
+	cancel   context.CancelCauseFunc
+	conn     *callerInfo
+	at       time.Duration // admitted, since epoch
+	released atomic.Bool
+
+	// In conn.waiting's list while inList; guarded by its mutex.
+	prev, next *admittedCall
+	inList     bool
+}
+
+// Value implements context.Context: the call finds itself under admitKey.
+func (c *admittedCall) Value(key any) any {
+	if _, ok := key.(admitKey); ok {
+		return c
+	}
+	return c.Context.Value(key)
+}
+
+func (c *admittedCall) release() {
+	if c.released.CompareAndSwap(false, true) {
+		c.conn.streams.Add(-1)
+	}
+}
+
+// waitingCalls are a connection's admitted calls whose first message has not
+// come, oldest first, and the timer that checks the oldest.
+type waitingCalls struct {
+	mu         sync.Mutex
+	head, tail *admittedCall
+	timer      *time.Timer // made at the connection's first call
+	armed      bool
+}
+
+// add appends c, arming the timer when it is not.
+func (w *waitingCalls) add(c *admittedCall, a *Admission) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c.inList, c.prev = true, w.tail
+	if w.tail != nil {
+		w.tail.next = c
+	} else {
+		w.head = c
+	}
+	w.tail = c
+	if w.armed {
+		return
+	}
+	w.armed = true
+	if w.timer == nil {
+		ci := c.conn
+		w.timer = time.AfterFunc(a.cfg.FirstMessageTimeout, func() { a.sweep(ci) })
+		return
+	}
+	w.timer.Reset(a.cfg.FirstMessageTimeout)
+}
+
+// remove takes c out of the list, if it is there: its first message came.
+func (w *waitingCalls) remove(c *admittedCall) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if c.inList {
+		w.unlinkLocked(c)
+	}
+}
+
+// unlinkLocked takes c, which is in the list, out of it. w.mu is held.
+func (w *waitingCalls) unlinkLocked(c *admittedCall) {
+	c.inList = false
+	if c.prev != nil {
+		c.prev.next = c.next
+	} else {
+		w.head = c.next
+	}
+	if c.next != nil {
+		c.next.prev = c.prev
+	} else {
+		w.tail = c.prev
+	}
+	c.prev, c.next = nil, nil
+}
+
+// sweep ends the calls of ci that have waited FirstMessageTimeout for their
+// first message: each is counted and cancelled, and its place released; one
+// whose stream already ended (reset by the peer, or failed before its
+// handler) only has its place released. The timer is armed again for the
+// oldest call left.
+func (a *Admission) sweep(ci *callerInfo) {
+	w := &ci.waiting
+	now := time.Since(epoch)
+	var expired []*admittedCall
+	w.mu.Lock()
+	for c := w.head; c != nil && now-c.at >= a.cfg.FirstMessageTimeout; c = w.head {
+		w.unlinkLocked(c)
+		expired = append(expired, c)
+	}
+	if w.head != nil {
+		w.timer.Reset(a.cfg.FirstMessageTimeout - (now - w.head.at))
+	} else {
+		w.armed = false
+	}
+	w.mu.Unlock()
+	for _, c := range expired {
+		if c.Context.Err() != nil || c.released.Load() {
+			c.release()
+			continue
 		}
 		a.refused(RefusedFirstMessage)
-		st.release()
-		cancel(errNoFirstMessage)
-	})
-	return context.WithValue(ctx, admitKey{}, st), nil
-}
-
-// admitted is an admitted call. Its place in the connection's count is
-// released once: when its handler returns (the interceptors), or when its
-// first-message timer fires — a call that never reached an interceptor
-// (reset by the peer, or silent) holds its place until then.
-type admitted struct {
-	streams  *streamCount
-	timer    *time.Timer
-	released atomic.Bool
-}
-
-func (st *admitted) release() {
-	if st.released.CompareAndSwap(false, true) {
-		st.streams.Add(-1)
+		c.release()
+		c.cancel(errNoFirstMessage)
 	}
 }
 
@@ -130,39 +237,39 @@ func (a *Admission) refused(reason string) {
 }
 
 // admittedFrom returns ctx's admitted call, or nil.
-func admittedFrom(ctx context.Context) *admitted {
-	st, _ := ctx.Value(admitKey{}).(*admitted)
-	return st
+func admittedFrom(ctx context.Context) *admittedCall {
+	c, _ := ctx.Value(admitKey{}).(*admittedCall)
+	return c
 }
 
-// unary runs once a unary call's request message has been read: the timer
-// stops, and the call's place is released when its handler returns.
+// unary runs once a unary call's request message has been read: the call
+// leaves the waiting list, and its place is released when its handler returns.
 func (a *Admission) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	st := admittedFrom(ctx)
-	if st == nil {
+	c := admittedFrom(ctx)
+	if c == nil {
 		return h(ctx, req)
 	}
-	st.timer.Stop()
-	defer st.release()
+	c.conn.waiting.remove(c)
+	defer c.release()
 	return h(ctx, req)
 }
 
 // stream watches for a streaming call's first request message, and
 // releases the call's place when its handler returns.
 func (a *Admission) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	st := admittedFrom(ss.Context())
-	if st == nil {
+	c := admittedFrom(ss.Context())
+	if c == nil {
 		return h(srv, ss)
 	}
-	defer st.release()
-	defer st.timer.Stop()
-	return h(srv, &firstMessageStream{ServerStream: ss, st: st})
+	defer c.release()
+	defer c.conn.waiting.remove(c)
+	return h(srv, &firstMessageStream{ServerStream: ss, c: c})
 }
 
-// firstMessageStream stops the first-message timer at the first message.
+// firstMessageStream takes its call out of the waiting list at the first message.
 type firstMessageStream struct {
 	grpc.ServerStream
-	st  *admitted
+	c   *admittedCall
 	got bool
 }
 
@@ -171,7 +278,7 @@ func (s *firstMessageStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
 	if err == nil && !s.got {
 		s.got = true
-		s.st.timer.Stop()
+		s.c.conn.waiting.remove(s.c)
 	}
 	return err
 }

@@ -201,6 +201,7 @@ type callerInfo struct {
 	conn     *trackedConn // nil when untracked
 	notAfter time.Time    // of the client's chain, when tracked
 	streams  streamCount  // calls open on the connection (Admission)
+	waiting  waitingCalls // admitted calls whose first message has not come (Admission)
 }
 
 // callerFrom returns the identity of the caller of the call ctx belongs to.
