@@ -13,9 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"gopkg.in/yaml.v3"
 
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
