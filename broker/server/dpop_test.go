@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -454,4 +455,30 @@ func (h *harness) remember(tok string) {
 		h.tokens = map[string]bool{}
 	}
 	h.tokens[tok] = true
+}
+
+// TestAdminShowsDPoPURLs: the Admin inventory shows, for each caller rule
+// of a DPoP credential, the API URL prefixes its proofs may name, as
+// configured — what a platform engineer needs to answer "why was this
+// proof refused".
+func TestAdminShowsDPoPURLs(t *testing.T) {
+	h := newDPoPHarness(t, func(c *config.Config) { c.Admin.Callers = []string{operator} })
+	admin := pb.NewAdminClient(h.conn(nil, operator))
+	resp, err := admin.DescribeCredentials(context.Background(), &pb.DescribeCredentialsRequest{Name: "identity-dpop"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := resp.GetCredentials()[0].GetAllowedCallers()
+	want := h.cfg.Credentials[len(h.cfg.Credentials)-1].AllowedCallers
+	if len(rules) != len(want) {
+		t.Fatalf("%d caller rules, want %d", len(rules), len(want))
+	}
+	for i, r := range rules {
+		if r.GetCaller() != want[i].Caller || !slices.Equal(r.GetUrls(), want[i].URLs) {
+			t.Errorf("rule %d: %s %v, want %s %v", i, r.GetCaller(), r.GetUrls(), want[i].Caller, want[i].URLs)
+		}
+	}
+	if len(rules[0].GetUrls()) != 1 {
+		t.Errorf("the payments rule shows no URL prefix: %v", rules[0])
+	}
 }

@@ -133,7 +133,7 @@ func (s *Server) describe(name string) ([]*pb.CredentialDescription, bool) {
 			Upstream: &pb.UpstreamState{State: v.Upstream.State, Reason: v.Upstream.Reason, Description: v.Upstream.Description,
 				ConsecutiveFailures: int32(v.Upstream.Failures), Since: stamp(v.Upstream.Since), NextAttempt: stamp(v.Upstream.NextAttempt)}}
 		for _, a := range v.AllowedCallers {
-			d.AllowedCallers = append(d.AllowedCallers, &pb.CallerRule{Caller: a.Caller, Scopes: a.Scopes})
+			d.AllowedCallers = append(d.AllowedCallers, &pb.CallerRule{Caller: a.Caller, Scopes: a.Scopes, Urls: a.URLs})
 		}
 		for _, m := range v.Material {
 			d.Material = append(d.Material, &pb.MaterialFile{Kind: m.Kind, File: m.File, LastRotated: stamp(m.LastRotated),

@@ -456,6 +456,9 @@ func inventoryCmd(ctx context.Context, conn *grpc.ClientConn, args []string, std
 			if len(r.GetScopes()) > 0 {
 				sc = strings.Join(r.GetScopes(), " ")
 			}
+			if len(r.GetUrls()) > 0 {
+				sc += "; proofs for " + strings.Join(r.GetUrls(), " ")
+			}
 			fmt.Fprintf(stdout, "  caller          %s (%s)\n", r.GetCaller(), sc)
 		}
 		for _, m := range c.GetMaterial() {

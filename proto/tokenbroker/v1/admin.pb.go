@@ -274,7 +274,10 @@ type CallerRule struct {
 	// The caller pattern: a SPIFFE ID, a SPIFFE ID prefix ending in "/*", or "dns:<name>".
 	Caller string `protobuf:"bytes,1,opt,name=caller,proto3" json:"caller,omitempty"`
 	// The scopes it admits to; empty means all of the credential's.
-	Scopes        []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	Scopes []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// For a DPoP credential, the API URL prefixes its proofs may name (scheme,
+	// host and path prefix on a segment boundary); empty means any.
+	Urls          []string `protobuf:"bytes,3,rep,name=urls,proto3" json:"urls,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -319,6 +322,13 @@ func (x *CallerRule) GetCaller() string {
 func (x *CallerRule) GetScopes() []string {
 	if x != nil {
 		return x.Scopes
+	}
+	return nil
+}
+
+func (x *CallerRule) GetUrls() []string {
+	if x != nil {
+		return x.Urls
 	}
 	return nil
 }
@@ -697,11 +707,12 @@ const file_tokenbroker_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"last_fetch\x18\v \x01(\v2\x1b.tokenbroker.v1.FetchRecordR\tlastFetch\x12#\n" +
 	"\rtokens_issued\x18\f \x01(\x03R\ftokensIssued\x12C\n" +
-	"\x0erecent_callers\x18\r \x03(\v2\x1c.tokenbroker.v1.RecentCallerR\rrecentCallers\"<\n" +
+	"\x0erecent_callers\x18\r \x03(\v2\x1c.tokenbroker.v1.RecentCallerR\rrecentCallers\"P\n" +
 	"\n" +
 	"CallerRule\x12\x16\n" +
 	"\x06caller\x18\x01 \x01(\tR\x06caller\x12\x16\n" +
-	"\x06scopes\x18\x02 \x03(\tR\x06scopes\"\xc8\x01\n" +
+	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12\x12\n" +
+	"\x04urls\x18\x03 \x03(\tR\x04urls\"\xc8\x01\n" +
 	"\fMaterialFile\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x12\n" +
 	"\x04file\x18\x02 \x01(\tR\x04file\x12=\n" +
