@@ -8,16 +8,16 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
+
+	"github.com/tokenbroker/tokenbroker/broker/pemkey"
 )
 
 // The algorithms a Key signs with.
@@ -47,24 +47,9 @@ type Key struct {
 // least MinRSABits. An empty alg picks ES256, EdDSA or RS256 by key type.
 // The error never holds the key's content.
 func ParseKey(pemBytes []byte, alg string) (*Key, error) {
-	block, _ := pem.Decode(pemBytes)
-	if block == nil {
-		return nil, errors.New("no PEM block")
-	}
-	var key any
-	var err error
-	switch block.Type {
-	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	default:
-		return nil, fmt.Errorf("unsupported PEM type %q (want PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)", block.Type)
-	}
+	key, err := pemkey.Parse(pemBytes)
 	if err != nil {
-		return nil, errors.New("the private key does not parse")
+		return nil, err
 	}
 	var pub crypto.PublicKey
 	var a jose.SignatureAlgorithm

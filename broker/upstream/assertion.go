@@ -6,9 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/x509"
 	"encoding/base64"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +14,8 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+
+	"github.com/tokenbroker/tokenbroker/broker/pemkey"
 )
 
 // PrivateKeyJWT authenticates with a signed JWT assertion (RFC 7523 §2.2).
@@ -35,29 +35,11 @@ func loadSigningKey(path string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read private key: %w", err)
 	}
-	block, _ := pem.Decode(b)
-	if block == nil {
-		return nil, fmt.Errorf("private key %s: no PEM block", path)
-	}
-	var key any
-	switch block.Type {
-	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	case "RSA PRIVATE KEY":
-		key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
-	default:
-		return nil, fmt.Errorf("private key %s: unsupported PEM type %q", path, block.Type)
-	}
+	key, err := pemkey.Parse(b)
 	if err != nil {
 		return nil, fmt.Errorf("private key %s: %w", path, err)
 	}
-	signer, ok := key.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("private key %s: not a signing key", path)
-	}
-	return signer, nil
+	return key, nil
 }
 
 // signingAlg picks the JWS algorithm: the configured one, which must fit the
