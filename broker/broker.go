@@ -136,6 +136,11 @@ type Request struct {
 	MinTTL time.Duration
 	// MinTTLSet says whether the caller sent a min_ttl.
 	MinTTLSet bool
+	// MinTTLInvalid says that the min_ttl the caller sent is not a valid
+	// duration. The request is refused (ErrInvalidArgument) once the
+	// caller's rate limit and access have been checked, like any other
+	// refusal, so that a malformed request costs no more than a denied one.
+	MinTTLInvalid bool
 	// Proof asks for a DPoP proof with the token: required for a DPoP
 	// credential, refused for a bearer one.
 	Proof *ProofRequest
@@ -411,6 +416,9 @@ func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
 	scopes, key, err := c.resolve(caller, grant, req.Scopes)
 	if err != nil {
 		return prepared{}, err
+	}
+	if req.MinTTLInvalid {
+		return prepared{}, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument)
 	}
 	minTTL, defaulted := c.MinTTL, !req.MinTTLSet
 	if req.MinTTLSet {

@@ -1,0 +1,74 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+)
+
+// TestReviewMalformedMinTTLFloodAuditedInAggregate: a caller with an
+// identity that no credential allows, rate limited, sends GetToken and
+// WatchToken with a min_ttl that is not a valid protobuf Duration (nanos out
+// of range). Such a call must cost what any other refused call costs: the
+// rate limit and the caller's access are checked first, and its denials are
+// audited in aggregate, not one line each.
+func TestReviewMalformedMinTTLFloodAuditedInAggregate(t *testing.T) {
+	const window = time.Second
+	h := newHarnessWith(t, func(c *config.Config) {
+		c.RateLimit = &config.RateLimit{RequestsPerSecond: 50, Burst: 50}
+	}, func(o *Options) { o.AuditDenialWindow = window })
+	c := h.client(stranger)
+	bad := &durationpb.Duration{Seconds: 1, Nanos: 2_000_000_000} // CheckValid fails
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var calls atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range 4 {
+		wg.Go(func() {
+			for ctx.Err() == nil && calls.Add(1) <= 2_000 {
+				if i == 0 {
+					w, err := c.WatchToken(ctx, &pb.WatchTokenRequest{Credential: "identity", MinTtl: bad})
+					if err == nil {
+						_, _ = w.Recv()
+					}
+					continue
+				}
+				_, _ = c.GetToken(ctx, &pb.GetTokenRequest{Credential: "identity", MinTtl: bad})
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	time.Sleep(window + 1500*time.Millisecond) // the last summaries, then the audit flush
+	n := min(calls.Load(), 2_000)
+	var lines int
+	for _, l := range auditLines(t, h.audit.String()) {
+		if l.Caller == stranger {
+			lines++
+		}
+	}
+	t.Logf("%d malformed calls in %v: %d audit lines for the caller", n, elapsed, lines)
+	if n < 200 {
+		t.Fatalf("only %d calls made: too few to show anything", n)
+	}
+	// The first denial of each outcome at once, then one summary per window.
+	if maxLines := 2 * (2 + int(elapsed/window)); lines > maxLines {
+		t.Errorf("%d audit lines for %d calls of a caller no credential allows, want at most %d", lines, n, maxLines)
+	}
+
+	// A caller that may use the credential still hears what was wrong.
+	_, err := h.client(payments).GetToken(context.Background(), &pb.GetTokenRequest{Credential: "identity", MinTtl: bad})
+	if st := status.Convert(err); st.Code() != codes.InvalidArgument || st.Message() == "" {
+		t.Errorf("a malformed min_ttl from an allowed caller: %v, want INVALID_ARGUMENT", err)
+	}
+}
