@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
+	"github.com/tokenbroker/tokenbroker/store/redistest"
 )
 
 // TestReviewMalformedMinTTLFloodAuditedInAggregate: a caller with an
@@ -72,3 +74,55 @@ func TestReviewMalformedMinTTLFloodAuditedInAggregate(t *testing.T) {
 		t.Errorf("a malformed min_ttl from an allowed caller: %v, want INVALID_ARGUMENT", err)
 	}
 }
+
+// TestReviewOversizedValueIsAbsent: someone with write access to Redis puts
+// a huge value (tens of MB) in the field v of a token's entry hash. The
+// broker must treat it as it treats any value that does not open: absent,
+// replaced by the next valid token, costing one token request, without
+// marking Redis down for every key.
+func TestReviewOversizedValueIsAbsent(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	srvs, clients := replicas(h, 2)
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	if _, failed := callAll(h, clients[:1], 1, req); failed > 0 {
+		t.Fatal("first call failed")
+	}
+	c, ctx := rs.Client(), context.Background()
+	entry := onlyEntry(t, c)
+	huge := strings.Repeat("x", reviewHugeValue)
+	if err := c.HSet(ctx, entry, "v", huge).Err(); err != nil {
+		t.Fatal(err)
+	}
+	huge = ""
+	before := h.as.TokenRequests()
+	outages := 0.0
+	start := time.Now()
+	for round := range 6 {
+		evictAll(srvs)
+		if _, failed := callAll(h, clients, 1, req); failed > 0 {
+			t.Fatalf("round %d: %d calls failed", round, failed)
+		}
+		for _, s := range srvs {
+			if up := metricAt(t, s, "tokenbroker_store_up"); up != 1 {
+				outages++
+			}
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	n := h.as.TokenRequests() - before
+	size := c.HStrLen(ctx, entry, "v").Val()
+	t.Logf("6 rounds in %v: %d token requests, store_up 0 seen %v times, stored v now %d bytes", time.Since(start), n, outages, size)
+	if n > 1 {
+		t.Errorf("token requests after the oversized value = %d, want 1 (it is replaced once)", n)
+	}
+	if outages > 0 {
+		t.Errorf("tokenbroker_store_up went to 0 %v times: one oversized value marked Redis down for every key", outages)
+	}
+	if size >= reviewHugeValue {
+		t.Errorf("the oversized value is still stored (%d bytes)", size)
+	}
+}
+
+// reviewHugeValue is the size of the value TestReviewOversizedValueIsAbsent plants.
+const reviewHugeValue = 64 << 20
