@@ -203,9 +203,27 @@ func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRe
 	ok, err := s.core.Invalidate(ctx, caller, broker.InvalidateRequest{
 		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, s.refuseInvalidation(ctx, caller, req, err)
 	}
 	return &pb.InvalidateTokenResponse{Invalidated: ok}, nil
+}
+
+// refuseInvalidation records a refused InvalidateToken (event
+// token.invalidated, outcome the status code) and returns its status. A
+// refusal of who the caller is or what it may do is aggregated, as GetToken's
+// are; others are written whole (they come after the caller's rate limit).
+func (s *Service) refuseInvalidation(ctx context.Context, caller policy.Identity, req *pb.InvalidateTokenRequest, err error) error {
+	st := toStatus(err)
+	code := status.Code(st)
+	e := audit.Event{Event: audit.TokenInvalidated, RequestID: broker.RequestID(ctx), Caller: string(caller),
+		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint(),
+		Outcome: code.String(), Reason: status.Convert(st).Message()}
+	if code == codes.PermissionDenied || code == codes.ResourceExhausted {
+		_ = s.core.RecordDenial(string(caller), e)
+	} else {
+		_ = s.core.Record(e)
+	}
+	return st
 }
 
 // ListCredentials lists the credentials the caller may use.

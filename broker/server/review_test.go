@@ -126,3 +126,48 @@ func TestReviewOversizedValueIsAbsent(t *testing.T) {
 
 // reviewHugeValue is the size of the value TestReviewOversizedValueIsAbsent plants.
 const reviewHugeValue = 64 << 20
+
+// TestReviewRefusedInvalidationsAudited: InvalidateToken from a caller that
+// may not use the credential, and from an allowed caller over its
+// invalidation limit, is a decision like any other and must leave an audit
+// event — aggregated, so that a flood of them stays a few lines.
+func TestReviewRefusedInvalidationsAudited(t *testing.T) {
+	const window = time.Second
+	h := newHarnessWith(t, nil, func(o *Options) { o.AuditDenialWindow = window })
+	fp := strings.Repeat("0", 32)
+	req := &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: fp}
+	strangerC, paymentsC := h.client(stranger), h.client(payments)
+	var denied, limited int
+	start := time.Now()
+	for range 300 {
+		if _, err := strangerC.InvalidateToken(context.Background(), req); status.Code(err) == codes.PermissionDenied {
+			denied++
+		}
+		if _, err := paymentsC.InvalidateToken(context.Background(), req); status.Code(err) == codes.ResourceExhausted {
+			limited++
+		}
+	}
+	elapsed := time.Since(start)
+	time.Sleep(window + 1500*time.Millisecond) // the last summaries, then the audit flush
+	counted := map[string]int{}
+	lines := map[string]int{}
+	for _, l := range auditLines(t, h.audit.String()) {
+		if l.Event != "token.invalidated" || l.Outcome == "invalidated" || l.Outcome == "not_current" {
+			continue
+		}
+		lines[l.Caller+" "+l.Outcome]++
+		counted[l.Caller+" "+l.Outcome] += max(l.Count, 1)
+	}
+	t.Logf("%d refused as PERMISSION_DENIED, %d as RESOURCE_EXHAUSTED in %v; audit lines %v, counting %v", denied, limited, elapsed, lines, counted)
+	if denied != 300 || limited < 250 {
+		t.Fatalf("refusals: %d and %d, want 300 and at least 250", denied, limited)
+	}
+	for key, want := range map[string]int{stranger + " PermissionDenied": denied, payments + " ResourceExhausted": limited} {
+		if counted[key] != want {
+			t.Errorf("audit counts %d refusals for %q, want %d", counted[key], key, want)
+		}
+		if maxLines := 2 + int(elapsed/window); lines[key] > maxLines {
+			t.Errorf("%d audit lines for %q, want at most %d (aggregated)", lines[key], key, maxLines)
+		}
+	}
+}
