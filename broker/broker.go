@@ -163,6 +163,7 @@ type Broker struct {
 
 	creds         atomic.Pointer[map[string]*credential]
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
+	resyncing     atomic.Bool                   // dropBuried is running
 	l1            sync.Map                      // cache key → *slot
 	flights       singleflight.Group
 	waiters       waiters
@@ -246,12 +247,46 @@ func (b *Broker) EvictLocal() {
 func (b *Broker) Close() { b.stop() }
 
 // onEvent reacts to another replica's change: a stored token wakes the callers
-// waiting for it; a dropped token leaves this replica's cache too.
+// waiting for it; a dropped token leaves this replica's cache too; a
+// subscription (re)established checks the cache against the store's
+// tombstones, for the invalidations announced while it was down.
 func (b *Broker) onEvent(ev store.Event) {
-	if ev.Kind == store.EventDelete {
+	switch ev.Kind {
+	case store.EventResync:
+		if b.resyncing.CompareAndSwap(false, true) {
+			go func() {
+				defer b.resyncing.Store(false)
+				b.dropBuried()
+			}()
+		}
+		return
+	case store.EventDelete:
 		b.drop(ev.Key, ev.Fingerprint)
 	}
 	b.waiters.wake(ev.Key)
+}
+
+// dropBuried drops each cached token the store has a tombstone for: one
+// store read per cached key, and no token request unless one was buried.
+func (b *Broker) dropBuried() {
+	ts, ok := b.store.(store.Tombstones)
+	if !ok {
+		return
+	}
+	b.l1.Range(func(k, v any) bool {
+		key, e := k.(string), v.(*slot).entry.Load()
+		if e == nil {
+			return true
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		buried, err := ts.Buried(ctx, key, e)
+		cancel()
+		if err == nil && buried && b.drop(key, e.Fingerprint) {
+			b.log.Info("dropped a token invalidated while the store's announcements were not heard",
+				zap.String("fingerprint", e.Fingerprint))
+		}
+		return true
+	})
 }
 
 // SetCredentials replaces the credentials atomically. Cached tokens stay

@@ -171,3 +171,55 @@ func TestReviewRefusedInvalidationsAudited(t *testing.T) {
 		}
 	}
 }
+
+// TestReviewLostEventLeavesInvalidatedToken: a replica's subscription to
+// the events channel is cut (a network blip, a Redis failover, CLIENT KILL,
+// or a message over the pub/sub output limit) just while another replica
+// invalidates a token. store.publish says a lost announcement "only delays
+// other replicas until their next poll"; the invalidated token must not be
+// served by them for long.
+func TestReviewLostEventLeavesInvalidatedToken(t *testing.T) {
+	rs := redistest.Start(t)
+	h := newHarness(t, withRedis("", rs.Addr()))
+	_, clients := replicas(h, 2)
+	req := &pb.GetTokenRequest{Credential: "identity"}
+	fps, failed := callAll(h, clients, 1, req)
+	if len(fps) != 1 || failed > 0 {
+		t.Fatalf("warm-up: %v, %d failed", fps, failed)
+	}
+	fp := firstKey(fps)
+	c, ctx := rs.Client(), context.Background()
+	stop := make(chan struct{})
+	killed := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				killed <- n
+				return
+			default:
+			}
+			n += int(c.ClientKillByFilter(ctx, "TYPE", "pubsub").Val())
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	if _, err := clients[0].InvalidateToken(ctx, &pb.InvalidateTokenRequest{Credential: "identity", Fingerprint: fp}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	n := <-killed
+	var still int
+	for range 10 {
+		time.Sleep(500 * time.Millisecond)
+		if tok, err := h.get(clients[1], req); err == nil && tok.GetFingerprint() == fp {
+			still++
+		}
+	}
+	t.Logf("%d subscriptions cut around the invalidation; replica 2 served the invalidated token in %d of 10 calls over the next 5s", n, still)
+	if still > 0 {
+		t.Errorf("replica 2 served the invalidated token %s %d times over 5s after its subscription came back", fp, still)
+	}
+}
