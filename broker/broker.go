@@ -136,6 +136,11 @@ type Request struct {
 	MinTTL time.Duration
 	// MinTTLSet says whether the caller sent a min_ttl.
 	MinTTLSet bool
+	// MinTTLInvalid says that the min_ttl the caller sent is not a valid
+	// duration. The request is refused (ErrInvalidArgument) once the
+	// caller's rate limit and access have been checked, like any other
+	// refusal, so that a malformed request costs no more than a denied one.
+	MinTTLInvalid bool
 	// Proof asks for a DPoP proof with the token: required for a DPoP
 	// credential, refused for a bearer one.
 	Proof *ProofRequest
@@ -158,6 +163,7 @@ type Broker struct {
 
 	creds         atomic.Pointer[map[string]*credential]
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
+	resyncing     atomic.Bool                   // dropBuried is running
 	l1            sync.Map                      // cache key → *slot
 	flights       singleflight.Group
 	waiters       waiters
@@ -241,12 +247,46 @@ func (b *Broker) EvictLocal() {
 func (b *Broker) Close() { b.stop() }
 
 // onEvent reacts to another replica's change: a stored token wakes the callers
-// waiting for it; a dropped token leaves this replica's cache too.
+// waiting for it; a dropped token leaves this replica's cache too; a
+// subscription (re)established checks the cache against the store's
+// tombstones, for the invalidations announced while it was down.
 func (b *Broker) onEvent(ev store.Event) {
-	if ev.Kind == store.EventDelete {
+	switch ev.Kind {
+	case store.EventResync:
+		if b.resyncing.CompareAndSwap(false, true) {
+			go func() {
+				defer b.resyncing.Store(false)
+				b.dropBuried()
+			}()
+		}
+		return
+	case store.EventDelete:
 		b.drop(ev.Key, ev.Fingerprint)
 	}
 	b.waiters.wake(ev.Key)
+}
+
+// dropBuried drops each cached token the store has a tombstone for: one
+// store read per cached key, and no token request unless one was buried.
+func (b *Broker) dropBuried() {
+	ts, ok := b.store.(store.Tombstones)
+	if !ok {
+		return
+	}
+	b.l1.Range(func(k, v any) bool {
+		key, e := k.(string), v.(*slot).entry.Load()
+		if e == nil {
+			return true
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		buried, err := ts.Buried(ctx, key, e)
+		cancel()
+		if err == nil && buried && b.drop(key, e.Fingerprint) {
+			b.log.Info("dropped a token invalidated while the store's announcements were not heard",
+				zap.String("fingerprint", e.Fingerprint))
+		}
+		return true
+	})
 }
 
 // SetCredentials replaces the credentials atomically. Cached tokens stay
@@ -411,6 +451,9 @@ func (b *Broker) admit(caller policy.Identity, req Request) (prepared, error) {
 	scopes, key, err := c.resolve(caller, grant, req.Scopes)
 	if err != nil {
 		return prepared{}, err
+	}
+	if req.MinTTLInvalid {
+		return prepared{}, fmt.Errorf("%w: min_ttl is not a valid duration", ErrInvalidArgument)
 	}
 	minTTL, defaulted := c.MinTTL, !req.MinTTLSet
 	if req.MinTTLSet {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // Events on the channel are authenticated, so that only the fleet can make
@@ -121,8 +123,10 @@ func (c *replayCache) first(mac string, at, now time.Time) bool {
 	return true
 }
 
-// publish announces a change; a lost announcement only delays other
-// replicas until their next poll, so failures are not returned.
+// publish announces a change. Failures are not returned: a replica that
+// misses an announcement (its subscription down) checks what it holds
+// against the tombstones when it subscribes again (EventResync), and a
+// missed put only delays a waiter until its next read of the store.
 func (r *Redis) publish(ctx context.Context, ev Event) {
 	if err := r.c.Publish(ctx, r.Channel(), r.encodeEvent(ev, time.Now())).Err(); err != nil {
 		r.log.Debug("redis: publish failed")
@@ -132,19 +136,28 @@ func (r *Redis) publish(ctx context.Context, ev Event) {
 // Subscribe calls fn for every change another replica of the fleet
 // announces until ctx ends; messages that are not authenticated events are
 // dropped and counted (EventsRejected). The subscription reconnects by
-// itself after a Redis outage.
+// itself after a Redis outage, or after Redis cut it (a message over its
+// pub/sub output limit, CLIENT KILL); each time it is established, fn gets
+// EventResync, since what was announced in between is lost.
 func (r *Redis) Subscribe(ctx context.Context, fn func(Event)) {
 	ps := r.c.Subscribe(ctx, r.Channel())
 	go func() {
 		defer ps.Close()
-		ch := ps.Channel()
+		ch := ps.ChannelWithSubscriptions()
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case m, ok := <-ch:
+			case v, ok := <-ch:
 				if !ok {
 					return
+				}
+				m, isMsg := v.(*redis.Message)
+				if !isMsg {
+					if s, ok := v.(*redis.Subscription); ok && s.Kind == "subscribe" {
+						fn(Event{Kind: EventResync})
+					}
+					continue
 				}
 				ev, reason := r.decodeEvent(m.Payload, time.Now())
 				if reason != "" {

@@ -201,7 +201,11 @@ func TestRedisEventsAuthenticated(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	evs := make(chan store.Event, 64)
-	b.Subscribe(ctx, func(ev store.Event) { evs <- ev })
+	b.Subscribe(ctx, func(ev store.Event) {
+		if ev.Kind != store.EventResync { // the subscription established
+			evs <- ev
+		}
+	})
 	c := srv.Client()
 
 	// Wait for the subscription: ever-later puts until b hears one.

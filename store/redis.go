@@ -279,6 +279,23 @@ func (r *Redis) Get(ctx context.Context, key string) (*Entry, error) {
 	return nil, ErrNotFound
 }
 
+// Buried reports whether a tombstone under key forbids e (it is the token
+// invalidated, or was issued before it). A tombstone that does not open is
+// ignored, as everywhere.
+func (r *Redis) Buried(ctx context.Context, key string, e *Entry) (bool, error) {
+	addr, err := r.guard(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	s, err := r.read(ctx, addr, key)
+	if err != nil {
+		return false, err
+	}
+	return r.openTombstone(key, s).buries(e), nil
+}
+
+var _ Tombstones = (*Redis)(nil)
+
 // casRetries bounds the compare-and-swap attempts of one write: another
 // writer (a replica, or someone else) changed the key in between each time.
 const casRetries = 4

@@ -165,7 +165,11 @@ func TestRedisEvents(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	evs := make(chan store.Event, 64)
-	b.Subscribe(ctx, func(ev store.Event) { evs <- ev })
+	b.Subscribe(ctx, func(ev store.Event) {
+		if ev.Kind != store.EventResync { // the subscription established
+			evs <- ev
+		}
+	})
 
 	// The subscription starts asynchronously: store ever-later tokens until b hears one.
 	deadline := time.After(5 * time.Second)

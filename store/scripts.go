@@ -1,6 +1,10 @@
 package store
 
-import "github.com/redis/go-redis/v9"
+import (
+	"strconv"
+
+	"github.com/redis/go-redis/v9"
+)
 
 // The Lua scripts below are all the broker runs against keys, so the Redis
 // ACL of its user can be exact (see README "Sharing tokens across replicas").
@@ -9,11 +13,26 @@ import "github.com/redis/go-redis/v9"
 // decides on sealed values it has opened, and a script only checks that
 // Redis still holds what the broker read (compare and swap, by SHA-1).
 
-// luaHelpers are shared by the scripts that read or swap an entry.
-const luaHelpers = `
+// maxStoredValue bounds each value the scripts read (a field of an entry's
+// hash, a tombstone): one larger is treated as absent, like a value of the
+// wrong type, and replaced by the next valid token. No value the broker
+// writes comes near it (a token response is at most 1 MiB, and its sealed
+// record at most a few times that); without it, one huge value planted in
+// Redis was read in full on every miss, outlasted the read timeout, and
+// marked Redis down for every key.
+const maxStoredValue = 8 << 20
+
+// luaHelpers are shared by the scripts: cur reads a value that is of the
+// right type and within maxStoredValue, else ”; digest hashes it.
+var luaHelpers = `
+local MAX = ` + strconv.Itoa(maxStoredValue) + `
 local function cur(k, kind, field)
   if redis.call('TYPE', k).ok ~= kind then return '' end
-  if field then return redis.call('HGET', k, field) or '' end
+  if field then
+    if redis.call('HSTRLEN', k, field) > MAX then return '' end
+    return redis.call('HGET', k, field) or ''
+  end
+  if redis.call('STRLEN', k) > MAX then return '' end
   return redis.call('GET', k) or ''
 end
 local function digest(s)
@@ -23,15 +42,11 @@ end
 `
 
 // readScript returns an entry's fields and its tombstone:
-// {v, fp, exp, iat, tombstone}, each "" when absent or not of the right type.
-var readScript = redis.NewScript(`
-local v, fp, exp, iat, t = '', '', '', '', ''
-if redis.call('TYPE', KEYS[1]).ok == 'hash' then
-  local f = redis.call('HMGET', KEYS[1], 'v', 'fp', 'exp', 'iat')
-  v, fp, exp, iat = f[1] or '', f[2] or '', f[3] or '', f[4] or ''
-end
-if redis.call('TYPE', KEYS[2]).ok == 'string' then t = redis.call('GET', KEYS[2]) or '' end
-return {v, fp, exp, iat, t}`)
+// {v, fp, exp, iat, tombstone}, each "" when absent, not of the right type,
+// or larger than maxStoredValue.
+var readScript = redis.NewScript(luaHelpers + `
+return {cur(KEYS[1], 'hash', 'v'), cur(KEYS[1], 'hash', 'fp'), cur(KEYS[1], 'hash', 'exp'),
+  cur(KEYS[1], 'hash', 'iat'), cur(KEYS[2], 'string')}`)
 
 // swapScript replaces the entry if Redis still holds what the broker read
 // (ARGV[1], ARGV[2]: SHA-1 of the sealed entry and tombstone, "" for none);

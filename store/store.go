@@ -78,6 +78,10 @@ const (
 	EventPut EventKind = iota + 1
 	// EventDelete: the token with Fingerprint was dropped from Key.
 	EventDelete
+	// EventResync: the subscription was (re)established; announcements made
+	// while it was down are lost, so a replica checks what it holds
+	// (Tombstones) instead of waiting for them. Key and Fingerprint are empty.
+	EventResync
 )
 
 // Event is a change made by some replica.
@@ -85,6 +89,13 @@ type Event struct {
 	Kind        EventKind
 	Key         string
 	Fingerprint string
+}
+
+// Tombstones is implemented by stores that remember invalidated tokens.
+type Tombstones interface {
+	// Buried reports whether e, held for key, was invalidated (or was
+	// issued before a token that was): it must not be served again.
+	Buried(ctx context.Context, key string, e *Entry) (bool, error)
 }
 
 // Notifier is implemented by stores shared between replicas, which announce

@@ -19,7 +19,9 @@ import (
 //     origin, or Sec-Fetch-Site: cross-site — a page the user visits must
 //     not be able to make the agent call the bank as this workload;
 //   - a path that, once normalised (RFC 3986 §5.2.4, percent-encoded dot
-//     segments included), leaves the upstream URL's base path (400).
+//     segments included), leaves the upstream URL's base path, or that has
+//     a dot segment with a path parameter ("..;x", which Tomcat resolves
+//     as "..") (400).
 func (a *Agent) guard(port string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !a.hostAllowed(r.Host, port) {
@@ -103,6 +105,11 @@ func upstreamPath(base, in *url.URL) (path, rawPath string, err error) {
 		dec, err := url.PathUnescape(seg)
 		if err != nil {
 			return "", "", errors.New("the path is not validly percent-encoded")
+		}
+		if name, _, params := strings.Cut(dec, ";"); params && (name == "." || name == "..") {
+			// Not a dot segment for RFC 3986, but Tomcat and the servers
+			// behind Spring drop the parameter and then resolve it.
+			return "", "", errors.New("a dot segment with a path parameter (;) is refused")
 		}
 		switch {
 		case dec == ".":

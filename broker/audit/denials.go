@@ -5,7 +5,7 @@ import (
 	"time"
 )
 
-// DenialWindow is how long denials of one (who, outcome) pair are counted
+// DenialWindow is how long denials of one (who, event, outcome) are counted
 // before their summary line is written.
 const DenialWindow = 10 * time.Second
 
@@ -15,8 +15,9 @@ const DenialWindow = 10 * time.Second
 const maxDenialKeys = 10000
 
 // denialKey is what denials are aggregated by: the peer's identity (or, for
-// a peer without one, its source address) and the outcome.
-type denialKey struct{ who, outcome string }
+// a peer without one, its source address), the event (a refused GetToken
+// and a refused InvalidateToken are counted apart) and the outcome.
+type denialKey struct{ who, event, outcome string }
 
 // denials counts one pair's denials since its last line.
 type denials struct {
@@ -37,7 +38,7 @@ type denialState struct {
 }
 
 // WriteDenial records a denial e of who (a caller identity, or a source
-// address for a peer without one), aggregated per (who, e.Outcome): the
+// address for a peer without one), aggregated per (who, e.Event, e.Outcome): the
 // first denial of a pair is written at once, as Write would; the next ones
 // within DenialWindow are only counted, and one summary line per window
 // carries their count (event token.denied, "count", "since"). A pair quiet
@@ -53,7 +54,7 @@ func (l *Logger) WriteDenial(who string, e Event) (written bool, err error) {
 	}
 	d := &l.denials
 	d.start.Do(func() { l.startDenials() })
-	k := denialKey{who, e.Outcome}
+	k := denialKey{who, e.Event, e.Outcome}
 	now := time.Now()
 	d.mu.Lock()
 	if c, ok := d.m[k]; ok {

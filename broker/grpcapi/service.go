@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/audit"
@@ -67,12 +68,7 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 		return nil, s.deny(ctx, id, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
-	if d := req.GetMinTtl(); d != nil {
-		if err := d.CheckValid(); err != nil {
-			return nil, s.deny(ctx, id, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
-		}
-		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
-	}
+	setMinTTL(&r, req.GetMinTtl())
 	if d := req.GetDpop(); d != nil {
 		r.Proof = &broker.ProofRequest{Method: d.GetMethod(), URL: d.GetUrl(), Nonce: d.GetNonce()}
 	}
@@ -90,6 +86,22 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 		return s.withProof(id, caller, r.Credential, is)
 	}
 	return s.responses.get(is.Entry), nil
+}
+
+// setMinTTL puts the min_ttl a caller sent, if any, into r. One that is
+// not a valid duration is refused by the core after the caller's rate limit
+// and access: refused here, before them, each would be audited whole and
+// uncounted against the caller.
+func setMinTTL(r *broker.Request, d *durationpb.Duration) {
+	if d == nil {
+		return
+	}
+	r.MinTTLSet = true
+	if d.CheckValid() != nil {
+		r.MinTTLInvalid = true
+		return
+	}
+	r.MinTTL = d.AsDuration()
 }
 
 // annotate adds what the broker did to the call's span.
@@ -158,12 +170,7 @@ func (s *Service) WatchToken(req *pb.WatchTokenRequest, stream pb.TokenBroker_Wa
 		return s.deny(ctx, id, "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
-	if d := req.GetMinTtl(); d != nil {
-		if err := d.CheckValid(); err != nil {
-			return s.deny(ctx, id, caller, r.Credential, r.Scopes, fmt.Errorf("%w: min_ttl is not a valid duration", broker.ErrInvalidArgument))
-		}
-		r.MinTTL, r.MinTTLSet = d.AsDuration(), true
-	}
+	setMinTTL(&r, req.GetMinTtl())
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	// A callback, not a goroutine: an open stream should cost little.
@@ -196,9 +203,27 @@ func (s *Service) InvalidateToken(ctx context.Context, req *pb.InvalidateTokenRe
 	ok, err := s.core.Invalidate(ctx, caller, broker.InvalidateRequest{
 		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint()})
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, s.refuseInvalidation(ctx, caller, req, err)
 	}
 	return &pb.InvalidateTokenResponse{Invalidated: ok}, nil
+}
+
+// refuseInvalidation records a refused InvalidateToken (event
+// token.invalidated, outcome the status code) and returns its status. A
+// refusal of who the caller is or what it may do is aggregated, as GetToken's
+// are; others are written whole (they come after the caller's rate limit).
+func (s *Service) refuseInvalidation(ctx context.Context, caller policy.Identity, req *pb.InvalidateTokenRequest, err error) error {
+	st := toStatus(err)
+	code := status.Code(st)
+	e := audit.Event{Event: audit.TokenInvalidated, RequestID: broker.RequestID(ctx), Caller: string(caller),
+		Credential: req.GetCredential(), Scopes: req.GetScopes(), Fingerprint: req.GetFingerprint(),
+		Outcome: code.String(), Reason: status.Convert(st).Message()}
+	if code == codes.PermissionDenied || code == codes.ResourceExhausted {
+		_ = s.core.RecordDenial(string(caller), e)
+	} else {
+		_ = s.core.Record(e)
+	}
+	return st
 }
 
 // ListCredentials lists the credentials the caller may use.
