@@ -8,7 +8,7 @@ const (
 	// DefaultHandshakes caps the connections in their TLS (and HTTP/2)
 	// handshake at once, across all sources.
 	DefaultHandshakes = 1024
-	// DefaultHandshakesPerSource caps them per source IP address.
+	// DefaultHandshakesPerSource caps them per source (an IPv4 address, or an IPv6 /64).
 	DefaultHandshakesPerSource = 128
 	// DefaultMaxHeaderListSize is the largest request header list accepted (bytes).
 	DefaultMaxHeaderListSize = 16 << 10
@@ -32,7 +32,7 @@ type Limits struct {
 	// Handshakes caps the connections still in their handshake, all sources
 	// together; one more is closed at once.
 	Handshakes int `yaml:"handshakes_in_progress"`
-	// HandshakesPerSource caps them per source IP address.
+	// HandshakesPerSource caps them per source (an IPv4 address, or an IPv6 /64).
 	HandshakesPerSource int `yaml:"handshakes_per_source"`
 	// MaxHeaderListSize is the largest header list a call may send (bytes,
 	// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); a larger one is refused while

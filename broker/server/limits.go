@@ -39,7 +39,7 @@ type frontDoor struct {
 
 	mu        sync.Mutex
 	pending   int            // connections in their handshake
-	perSource map[string]int // the same, by source IP
+	perSource map[string]int // the same, by source (sourceOf)
 
 	connsRefused   *prometheus.CounterVec // reason
 	streamsRefused *prometheus.CounterVec // reason
@@ -108,7 +108,7 @@ func (l *capListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		src := hostOf(c.RemoteAddr())
+		src := sourceOf(c.RemoteAddr())
 		if reason := l.f.admit(src); reason != "" {
 			_ = c.Close()
 			l.f.connsRefused.WithLabelValues(reason).Inc()
@@ -144,15 +144,26 @@ func (f *frontDoor) handshakeOver(src string) {
 	}
 }
 
-func hostOf(a net.Addr) string {
+// sourceOf is the source a connection from a counts against in
+// limits.handshakes_per_source: its IPv4 address, or the /64 network of its
+// IPv6 address — one host commonly holds a whole /64, so counting single
+// IPv6 addresses would let it spread over as many sources as it likes.
+func sourceOf(a net.Addr) string {
+	var ip net.IP
 	if tcp, ok := a.(*net.TCPAddr); ok {
-		return tcp.IP.String()
-	}
-	host, _, err := net.SplitHostPort(a.String())
-	if err != nil {
+		ip = tcp.IP
+	} else if host, _, err := net.SplitHostPort(a.String()); err == nil {
+		ip = net.ParseIP(host)
+		if ip == nil {
+			return host
+		}
+	} else {
 		return a.String()
 	}
-	return host
+	if v4 := ip.To4(); v4 != nil {
+		return v4.String()
+	}
+	return (&net.IPNet{IP: ip.Mask(net.CIDRMask(64, 128)), Mask: net.CIDRMask(64, 128)}).String()
 }
 
 // pendingConn is an accepted connection; it holds its place in the
