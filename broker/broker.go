@@ -605,8 +605,15 @@ func (b *Broker) storeFailed(op string, err error) {
 	}
 }
 
+// gate returns the retry gate of credential name, making it at its first use.
 func (b *Broker) gate(name string) *gate {
-	return &b.stats(name).gate
+	st := b.stats(name)
+	if g := st.gateP.Load(); g != nil {
+		return g
+	}
+	// Made at the credential's first fetch: an idle credential has none.
+	st.gateP.CompareAndSwap(nil, &gate{maxWait: b.maxWait, maxRetryAfter: b.maxRetryAfter})
+	return st.gateP.Load()
 }
 
 // Health returns the upstream state of every credential.

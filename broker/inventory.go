@@ -24,8 +24,8 @@ const (
 // the credential, and goes with the credential when a reload removes it.
 type credStats struct {
 	counts
-	gate      gate      // when the next token request may go out
-	check     credCheck // the background check's state (health.go)
+	gateP     atomic.Pointer[gate] // when the next token request may go out; made at the first fetch
+	check     credCheck            // the background check's state (health.go)
 	lastFetch atomic.Pointer[FetchRecord]
 	mark      atomic.Pointer[callerMark] // the caller noted last, and when
 
@@ -114,7 +114,7 @@ func (b *Broker) Use() map[string]CredentialUse {
 	out := map[string]CredentialUse{}
 	for name := range *b.creds.Load() {
 		st := b.stats(name)
-		u := CredentialUse{Upstream: b.gate(name).health(), Issued: int64(st.issued()), LastFetch: st.lastFetch.Load(),
+		u := CredentialUse{Upstream: st.upstreamHealth(), Issued: int64(st.issued()), LastFetch: st.lastFetch.Load(),
 			Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
 		st.mu.Lock()
 		for id, sec := range st.callers {
@@ -138,14 +138,21 @@ func (b *Broker) Use() map[string]CredentialUse {
 	return out
 }
 
+// upstreamHealth is the retry gate's view of the credential: "ok" until a
+// fetch has failed.
+func (st *credStats) upstreamHealth() CredentialHealth {
+	if g := st.gateP.Load(); g != nil {
+		return g.health()
+	}
+	return CredentialHealth{State: "ok"}
+}
+
 // stats returns the statistics of the credential named name.
 func (b *Broker) stats(name string) *credStats {
 	if v, ok := b.credStats.Load(name); ok {
 		return v.(*credStats)
 	}
-	st := &credStats{}
-	st.gate.maxWait, st.gate.maxRetryAfter = b.maxWait, b.maxRetryAfter
-	v, _ := b.credStats.LoadOrStore(name, st)
+	v, _ := b.credStats.LoadOrStore(name, &credStats{})
 	return v.(*credStats)
 }
 
