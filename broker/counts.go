@@ -2,7 +2,6 @@ package broker
 
 import (
 	"slices"
-	"strconv"
 	"sync/atomic"
 )
 
@@ -43,7 +42,8 @@ type outcomeCount struct {
 }
 
 // source counts a token handed out from source (SourceMemory,
-// SourceUpstream or the store's name).
+// SourceUpstream or the store's name; an in-process store's name is
+// SourceMemory, and its tokens count as the cache's).
 func (c *counts) source(source string) {
 	switch source {
 	case SourceMemory:
@@ -107,6 +107,3 @@ func (c *counts) secretUsed(i int) {
 		r.secrets[i]++
 	})
 }
-
-// secretLabel is the label value of a secret index.
-func secretLabel(i int) string { return strconv.Itoa(i) }

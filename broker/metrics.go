@@ -3,6 +3,7 @@ package broker
 import (
 	"net/url"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -100,19 +101,16 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 		names = append(names, name)
 	}
 	slices.Sort(names)
+	// An in-process store is named "memory" too; counts.source counts its
+	// tokens as the cache's, so the two never make one series twice.
 	sources := [numSources]string{SourceMemory, b.store.Name(), SourceUpstream}
-	storeIsMemory := sources[fromStore] == SourceMemory
 	fam := familyWriter{w: w}
 
 	fam.start(sourceFamily, "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).", promtext.Counter)
 	for _, n := range names {
 		st := creds[n].stats
-		mem := st.sources[fromMemory].Load()
-		if storeIsMemory { // the in-process store and the in-process cache are both "memory"
-			mem += st.sources[fromStore].Load()
-		}
-		for i, v := range [numSources]uint64{mem, st.sources[fromStore].Load(), st.sources[fromUpstream].Load()} {
-			if v > 0 && !(i == fromStore && storeIsMemory) {
+		for i := range st.sources {
+			if v := st.sources[i].Load(); v > 0 {
 				fam.count(v, "credential", n, "source", sources[i])
 			}
 		}
@@ -136,7 +134,7 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 		if r := creds[n].stats.rare.Load(); r != nil {
 			for i, v := range r.secrets {
 				if v > 0 {
-					fam.count(v, "credential", n, "secret", secretLabel(i))
+					fam.count(v, "credential", n, "secret", strconv.Itoa(i))
 				}
 			}
 		}

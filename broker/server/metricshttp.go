@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/prometheus/common/expfmt"
+	"go.uber.org/zap"
 
 	"github.com/tokenbroker/tokenbroker/broker/promtext"
 )
@@ -26,7 +27,7 @@ func (s *Server) metricsHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mfs, err := s.registry.Gather()
 		if err != nil {
-			s.log.Warn("gathering metrics failed")
+			s.log.Warn("gathering metrics failed", zap.Error(err))
 			http.Error(w, "gathering metrics failed: "+err.Error(), http.StatusInternalServerError)
 			return
 		}
