@@ -149,14 +149,10 @@ func (t *Transport) dpopRoundTrip(req *http.Request) (*http.Response, error) {
 	default:
 		return resp, nil
 	}
-	body := req.Body
-	if req.GetBody != nil {
-		if body, err = req.GetBody(); err != nil {
-			return resp, nil
-		}
+	body, ok := rewind(req, resp)
+	if !ok {
+		return resp, nil
 	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // lets the connection be reused
-	resp.Body.Close()
 	resp, _, err = send(body)
 	return resp, err
 }

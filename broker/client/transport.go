@@ -93,14 +93,10 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil || Fingerprint(next) == fp || checkSyntax(next) != nil {
 		return resp, nil // no other token to try
 	}
-	body := req.Body
-	if req.GetBody != nil {
-		if body, err = req.GetBody(); err != nil {
-			return resp, nil
-		}
+	body, ok := rewind(req, resp)
+	if !ok {
+		return resp, nil
 	}
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // lets the connection be reused
-	resp.Body.Close()
 	return t.base().RoundTrip(withBearer(req, next.AccessToken, body))
 }
 
@@ -146,4 +142,21 @@ func closeBody(req *http.Request) {
 	if req.Body != nil {
 		req.Body.Close()
 	}
+}
+
+// rewind prepares the retry of req after resp: a fresh copy of its body
+// (req.GetBody; a request without one has no body to copy), and resp read
+// out and closed so that its connection is reused. It reports false, with
+// resp untouched for the caller to return, when the body cannot be had again.
+func rewind(req *http.Request, resp *http.Response) (io.ReadCloser, bool) {
+	body := req.Body
+	if req.GetBody != nil {
+		var err error
+		if body, err = req.GetBody(); err != nil {
+			return nil, false
+		}
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	return body, true
 }
