@@ -3,8 +3,6 @@ package server
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -205,16 +203,10 @@ func profileOf(b *testing.B, kind, addr, path string, call func() error) {
 			}
 		}
 	}()
-	resp, err := http.Get("http://" + addr + "/debug/pprof/" + kind + "?seconds=5")
-	close(stop)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer resp.Body.Close()
-	prof, err := io.ReadAll(resp.Body)
-	if err != nil {
-		b.Fatal(err)
-	}
+	prof := func() []byte {
+		defer close(stop)
+		return getOK(b, "http://"+addr+"/debug/pprof/"+kind+"?seconds=5")
+	}()
 	if err := <-done; err != nil {
 		b.Fatal(err)
 	}

@@ -209,15 +209,7 @@ func heapProfile(b *testing.B, p *perfProc, name string) {
 	if dir == "" {
 		return
 	}
-	resp, err := http.Get("http://" + p.addrs.Admin + "/debug/pprof/heap?gc=1")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer resp.Body.Close()
-	prof, err := io.ReadAll(resp.Body)
-	if err != nil {
-		b.Fatal(err)
-	}
+	prof := getOK(b, "http://"+p.addrs.Admin+"/debug/pprof/heap?gc=1")
 	if err := os.WriteFile(filepath.Join(dir, "heap-"+name+".pprof"), prof, 0o644); err != nil {
 		b.Fatal(err)
 	}
@@ -226,14 +218,20 @@ func heapProfile(b *testing.B, p *perfProc, name string) {
 // scrape reads /metrics from the admin address.
 func scrape(tb testing.TB, admin string) []byte {
 	tb.Helper()
-	resp, err := http.Get("http://" + admin + "/metrics")
+	return getOK(tb, "http://"+admin+"/metrics")
+}
+
+// getOK returns the body of a GET of url, failing tb unless it is 200 OK.
+func getOK(tb testing.TB, url string) []byte {
+	tb.Helper()
+	resp, err := http.Get(url)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil || resp.StatusCode != http.StatusOK {
-		tb.Fatalf("/metrics: %s %v", resp.Status, err)
+		tb.Fatalf("GET %s: %s %v", url, resp.Status, err)
 	}
 	return body
 }
