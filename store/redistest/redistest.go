@@ -133,24 +133,31 @@ func (s *Server) startFresh() {
 		s.args = s.build(s.Port, s.BusPort)
 		_ = os.Remove(filepath.Join(s.Dir, "redis.log"))
 		err := s.run()
-		if err == nil {
+		if err == nil || attempt == 5 || !strings.Contains(s.log(), "Address already in use") {
+			s.started(err)
 			return
 		}
-		log, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
-		if attempt < 5 && strings.Contains(string(log), "Address already in use") {
-			continue
-		}
-		s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, log)
 	}
 }
 
 // start runs the server again on the ports it had (Restart).
 func (s *Server) start() {
 	s.t.Helper()
-	if err := s.run(); err != nil {
-		log, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
-		s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, log)
+	s.started(s.run())
+}
+
+// started fails the test, with the server's log, when err says it did not start.
+func (s *Server) started(err error) {
+	s.t.Helper()
+	if err != nil {
+		s.t.Fatalf("redis-server on %s did not answer: %v\n%s", s.Addr(), err, s.log())
 	}
+}
+
+// log is the server's log file so far.
+func (s *Server) log() string {
+	b, _ := os.ReadFile(filepath.Join(s.Dir, "redis.log"))
+	return string(b)
 }
 
 // run starts the process and waits until it answers PING, it exits, or 10s pass.
