@@ -49,7 +49,7 @@ func (p URLPrefix) Admits(u *url.URL) bool {
 	}
 	path := u.EscapedPath()
 	for _, seg := range strings.Split(path, "/") {
-		if seg == "." || seg == ".." {
+		if dotSegment(seg) {
 			return false
 		}
 	}
@@ -58,6 +58,24 @@ func (p URLPrefix) Admits(u *url.URL) bool {
 	}
 	rest, ok := strings.CutPrefix(path, p.path)
 	return ok && (rest == "" || rest[0] == '/')
+}
+
+// dotSegment reports whether seg (a path segment as sent) may resolve as
+// "." or ".." at a server: percent-encoded ("%2e%2e" is ".." by RFC 3986
+// §6.2.2.2), behind an encoded slash or backslash ("x%2F.."), or with
+// path parameters ("..;x"). A segment that does not unescape is refused too.
+func dotSegment(seg string) bool {
+	s, err := url.PathUnescape(seg)
+	if err != nil {
+		return true
+	}
+	for _, part := range strings.FieldsFunc(s, func(r rune) bool { return r == '/' || r == '\\' }) {
+		part, _, _ = strings.Cut(part, ";")
+		if part == "." || part == ".." {
+			return true
+		}
+	}
+	return s == "." || s == ".."
 }
 
 func normHost(scheme, host string) string {

@@ -3,6 +3,7 @@ package upstream
 import (
 	"context"
 	"errors"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -183,8 +184,16 @@ func retryAfter(h string, now time.Time) time.Duration {
 	if h == "" {
 		return 0
 	}
-	if secs, err := strconv.Atoi(h); err == nil {
-		return max(time.Duration(secs)*time.Second, 0)
+	if secs, err := strconv.ParseInt(h, 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		// A delay past what a Duration holds (or past int64) is the
+		// longest Duration, not a wrapped one: the caller caps it.
+		switch {
+		case secs <= 0:
+			return 0
+		case secs > int64(math.MaxInt64/time.Second):
+			return math.MaxInt64
+		}
+		return time.Duration(secs) * time.Second
 	}
 	if t, err := http.ParseTime(h); err == nil {
 		return max(t.Sub(now), 0)

@@ -266,3 +266,18 @@ func TestRedirectNotFollowed(t *testing.T) {
 		t.Errorf("the redirect target got %d requests", n)
 	}
 }
+
+// TestReview2RetryAfterHuge: a hostile token endpoint's huge Retry-After
+// is a long delay (capped by the gate), never one that wraps to a short
+// one or is ignored.
+func TestReview2RetryAfterHuge(t *testing.T) {
+	now := time.Now()
+	for _, in := range []string{"9223372037", "18446744074", "99999999999999999999999"} {
+		if got := retryAfter(in, now); got < 24*time.Hour {
+			t.Errorf("retryAfter(%q) = %v, want a long delay", in, got)
+		}
+	}
+	if got := retryAfter("-99999999999999999999999", now); got != 0 {
+		t.Errorf("negative Retry-After = %v, want 0", got)
+	}
+}
