@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/tap"
@@ -44,7 +45,8 @@ type AdmissionConfig struct {
 // interceptor): a peer whose certificate yields no usable identity is refused
 // with UNAUTHENTICATED, a connection already holding StreamsPerConnection
 // calls gets RESOURCE_EXHAUSTED, and a call whose request message has not
-// come FirstMessageTimeout after its headers is cancelled. It needs the
+// come FirstMessageTimeout after its headers is ended (CANCELLED): reset
+// through the connection's StreamResetter, or its context cancelled. It needs the
 // server's transport credentials to be CallerCredentials, and its
 // interceptors installed (ServerOptions).
 type Admission struct {
@@ -55,12 +57,22 @@ type Admission struct {
 func NewAdmission(cfg AdmissionConfig) *Admission { return &Admission{cfg: cfg} }
 
 // ServerOptions are the options that make a server use a: the tap and the
-// interceptors that see a call's first message arrive.
-func (a *Admission) ServerOptions() []grpc.ServerOption {
+// interceptors that see a call's first message arrive. The server's own
+// interceptors, unary and stream (either may be nil), run inside a's, as
+// part of the same interceptor: a chain of two would cost every call a
+// closure.
+func (a *Admission) ServerOptions(unary grpc.UnaryServerInterceptor, stream grpc.StreamServerInterceptor) []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.InTapHandle(a.Tap),
-		grpc.ChainUnaryInterceptor(a.unary),
-		grpc.ChainStreamInterceptor(a.stream),
+		grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			return a.unary(ctx, req, info, h, unary)
+		}),
+		grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			if stream == nil {
+				return a.stream(srv, ss, info, h)
+			}
+			return a.stream(srv, ss, info, func(srv any, ss grpc.ServerStream) error { return stream(srv, ss, info, h) })
+		}),
 	}
 }
 
@@ -74,8 +86,9 @@ type admitKey struct{}
 var epoch = time.Now()
 
 // Tap admits or refuses a new stream. It runs with the transport's lock
-// held: it only counts, makes the call cancellable, puts it at the end of
-// its connection's calls waiting for their first message, and (for a first
+// held: it only counts, notes the call's stream (or, on a connection without
+// a StreamResetter, makes it cancellable), puts it at the end of its
+// connection's calls waiting for their first message, and (for a first
 // denial of a source) writes one audit line.
 func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, error) {
 	p, ok := peer.FromContext(ctx)
@@ -99,10 +112,43 @@ func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 		a.refused(RefusedStreams)
 		return nil, status.Errorf(codes.ResourceExhausted, "%d calls are already open on this connection (limits.streams_per_connection); wait for one to end or use another connection", a.cfg.StreamsPerConnection)
 	}
-	cctx, cancel := context.WithCancelCause(ctx)
-	c := &admittedCall{Context: cctx, cancel: cancel, conn: ci, at: time.Since(epoch)}
+	c := &admittedCall{Context: ctx, conn: ci, at: time.Since(epoch)}
+	if ci.resetter != nil {
+		c.stream = ci.resetter.OpenedStream()
+	} else {
+		c.Context, c.cancel = context.WithCancelCause(ctx)
+	}
 	ci.waiting.add(c, a)
 	return c, nil
+}
+
+// StreamResetter ends a connection's streams from the server's side. The
+// connection that transport credentials hand gRPC offers it (see
+// WithStreamResetter) so that Admission can end a call whose request
+// message never came without making every call's context cancellable: a
+// cancellable context per call costs four allocations and a third of what
+// admission adds to a call, for an event that a well-behaved client never
+// causes.
+type StreamResetter interface {
+	// OpenedStream is the id of the stream whose opening headers gRPC has
+	// just read: the stream being admitted, when called from the tap.
+	OpenedStream() uint32
+	// ResetStream ends stream id as if the peer had cancelled it, and
+	// sends the peer RST_STREAM (CANCEL). It must not block on the
+	// connection.
+	ResetStream(id uint32)
+}
+
+// WithStreamResetter makes Admission end the silent calls of the connection
+// ai belongs to through r instead of cancelling their contexts. ai is the
+// connection's AuthInfo from CallerCredentials; it reports whether it was.
+// It must be called before gRPC reads the connection's first stream.
+func WithStreamResetter(ai credentials.AuthInfo, r StreamResetter) bool {
+	ci, ok := ai.(*callerInfo)
+	if ok {
+		ci.resetter = r
+	}
+	return ok
 }
 
 // admittedCall is an admitted call's context: the stream's context made
@@ -112,13 +158,14 @@ func (a *Admission) Tap(ctx context.Context, _ *tap.Info) (context.Context, erro
 // its headers — a call that never reached an interceptor (reset by the
 // peer, or silent) holds its place until then.
 //
-// One allocation besides the cancellable context: no timer, closure or
-// context value per call. A connection's calls waiting for their first
+// One allocation (with a StreamResetter; otherwise besides the cancellable
+// context): no timer, closure or context value per call. A connection's calls waiting for their first
 // message are a list in admission order, and one timer per connection
 // fires at the oldest one's deadline (waitingCalls).
 type admittedCall struct {
 	context.Context
-	cancel   context.CancelCauseFunc
+	cancel   context.CancelCauseFunc // nil when the connection has a StreamResetter
+	stream   uint32                  // the call's stream id, with a StreamResetter
 	conn     *callerInfo
 	at       time.Duration // admitted, since epoch
 	released atomic.Bool
@@ -226,7 +273,11 @@ func (a *Admission) sweep(ci *callerInfo) {
 		}
 		a.refused(RefusedFirstMessage)
 		c.release()
-		c.cancel(errNoFirstMessage)
+		if c.cancel != nil {
+			c.cancel(errNoFirstMessage)
+		} else {
+			ci.resetter.ResetStream(c.stream)
+		}
 	}
 }
 
@@ -243,15 +294,17 @@ func admittedFrom(ctx context.Context) *admittedCall {
 }
 
 // unary runs once a unary call's request message has been read: the call
-// leaves the waiting list, and its place is released when its handler returns.
-func (a *Admission) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	c := admittedFrom(ctx)
-	if c == nil {
+// leaves the waiting list, and its place is released when inner (or, when
+// inner is nil, the handler) returns.
+func (a *Admission) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler, inner grpc.UnaryServerInterceptor) (any, error) {
+	if c := admittedFrom(ctx); c != nil {
+		c.conn.waiting.remove(c)
+		defer c.release()
+	}
+	if inner == nil {
 		return h(ctx, req)
 	}
-	c.conn.waiting.remove(c)
-	defer c.release()
-	return h(ctx, req)
+	return inner(ctx, req, info, h)
 }
 
 // stream watches for a streaming call's first request message, and

@@ -26,7 +26,7 @@ func BenchmarkAdmission(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		_, _ = a.unary(ctx, nil, nil, func(context.Context, any) (any, error) { return nil, nil })
+		_, _ = a.unary(ctx, nil, nil, func(context.Context, any) (any, error) { return nil, nil }, nil)
 		end()
 	}
 }
@@ -45,7 +45,7 @@ func TestAdmissionReleasesStreams(t *testing.T) {
 			t.Fatal(err)
 		}
 		ends = append(ends, func() { // the handler returns, then the stream ends
-			_, _ = a.unary(ctx, nil, nil, func(context.Context, any) (any, error) { return nil, nil })
+			_, _ = a.unary(ctx, nil, nil, func(context.Context, any) (any, error) { return nil, nil }, nil)
 			end()
 		})
 	}
@@ -110,7 +110,7 @@ func TestWaitingCallsCutInOrder(t *testing.T) {
 	defer end2()
 	answered, end3 := tapped()
 	defer end3()
-	if _, err := a.unary(answered, nil, nil, func(context.Context, any) (any, error) { return nil, nil }); err != nil {
+	if _, err := a.unary(answered, nil, nil, func(context.Context, any) (any, error) { return nil, nil }, nil); err != nil {
 		t.Fatal(err)
 	}
 	_, reset := tapped()

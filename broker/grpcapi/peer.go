@@ -202,6 +202,7 @@ type callerInfo struct {
 	notAfter time.Time    // of the client's chain, when tracked
 	streams  streamCount  // calls open on the connection (Admission)
 	waiting  waitingCalls // admitted calls whose first message has not come (Admission)
+	resetter StreamResetter
 }
 
 // callerFrom returns the identity of the caller of the call ctx belongs to.

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/server/attacktest"
@@ -130,7 +131,8 @@ func TestHandshakeCaps(t *testing.T) {
 }
 
 // TestSilentStreamsAreCut: streams whose request message never comes are
-// cancelled after limits.first_message_timeout, and counted.
+// reset (RST_STREAM CANCEL, which a gRPC client reports as CANCELLED) after
+// limits.first_message_timeout, and counted.
 func TestSilentStreamsAreCut(t *testing.T) {
 	h := newHarness(t, func(c *config.Config) {
 		c.Limits = config.Limits{FirstMessageTimeout: config.Duration(300 * time.Millisecond)}
@@ -148,8 +150,8 @@ func TestSilentStreamsAreCut(t *testing.T) {
 	}
 	took := time.Since(start)
 	for i, e := range ends {
-		if e != "1" { // CANCELLED
-			t.Errorf("stream %d ended %q, want grpc-status 1 (CANCELLED)", i, e)
+		if e != "rst CANCEL" {
+			t.Errorf("stream %d ended %q, want RST_STREAM CANCEL", i, e)
 		}
 	}
 	if took > 5*time.Second {
@@ -157,6 +159,65 @@ func TestSilentStreamsAreCut(t *testing.T) {
 	}
 	if got := h.metric(t, "tokenbroker_streams_refused_total", "reason=first_message_timeout"); got != 20 {
 		t.Errorf("tokenbroker_streams_refused_total{reason=first_message_timeout} = %v, want 20", got)
+	}
+}
+
+// TestSilentStreamsAmongOrdinaryCalls: on one connection, silent streams
+// interleaved with ordinary calls — several streams' frames in one read,
+// some headers in CONTINUATION frames — are the ones reset, each once; the
+// ordinary calls are answered; and gRPC itself lets the reset streams go:
+// with gRPC's cap on concurrent streams at 8, eight more silent streams on
+// the same connection after five reset ones are all admitted (and reset),
+// none refused.
+func TestSilentStreamsAmongOrdinaryCalls(t *testing.T) {
+	const concurrent = 8
+	h := newHarnessWith(t, func(c *config.Config) {
+		c.Limits = config.Limits{FirstMessageTimeout: config.Duration(300 * time.Millisecond)}
+	}, func(o *Options) { o.MaxStreamsPerConnection = concurrent })
+	target := h.attacker(t)
+	pair, _ := h.ca.Client(time.Hour, payments)
+	cert, _ := pair.TLSCertificate()
+	target.TLS.Certificates = []tls.Certificate{cert}
+	req, err := proto.Marshal(&pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ordinary := attacktest.Call{Request: req}
+	first := []attacktest.Call{ // as many as gRPC holds at once
+		{Silent: true}, ordinary, {Silent: true, Fragments: 3}, {Request: req, Fragments: 4},
+		{Silent: true}, ordinary, {Silent: true, Fragments: 2}, {Silent: true},
+	}
+	second := make([]attacktest.Call, concurrent)
+	for i := range second {
+		second[i].Silent = true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ends, err := attacktest.Streams(ctx, target, "/tokenbroker.v1.TokenBroker/GetToken", first, second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent := 0
+	for i, call := range first {
+		want := "0"
+		if call.Silent {
+			want = "rst CANCEL"
+			silent++
+		}
+		if ends[0][i] != want {
+			t.Errorf("first batch, stream %d (silent %v): ended %q, want %q", i, call.Silent, ends[0][i], want)
+		}
+	}
+	for i, e := range ends[1] {
+		if e != "rst CANCEL" {
+			t.Errorf("second batch, silent stream %d: ended %q, want RST_STREAM CANCEL (REFUSED_STREAM: gRPC still held the reset ones)", i, e)
+		}
+	}
+	if got := h.metric(t, "tokenbroker_streams_refused_total", "reason=first_message_timeout"); got != float64(silent+concurrent) {
+		t.Errorf("tokenbroker_streams_refused_total{reason=first_message_timeout} = %v, want %d", got, silent+concurrent)
+	}
+	if got := h.metric(t, "tokenbroker_requests_total", "method=tokenbroker.v1.TokenBroker/GetToken", "code=OK"); got != float64(len(first)-silent) {
+		t.Errorf("GetToken calls answered OK: %v, want %d", got, len(first)-silent)
 	}
 }
 

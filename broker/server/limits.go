@@ -80,9 +80,10 @@ func (f *frontDoor) collectors() []prometheus.Collector {
 	return []prometheus.Collector{f.connsRefused, f.streamsRefused, f.inHandshake}
 }
 
-// serverOptions bound the header list and install the admission.
-func (f *frontDoor) serverOptions() []grpc.ServerOption {
-	return append([]grpc.ServerOption{grpc.MaxHeaderListSize(uint32(f.cfg.MaxHeaderListSize))}, f.admission.ServerOptions()...)
+// serverOptions bound the header list and install the admission, with the
+// server's interceptors unary and stream inside it.
+func (f *frontDoor) serverOptions(unary grpc.UnaryServerInterceptor, stream grpc.StreamServerInterceptor) []grpc.ServerOption {
+	return append([]grpc.ServerOption{grpc.MaxHeaderListSize(uint32(f.cfg.MaxHeaderListSize))}, f.admission.ServerOptions(unary, stream)...)
 }
 
 // credentials are tc (grpcapi.CallerCredentials, which Admission needs)
@@ -201,9 +202,11 @@ func (g guardCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInf
 		return conn, ai, err
 	}
 	pc, _ := raw.(*pendingConn)
-	return &frameGuard{Conn: conn, f: g.f, pending: pc, prefaceLeft: len(http2Preface),
+	fg := &frameGuard{Conn: conn, f: g.f, pending: pc, prefaceLeft: len(http2Preface),
 		streams: rate.NewLimiter(rate.Limit(g.f.cfg.NewStreamsPerSecond), g.f.cfg.NewStreamsBurst),
-		resets:  rate.NewLimiter(rate.Limit(g.f.cfg.StreamResetsPerSecond), max(1, int(2*g.f.cfg.StreamResetsPerSecond)))}, ai, nil
+		resets:  rate.NewLimiter(rate.Limit(g.f.cfg.StreamResetsPerSecond), max(1, int(2*g.f.cfg.StreamResetsPerSecond)))}
+	grpcapi.WithStreamResetter(ai, fg)
+	return fg, ai, nil
 }
 
 // Clone implements credentials.TransportCredentials.
@@ -213,11 +216,14 @@ func (g guardCreds) Clone() credentials.TransportCredentials {
 
 const http2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-// HTTP/2 frame types and error codes used here (RFC 9113).
+// HTTP/2 frame types, flags and error codes used here (RFC 9113).
 const (
 	frameHeaders           = 0x1
 	frameRSTStream         = 0x3
 	frameGoAway            = 0x7
+	frameContinuation      = 0x9
+	flagEndHeaders         = 0x4
+	errCodeCancel          = 0x8
 	errCodeEnhanceYourCalm = 0xb
 )
 
@@ -226,7 +232,7 @@ var errCalm = errors.New("connection over limits.new_streams_per_second or limit
 
 // frameGuard sits between gRPC's HTTP/2 transport and the TLS connection.
 // It follows the frame boundaries both ways (9-byte headers with lengths;
-// nothing is decoded): in what the peer sends, it ends the connection's
+// nothing is decoded). In what the peer sends, it ends the connection's
 // handshake at the client preface, and counts against two token buckets
 // the HEADERS frames that open a stream (every new stream, including those
 // gRPC refuses before its tap sees them) and the RST_STREAM frames that
@@ -234,6 +240,14 @@ var errCalm = errors.New("connection over limits.new_streams_per_second or limit
 // stream it opens); in what the server sends, it finds a boundary where a
 // GOAWAY (ENHANCE_YOUR_CALM) can go in between gRPC's own frames when a
 // bucket runs dry. The connection is then no longer read, and closed.
+//
+// It is also the connection's grpcapi.StreamResetter: a read that hands
+// gRPC the end of a block of headers opening a stream ends there, so that
+// when the tap admits that stream (on the reader goroutine, before the next
+// read) OpenedStream is its id; ResetStream puts an RST_STREAM (CANCEL) for
+// a stream in what gRPC reads, between two of the peer's frames — gRPC
+// then ends the stream as cancelled by the peer — and one in what the peer
+// is sent, between two of gRPC's.
 type frameGuard struct {
 	net.Conn
 	f       *frontDoor
@@ -244,8 +258,20 @@ type frameGuard struct {
 	// reading side: only the reader goroutine
 	prefaceLeft int
 	in          frameCursor
+	opening     bool   // in a block of headers that opens a stream
+	opened      uint32 // the stream whose opening headers were read last
+	held        []byte // read from the connection; held[heldOff:] not yet handed to gRPC
+	heldOff     int
+	inject      []byte // RST_STREAM frames to hand gRPC before the peer's next frame
 	lastStream  atomic.Uint32
 	calm        atomic.Bool // GOAWAY decided: reads end
+
+	resetMu   sync.Mutex // guards the two lists of streams to reset
+	resetIn   []uint32   // for gRPC to read
+	resetOut  []uint32   // for the peer
+	resetDue  atomic.Bool
+	wake      atomic.Bool // a read deadline was set to wake the reader
+	resetSent atomic.Bool // the peer is due an RST_STREAM
 
 	mu         sync.Mutex // the writing side
 	out        frameCursor
@@ -255,67 +281,149 @@ type frameGuard struct {
 
 // frameCursor follows frame boundaries in a byte stream.
 type frameCursor struct {
-	hdr     [9]byte
-	hdrN    int
-	payload int // bytes of the current frame's payload still to come
+	hdr      [9]byte
+	hdrN     int
+	payload  int  // bytes of the current frame's payload still to come
+	cutAfter bool // stop once the current frame is complete (next)
 }
 
 // feed advances over p, calling onHeader for each complete frame header.
 func (fc *frameCursor) feed(p []byte, onHeader func(hdr *[9]byte)) {
-	for len(p) > 0 {
+	fc.next(p, func(hdr *[9]byte) bool {
+		if onHeader != nil {
+			onHeader(hdr)
+		}
+		return false
+	}, false)
+}
+
+// next advances over p, calling onHeader for each complete frame header,
+// and returns how many bytes it went over: all of p, or up to the end of
+// the first frame for which onHeader returned true or, with atFrameEnd,
+// the first frame end.
+func (fc *frameCursor) next(p []byte, onHeader func(hdr *[9]byte) (cut bool), atFrameEnd bool) int {
+	k := 0
+	for k < len(p) {
 		if fc.payload > 0 {
-			n := min(fc.payload, len(p))
+			n := min(fc.payload, len(p)-k)
 			fc.payload -= n
-			p = p[n:]
+			k += n
+			if fc.payload == 0 && (fc.cutAfter || atFrameEnd) {
+				fc.cutAfter = false
+				return k
+			}
 			continue
 		}
-		n := copy(fc.hdr[fc.hdrN:], p)
+		n := copy(fc.hdr[fc.hdrN:], p[k:])
 		fc.hdrN += n
-		p = p[n:]
+		k += n
 		if fc.hdrN < len(fc.hdr) {
-			return
+			return k
 		}
 		fc.hdrN = 0
 		fc.payload = int(fc.hdr[0])<<16 | int(fc.hdr[1])<<8 | int(fc.hdr[2])
-		if onHeader != nil {
-			onHeader(&fc.hdr)
+		cut := onHeader(&fc.hdr)
+		if fc.payload == 0 {
+			if cut || atFrameEnd {
+				return k
+			}
+		} else {
+			fc.cutAfter = cut
 		}
 	}
+	return k
 }
 
 func (fc *frameCursor) atBoundary() bool { return fc.hdrN == 0 && fc.payload == 0 }
 
 // Read implements net.Conn.
 func (c *frameGuard) Read(p []byte) (int, error) {
-	if c.calm.Load() {
-		return 0, errCalm
+	for {
+		if c.calm.Load() {
+			return 0, errCalm
+		}
+		if len(c.inject) == 0 && c.resetDue.Load() && c.in.atBoundary() && !c.opening {
+			c.takeResets()
+		}
+		if len(c.inject) > 0 {
+			n := copy(p, c.inject)
+			c.inject = c.inject[n:]
+			return n, nil
+		}
+		if held := c.held[c.heldOff:]; len(held) > 0 {
+			n := c.advance(held[:min(len(held), len(p))])
+			copy(p, held[:n])
+			if c.heldOff += n; c.heldOff == len(c.held) {
+				c.held, c.heldOff = c.held[:0], 0
+				if cap(c.held) > maxHeldKept {
+					c.held = nil
+				}
+			}
+			return n, nil
+		}
+		n, err := c.Conn.Read(p)
+		if err != nil && c.wake.Load() && isTimeout(err) {
+			// ResetStream woke the read: carry on without the deadline.
+			c.wake.Store(false)
+			_ = c.Conn.SetReadDeadline(time.Time{})
+			if err = nil; n == 0 {
+				continue
+			}
+		}
+		k := c.advance(p[:n])
+		if k < n {
+			c.held = append(c.held[:0], p[k:n]...)
+		}
+		return k, err
 	}
-	n, err := c.Conn.Read(p)
-	b := p[:n]
+}
+
+// maxHeldKept is the most of a connection's buffer of held bytes kept for
+// reuse once it is empty; a larger one is let go.
+const maxHeldKept = 4 << 10
+
+// advance follows b, the peer's next bytes, and returns how many of them
+// gRPC gets now: up to the end of a block of headers that opens a stream
+// (the tap then admits that stream before the next read), or of the current
+// frame when a reset is to go in after it.
+func (c *frameGuard) advance(b []byte) int {
+	k := 0
 	if c.prefaceLeft > 0 {
-		k := min(c.prefaceLeft, len(b))
+		k = min(c.prefaceLeft, len(b))
 		c.prefaceLeft -= k
-		b = b[k:]
 		if c.prefaceLeft == 0 && c.pending != nil {
 			c.pending.handshakeOver()
 		}
 	}
-	c.in.feed(b, c.onFrame)
-	return n, err
+	return k + c.in.next(b[k:], c.onFrame, c.resetDue.Load())
 }
 
-// onFrame counts a frame that opens a stream or cancels one.
-func (c *frameGuard) onFrame(hdr *[9]byte) {
+// isTimeout reports whether err is a read deadline's.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// onFrame counts a frame that opens a stream or cancels one, and says
+// whether it ends a block of headers that opens a stream.
+func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 	var over string
 	switch hdr[3] {
 	case frameHeaders:
 		id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
 		if id <= c.lastStream.Load() { // trailers, or a stream gRPC will refuse as out of order
-			return
+			c.opening = false
+			return false
 		}
 		c.lastStream.Store(id)
+		c.opened, c.opening = id, hdr[4]&flagEndHeaders == 0
+		endsOpening = !c.opening
 		if !c.streams.Allow() {
 			over = refusedStreamRate
+		}
+	case frameContinuation:
+		if c.opening && hdr[4]&flagEndHeaders != 0 {
+			c.opening, endsOpening = false, true
 		}
 	case frameRSTStream:
 		if !c.resets.Allow() {
@@ -328,16 +436,84 @@ func (c *frameGuard) onFrame(hdr *[9]byte) {
 		// Never wait on a write (a peer that does not read could hold it):
 		// a write in progress sends the GOAWAY when it is done.
 		if c.mu.TryLock() {
-			c.flushGoAway()
+			c.flushControl()
 			c.mu.Unlock()
 		}
 	}
+	return endsOpening
 }
 
-// flushGoAway writes the GOAWAY if one is due and the output is between
+// OpenedStream implements grpcapi.StreamResetter: the stream whose opening
+// headers the last read ended with. Only the reader goroutine (gRPC's tap)
+// calls it.
+func (c *frameGuard) OpenedStream() uint32 { return c.opened }
+
+// ResetStream implements grpcapi.StreamResetter. The RST_STREAM for gRPC
+// goes in at the reader's next read that starts between two of the peer's
+// frames (a read blocked on the connection is woken by a read deadline in
+// the past); the one for the peer at the next point between two of gRPC's
+// frames, now if gRPC is not writing.
+func (c *frameGuard) ResetStream(id uint32) {
+	c.resetMu.Lock()
+	c.resetIn = append(c.resetIn, id)
+	c.resetOut = append(c.resetOut, id)
+	c.resetMu.Unlock()
+	c.resetDue.Store(true)
+	c.resetSent.Store(true)
+	c.wake.Store(true)
+	_ = c.Conn.SetReadDeadline(time.Now())
+	if c.mu.TryLock() {
+		c.flushControl()
+		c.mu.Unlock()
+	}
+}
+
+// takeResets moves the resets due to gRPC into c.inject. Only the reader
+// goroutine calls it, between two of the peer's frames.
+func (c *frameGuard) takeResets() {
+	c.resetMu.Lock()
+	ids := c.resetIn
+	c.resetIn = nil
+	c.resetDue.Store(false)
+	c.resetMu.Unlock()
+	c.inject = c.inject[:0]
+	for _, id := range ids {
+		c.inject = appendRSTStream(c.inject, id)
+	}
+}
+
+// appendRSTStream appends an RST_STREAM (CANCEL) frame for stream id.
+func appendRSTStream(b []byte, id uint32) []byte {
+	var f [9 + 4]byte
+	f[2] = 4
+	f[3] = frameRSTStream
+	binary.BigEndian.PutUint32(f[5:9], id)
+	binary.BigEndian.PutUint32(f[9:13], errCodeCancel)
+	return append(b, f[:]...)
+}
+
+// flushControl writes the frames the guard owes the peer — RST_STREAM for
+// reset streams, then a GOAWAY if one is due — when the output is between
 // frames. c.mu is held.
-func (c *frameGuard) flushGoAway() {
-	if !c.goAwayDue.Load() || c.goAwaySent || !c.out.atBoundary() {
+func (c *frameGuard) flushControl() {
+	if !c.out.atBoundary() {
+		return
+	}
+	if c.resetSent.Load() {
+		c.resetMu.Lock()
+		ids := c.resetOut
+		c.resetOut = nil
+		c.resetSent.Store(false)
+		c.resetMu.Unlock()
+		var frames []byte
+		for _, id := range ids {
+			frames = appendRSTStream(frames, id)
+		}
+		if len(frames) > 0 {
+			_, _ = c.Conn.Write(frames)
+		}
+	}
+	if !c.goAwayDue.Load() || c.goAwaySent {
 		return
 	}
 	const debug = "too_many_streams"
@@ -357,7 +533,9 @@ func (c *frameGuard) Write(p []byte) (int, error) {
 	defer c.mu.Unlock()
 	n, err := c.Conn.Write(p)
 	c.out.feed(p[:n], nil)
-	c.flushGoAway()
+	if c.resetSent.Load() || c.goAwayDue.Load() {
+		c.flushControl()
+	}
 	return n, err
 }
 
@@ -369,7 +547,7 @@ func (c *frameGuard) Close() error {
 		return c.Conn.Close()
 	}
 	c.mu.Lock()
-	c.flushGoAway() // if gRPC's last write left the output between frames
+	c.flushControl() // if gRPC's last write left the output between frames
 	c.mu.Unlock()
 	go func() {
 		_ = c.Conn.SetReadDeadline(time.Now().Add(time.Second))

@@ -238,7 +238,7 @@ func New(opts Options) (_ *Server, err error) {
 		serverOpts = append(serverOpts, grpc.StatsHandler(otelgrpc.NewServerHandler(otelgrpc.WithTracerProvider(s.tp),
 			otelgrpc.WithPropagators(propagation.TraceContext{}))))
 	}
-	serverOpts = append(serverOpts, s.front.serverOptions()...)
+	serverOpts = append(serverOpts, s.front.serverOptions(s.rpcs.unary, s.rpcs.stream)...)
 	s.grpc = grpc.NewServer(append(serverOpts,
 		grpc.Creds(s.front.credentials(grpcapi.CallerCredentials(credentials.NewTLS(s.tls.ServerConfig()), s.conns))),
 		grpc.ConnectionTimeout(handshake),
@@ -248,8 +248,6 @@ func New(opts Options) (_ *Server, err error) {
 		// growing (and being copied) on every call; a call finding every
 		// worker busy gets a goroutine of its own, as without the option.
 		grpc.NumStreamWorkers(streamWorkers()),
-		grpc.ChainUnaryInterceptor(s.rpcs.unary),
-		grpc.ChainStreamInterceptor(s.rpcs.stream),
 		grpc.MaxRecvMsgSize(maxMessageSize),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// A connection re-proves its certificate at least this often (grpc-go

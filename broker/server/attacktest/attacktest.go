@@ -15,6 +15,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -339,50 +340,121 @@ func flood(ctx context.Context, t Target, pairs int, reset bool) (RapidResetResu
 // ended: the grpc-status of its trailers, "rst CODE" for a reset, or ""
 // while it is still open.
 func SilentStreams(ctx context.Context, t Target, method string, n int) ([]string, error) {
-	if n > 1000 {
-		return nil, errors.New("attacktest: SilentStreams is bounded to 1,000 streams")
+	calls := make([]Call, n)
+	for i := range calls {
+		calls[i].Silent = true
+	}
+	ends, err := Streams(ctx, t, method, calls)
+	if err != nil {
+		return nil, err
+	}
+	return ends[0], nil
+}
+
+// Call is one stream of Streams: silent (its headers, never its request
+// message) or an ordinary unary call sending Request, a serialized
+// protobuf message, as its one message.
+type Call struct {
+	Silent  bool
+	Request []byte
+	// Fragments, when above 1, splits the call's header block into that
+	// many frames: HEADERS, then CONTINUATION frames.
+	Fragments int
+}
+
+// Streams makes the calls of each batch on one connection, and waits until
+// every stream of a batch has ended (or ctx is done) before the next batch.
+// A batch's frames are written at once, so that the server reads several
+// streams' frames in one read. It returns how each stream ended: the
+// grpc-status of its trailers, "rst CODE" for an RST_STREAM from the
+// server, or "" when it had not ended. At most 1,000 calls in all.
+func Streams(ctx context.Context, t Target, method string, batches ...[]Call) ([][]string, error) {
+	total := 0
+	for _, b := range batches {
+		total += len(b)
+	}
+	if total > 1000 {
+		return nil, errors.New("attacktest: Streams is bounded to 1,000 calls")
 	}
 	c, err := dial(ctx, t)
 	if err != nil {
 		return nil, err
 	}
 	defer c.close()
-	block := requestHeaders(t.Addr, method, 0)
-	for i := range n {
-		if _, err := c.writeHeaders(uint32(2*i+1), block, false); err != nil {
+	var out [][]string
+	next := uint32(1)
+	for _, batch := range batches {
+		ids := make([]uint32, len(batch))
+		var buf bytes.Buffer
+		fr := http2.NewFramer(&buf, nil)
+		for i, call := range batch {
+			ids[i], next = next, next+2
+			if err := writeCall(fr, ids[i], requestHeaders(t.Addr, method, 0), call); err != nil {
+				return nil, err
+			}
+		}
+		if err := c.write(func() error { _, err := c.tc.Write(buf.Bytes()); return err }); err != nil {
 			return nil, err
 		}
+		out = append(out, c.waitEnded(ctx, ids))
 	}
-	ended := func() []string {
-		out := make([]string, n)
-		for i := range n {
-			id := uint32(2*i + 1)
+	return out, nil
+}
+
+// writeCall writes call's frames on stream id with the header block.
+func writeCall(fr *http2.Framer, id uint32, block []byte, call Call) error {
+	max := (len(block) + max(call.Fragments, 1) - 1) / max(call.Fragments, 1)
+	first := block[:min(max, len(block))]
+	rest := block[len(first):]
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first, EndHeaders: len(rest) == 0}); err != nil {
+		return err
+	}
+	for len(rest) > 0 {
+		chunk := rest[:min(max, len(rest))]
+		rest = rest[len(chunk):]
+		if err := fr.WriteContinuation(id, len(rest) == 0, chunk); err != nil {
+			return err
+		}
+	}
+	if call.Silent {
+		return nil
+	}
+	msg := make([]byte, 5+len(call.Request)) // gRPC framing: uncompressed, length
+	binary.BigEndian.PutUint32(msg[1:5], uint32(len(call.Request)))
+	copy(msg[5:], call.Request)
+	return fr.WriteData(id, true, msg)
+}
+
+// waitEnded waits until every stream of ids has ended, ctx is done or the
+// server closes the connection, and says how each ended.
+func (c *conn) waitEnded(ctx context.Context, ids []uint32) []string {
+	ended := func() ([]string, int) {
+		out := make([]string, len(ids))
+		open := 0
+		for i, id := range ids {
 			if v, ok := c.ends.Load(id); ok {
 				out[i] = v.(string)
 			} else if v, ok := c.resets.Load(id); ok {
 				out[i] = "rst " + v.(http2.ErrCode).String()
-			}
-		}
-		return out
-	}
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		out := ended()
-		open := 0
-		for _, s := range out {
-			if s == "" {
+			} else {
 				open++
 			}
 		}
+		return out, open
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		out, open := ended()
 		if open == 0 {
-			return out, nil
+			return out
 		}
 		select {
 		case <-ctx.Done():
-			return out, nil
+			return out
 		case <-c.closed:
-			return ended(), nil
+			out, _ = ended()
+			return out
 		case <-tick.C:
 		}
 	}
