@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
@@ -58,14 +59,15 @@ func (s *Service) Drain() { s.drain() }
 // GetToken returns a token for the requested credential.
 func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.GetTokenResponse, error) {
 	id := sentRequestID(ctx)
-	var made [16]byte // the ID does not outlive the call: no allocation
+	var made [16]byte // the ID does not outlive the call: no allocation (a denial, which
+	// may be kept for aggregation, gets a copy)
 	if id == "" {
 		makeRequestID(&made)
 		id = string(made[:])
 	}
 	caller, err := callerFrom(ctx)
 	if err != nil {
-		return nil, s.deny(ctx, id, "", req.GetCredential(), req.GetScopes(), err)
+		return nil, s.deny(ctx, strings.Clone(id), "", req.GetCredential(), req.GetScopes(), err)
 	}
 	r := broker.Request{Credential: req.GetCredential(), Scopes: req.GetScopes()}
 	setMinTTL(&r, req.GetMinTtl())
@@ -74,7 +76,7 @@ func (s *Service) GetToken(ctx context.Context, req *pb.GetTokenRequest) (*pb.Ge
 	}
 	is, err := s.core.GetToken(ctx, caller, r)
 	if err != nil {
-		return nil, s.deny(ctx, id, caller, r.Credential, r.Scopes, err)
+		return nil, s.deny(ctx, strings.Clone(id), caller, r.Credential, r.Scopes, err)
 	}
 	if err := s.issued(id, caller, r.Credential, is); err != nil {
 		return nil, toStatus(err)
