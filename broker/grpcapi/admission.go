@@ -151,17 +151,19 @@ func WithStreamResetter(ai credentials.AuthInfo, r StreamResetter) bool {
 	return ok
 }
 
-// admittedCall is an admitted call's context: the stream's context made
-// cancellable, and the call's place in its connection's count. The place is
+// admittedCall is an admitted call's context: the stream's context (made
+// cancellable when the connection has no StreamResetter), its stream id, and
+// the call's place in its connection's count. The place is
 // released once: when its handler returns (the interceptors), or when the
 // call is found still without its first message FirstMessageTimeout after
 // its headers — a call that never reached an interceptor (reset by the
 // peer, or silent) holds its place until then.
 //
 // One allocation (with a StreamResetter; otherwise besides the cancellable
-// context): no timer, closure or context value per call. A connection's calls waiting for their first
-// message are a list in admission order, and one timer per connection
-// fires at the oldest one's deadline (waitingCalls).
+// context): no timer, closure or context value per call. A connection's
+// calls waiting for their first message are a list in admission order, and
+// one timer per connection fires at the oldest one's deadline
+// (waitingCalls).
 type admittedCall struct {
 	context.Context
 	cancel   context.CancelCauseFunc // nil when the connection has a StreamResetter
