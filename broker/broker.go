@@ -162,6 +162,7 @@ type Broker struct {
 	now   func() time.Time
 
 	creds         atomic.Pointer[map[string]*credential]
+	setting       sync.Mutex                    // held by SetCredentials
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
 	resyncing     atomic.Bool                   // dropBuried is running
 	l1            sync.Map                      // cache key → *slot
@@ -170,7 +171,6 @@ type Broker struct {
 	invalidations limiters // InvalidateToken, per caller
 	requests      limiters // the other calls, per caller
 	streams       streamCounts
-	credStats     sync.Map // credential name → *credStats (its counts, retry gate and check state); kept across SetCredentials
 	m             *metrics
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
@@ -290,8 +290,15 @@ func (b *Broker) dropBuried() {
 }
 
 // SetCredentials replaces the credentials atomically. Cached tokens stay
-// valid for credentials whose upstream registration and scopes are unchanged.
+// valid for credentials whose upstream registration and scopes are unchanged;
+// a credential's statistics and retry state go on under its name.
 func (b *Broker) SetCredentials(cs []Credential) error {
+	b.setting.Lock()
+	defer b.setting.Unlock()
+	var old map[string]*credential
+	if p := b.creds.Load(); p != nil {
+		old = *p
+	}
 	m := make(map[string]*credential, len(cs))
 	for _, c := range cs {
 		if c.Name == "" || c.Fetcher == nil {
@@ -327,7 +334,11 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 				cr.ruleScopes[i] = cr.scopesFor(r.Scopes)
 			}
 		}
-		cr.stats = b.stats(c.Name)
+		if prev := old[c.Name]; prev != nil {
+			cr.stats = prev.stats // the same credential, reloaded: its history goes on
+		} else {
+			cr.stats = &credStats{}
+		}
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
@@ -398,7 +409,7 @@ func (b *Broker) readmit(caller policy.Identity, req Request, p prepared) (prepa
 func (b *Broker) afterBackoff(ctx context.Context, caller policy.Identity, req Request, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
-		g := b.gate(p.c.Name)
+		g := b.gate(p.c)
 		g.waiting.Add(1)
 		werr := g.await(ctx, ce, b.now)
 		g.waiting.Add(-1)
@@ -496,7 +507,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 		}
 	}
 	// This caller waits for a token: the gate keeps its backoff short.
-	g := b.gate(p.c.Name)
+	g := b.gate(p.c)
 	g.waiting.Add(1)
 	defer g.waiting.Add(-1)
 	return b.obtain(ctx, p.c, p.key, p.scopes, w)
@@ -605,9 +616,9 @@ func (b *Broker) storeFailed(op string, err error) {
 	}
 }
 
-// gate returns the retry gate of credential name, making it at its first use.
-func (b *Broker) gate(name string) *gate {
-	st := b.stats(name)
+// gate returns the retry gate of credential c, making it at its first use.
+func (b *Broker) gate(c *credential) *gate {
+	st := c.stats
 	if g := st.gateP.Load(); g != nil {
 		return g
 	}

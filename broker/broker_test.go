@@ -1,9 +1,11 @@
 package broker
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -63,5 +65,44 @@ func TestResolveScopes(t *testing.T) {
 	}
 	if _, _, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"C"}); !errors.Is(err, ErrPermissionDenied) {
 		t.Errorf("resolve([C]) = %v, want ErrPermissionDenied (the same as a scope not granted)", err)
+	}
+}
+
+// TestStatisticsAcrossReloads: a reload that keeps a credential hands on its
+// statistics (counts, retry gate, check state); one that removes it drops
+// them, and a credential of that name added later starts afresh.
+func TestStatisticsAcrossReloads(t *testing.T) {
+	b, _, _ := newTestBroker(t, nil, time.Hour)
+	c := (*b.creds.Load())["identity"]
+	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
+		t.Fatal(err)
+	}
+	kept := (*b.creds.Load())["identity"]
+	if kept == c || kept.stats != c.stats {
+		t.Fatal("a reload that keeps the credential did not hand on its statistics")
+	}
+	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if h := b.Health()["identity"]; h.State != "ok" || h.LastSuccess == nil {
+		t.Errorf("health after the reload = %+v, want ok with the fetch's success", h)
+	}
+	if n := b.Use()["identity"].Issued; n != 2 {
+		t.Errorf("tokens issued after the reload = %d, want 2 (both sides of the reload)", n)
+	}
+
+	other := c.Credential
+	other.Name = "other"
+	if err := b.SetCredentials([]Credential{other}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
+		t.Fatal(err)
+	}
+	if back := (*b.creds.Load())["identity"]; back.stats == c.stats || b.Use()["identity"].Issued != 0 {
+		t.Error("a credential removed and added again kept the statistics of before")
 	}
 }

@@ -202,7 +202,7 @@ func (b *Broker) fetchUnlessAhead(ctx context.Context, c *credential, key string
 // fetch gets a new token from the authorization server, if the credential's
 // gate lets it, and stores it.
 func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string) (flight, error) {
-	g := b.gate(c.Name)
+	g := b.gate(c)
 	if err := g.admit(b.now(), c.LockTTL); err != nil {
 		return flight{}, err
 	}
@@ -242,7 +242,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
 	}
 	g.succeeded()
-	b.noteSuccess(c.Name)
+	b.noteSuccess(c.stats)
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,

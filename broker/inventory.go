@@ -21,7 +21,8 @@ const (
 
 // credStats is what the broker remembers about a credential's use, for the
 // inventory and the per-credential metrics. It outlives reloads that keep
-// the credential, and goes with the credential when a reload removes it.
+// the credential (SetCredentials hands it on), and goes with the credential
+// when a reload removes it.
 type credStats struct {
 	counts
 	gateP     atomic.Pointer[gate] // when the next token request may go out; made at the first fetch
@@ -112,8 +113,8 @@ type CredentialUse struct {
 func (b *Broker) Use() map[string]CredentialUse {
 	now := b.now()
 	out := map[string]CredentialUse{}
-	for name := range *b.creds.Load() {
-		st := b.stats(name)
+	for name, c := range *b.creds.Load() {
+		st := c.stats
 		u := CredentialUse{Upstream: st.upstreamHealth(), Issued: int64(st.issued()), LastFetch: st.lastFetch.Load(),
 			Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
 		st.mu.Lock()
@@ -147,28 +148,13 @@ func (st *credStats) upstreamHealth() CredentialHealth {
 	return CredentialHealth{State: "ok"}
 }
 
-// stats returns the statistics of the credential named name.
-func (b *Broker) stats(name string) *credStats {
-	if v, ok := b.credStats.Load(name); ok {
-		return v.(*credStats)
-	}
-	v, _ := b.credStats.LoadOrStore(name, &credStats{})
-	return v.(*credStats)
-}
-
-// forgetRemoved drops what the broker holds for credentials that are no
-// longer configured: their cached tokens (in this process), their retry
-// state and their statistics.
+// forgetRemoved drops the cached tokens (in this process) of credentials
+// that are no longer configured. (Their retry state and statistics went with
+// the credentials they belong to.)
 func (b *Broker) forgetRemoved(current map[string]*credential) {
 	b.l1.Range(func(k, v any) bool {
 		if s := v.(*slot); current[s.cred] == nil {
 			b.forget(k.(string), s)
-		}
-		return true
-	})
-	b.credStats.Range(func(k, _ any) bool {
-		if current[k.(string)] == nil {
-			b.credStats.Delete(k)
 		}
 		return true
 	})
