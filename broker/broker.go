@@ -49,7 +49,9 @@ type Fetcher interface {
 type Credential struct {
 	// Name is what callers ask for.
 	Name string
-	// Scopes are the default scopes and the most a caller may ask for.
+	// Scopes are the default scopes and the most a caller may ask for. The
+	// Broker keeps the slice itself when it is sorted and without
+	// duplicates, so it must not change afterwards.
 	Scopes []string
 	// MinTTL is the min_ttl applied when a request sets none, capped to
 	// DefaultMinTTLShare of the lifetime the bank grants.
@@ -179,17 +181,59 @@ type Broker struct {
 	maxRetryAfter time.Duration // Options.MaxRetryAfter
 }
 
+// credential is a Credential in force, holding what an idle one needs:
+// what serving requests takes beyond that (cache keys, the retry gate) is
+// made at the first request. With ten thousand credentials,
+// most of them idle at any time, that is a few hundred bytes each.
 type credential struct {
 	Credential
+	stats     *credStats
+	keysP     atomic.Pointer[credKeys] // made at the first request
+	log       *zap.Logger
+	capLogged atomic.Bool // the default min_ttl cap was logged
+}
+
+// credKeys are a credential's cache keys, made at its first request.
+type credKeys struct {
 	upstreamID string
 	defaultKey string
 	ruleScopes map[int]scopeSet // per restricted policy rule: its default scopes and their key
-	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
-	hint      atomic.Pointer[slot]
-	log       *zap.Logger
-	capLogged atomic.Bool // the default min_ttl cap was logged
+	hint atomic.Pointer[slot]
+}
+
+// keys returns c's cache keys, making them at the first call.
+func (c *credential) keys() *credKeys {
+	if k := c.keysP.Load(); k != nil {
+		return k
+	}
+	k := &credKeys{upstreamID: upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)}
+	if c.DPoP != nil { // bound tokens never mix with bearer ones of the same registration
+		k.upstreamID += "\x00dpop"
+	}
+	k.defaultKey = cacheKey(c.Name, k.upstreamID, c.Scopes)
+	for i, r := range c.Callers.Rules() {
+		if len(r.Scopes) > 0 {
+			if k.ruleScopes == nil { // most credentials have none: no map
+				k.ruleScopes = map[int]scopeSet{}
+			}
+			s := c.scopesFor(r.Scopes)
+			k.ruleScopes[i] = scopeSet{s, k.keyOf(c, s)}
+		}
+	}
+	if !c.keysP.CompareAndSwap(nil, k) {
+		return c.keysP.Load()
+	}
+	return k
+}
+
+// keyOf is the cache key of c's sorted scope set s.
+func (k *credKeys) keyOf(c *credential, s []string) string {
+	if slices.Equal(s, c.Scopes) {
+		return k.defaultKey
+	}
+	return cacheKey(c.Name, k.upstreamID, s)
 }
 
 // New returns a Broker for opts.
@@ -307,32 +351,20 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		if _, dup := m[c.Name]; dup {
 			return fmt.Errorf("broker: credential %q is defined twice", c.Name)
 		}
-		cr := &credential{Credential: c}
-		cr.Scopes = slices.Clone(c.Scopes)
-		slices.Sort(cr.Scopes)
-		cr.Scopes = slices.Compact(cr.Scopes)
+		cr := &credential{Credential: c, log: b.log}
+		if !sortedSet(c.Scopes) { // one that is a sorted set already is kept as given
+			cr.Scopes = slices.Clone(c.Scopes)
+			slices.Sort(cr.Scopes)
+			cr.Scopes = slices.Compact(cr.Scopes)
+		}
 		if cr.Timeout <= 0 {
 			cr.Timeout = DefaultTimeout
 		}
 		if cr.LockTTL <= 0 {
 			cr.LockTTL = cr.Timeout + LeaseSlack
 		}
-		cr.log = b.log
 		if cr.IdleTimeout <= 0 {
 			cr.IdleTimeout = DefaultIdleTimeout
-		}
-		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
-		if c.DPoP != nil { // bound tokens never mix with bearer ones of the same registration
-			cr.upstreamID += "\x00dpop"
-		}
-		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
-		for i, r := range c.Callers.Rules() {
-			if len(r.Scopes) > 0 {
-				if cr.ruleScopes == nil { // most credentials have none: no map
-					cr.ruleScopes = map[int]scopeSet{}
-				}
-				cr.ruleScopes[i] = cr.scopesFor(r.Scopes)
-			}
 		}
 		if prev := old[c.Name]; prev != nil {
 			cr.stats = prev.stats // the same credential, reloaded: its history goes on
@@ -531,6 +563,16 @@ func (b *Broker) authorize(caller policy.Identity, name string) (*credential, po
 	return nil, policy.Grant{}, fmt.Errorf("%w: caller %s may not use credential %q", ErrPermissionDenied, caller, name)
 }
 
+// sortedSet reports whether s is sorted with no duplicates.
+func sortedSet(s []string) bool {
+	for i := 1; i < len(s); i++ {
+		if s[i-1] >= s[i] {
+			return false
+		}
+	}
+	return true
+}
+
 // scopeSet is a sorted scope set and its cache key.
 type scopeSet struct {
 	scopes []string
@@ -538,7 +580,7 @@ type scopeSet struct {
 }
 
 // scopesFor returns the credential's scopes that are also in allowed.
-func (c *credential) scopesFor(allowed []string) scopeSet {
+func (c *credential) scopesFor(allowed []string) []string {
 	var s []string
 	for _, sc := range c.Scopes {
 		if slices.Contains(allowed, sc) {
@@ -546,24 +588,25 @@ func (c *credential) scopesFor(allowed []string) scopeSet {
 		}
 	}
 	if slices.Equal(s, c.Scopes) {
-		return scopeSet{c.Scopes, c.defaultKey}
+		return c.Scopes
 	}
-	return scopeSet{s, cacheKey(c.Name, c.upstreamID, s)}
+	return s
 }
 
 // resolve returns the sorted scope set of a request and its cache key. An
 // empty request means every scope the caller may use.
 func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []string) ([]string, string, error) {
+	k := c.keys()
 	if len(req) == 0 {
 		switch {
 		case g.Scopes == nil:
-			return c.Scopes, c.defaultKey, nil
+			return c.Scopes, k.defaultKey, nil
 		case g.Rule >= 0:
-			rs := c.ruleScopes[g.Rule]
+			rs := k.ruleScopes[g.Rule]
 			return rs.scopes, rs.key, nil
 		default:
-			rs := c.scopesFor(g.Scopes)
-			return rs.scopes, rs.key, nil
+			s := c.scopesFor(g.Scopes)
+			return s, k.keyOf(c, s), nil
 		}
 	}
 	if len(req) > config.MaxScopes {
@@ -583,9 +626,9 @@ func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []strin
 	slices.Sort(scopes)
 	scopes = slices.Compact(scopes)
 	if slices.Equal(scopes, c.Scopes) {
-		return c.Scopes, c.defaultKey, nil
+		return c.Scopes, k.defaultKey, nil
 	}
-	return scopes, cacheKey(c.Name, c.upstreamID, scopes), nil
+	return scopes, cacheKey(c.Name, k.upstreamID, scopes), nil
 }
 
 // usable reports whether e has at least minTTL left. A token is never served
@@ -654,7 +697,7 @@ func (b *Broker) ListCredentials(caller policy.Identity) ([]CredentialInfo, erro
 		if g, ok := c.Callers.Grant(caller); ok {
 			scopes := c.Scopes
 			if g.Scopes != nil {
-				scopes = c.scopesFor(g.Scopes).scopes
+				scopes = c.scopesFor(g.Scopes)
 			}
 			out = append(out, CredentialInfo{Name: c.Name, Scopes: slices.Clone(scopes)})
 		}
