@@ -182,8 +182,8 @@ type Broker struct {
 }
 
 // credential is a Credential in force, holding what an idle one needs:
-// what serving requests takes beyond that (cache keys, the retry gate) is
-// made at the first request. With ten thousand credentials,
+// what serving requests takes beyond that (cache keys, the record of use, the
+// retry gate) is made at the first request. With ten thousand credentials,
 // most of them idle at any time, that is a few hundred bytes each.
 type credential struct {
 	Credential
@@ -421,7 +421,7 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 			return Issued{}, err
 		}
 	}
-	p.c.stats.noteIssued(caller, now)
+	p.c.stats.use().noteIssued(caller, now)
 	return is, nil
 }
 
@@ -528,7 +528,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 			}
 			s.touch(now, demand)
 			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
-				p.c.stats.sources[fromMemory].Add(1)
+				p.c.stats.use().sources[fromMemory].Add(1)
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a

@@ -108,19 +108,19 @@ func TestStatisticsAcrossReloads(t *testing.T) {
 }
 
 // TestIdleCredentialHoldsNoRequestState: a credential nobody asked for has
-// no cache keys and no retry gate; the first GetToken makes them, and a
-// reload's credential makes the same keys again.
+// no cache keys, no record of use and no retry gate; the first GetToken
+// makes them, and a reload's credential makes the same keys again.
 func TestIdleCredentialHoldsNoRequestState(t *testing.T) {
 	b, _, _ := newTestBroker(t, nil, time.Hour)
 	c := (*b.creds.Load())["identity"]
-	if c.keysP.Load() != nil || c.stats.gateP.Load() != nil {
-		t.Fatal("an idle credential has cache keys or a retry gate")
+	if c.keysP.Load() != nil || c.stats.useP.Load() != nil || c.stats.gateP.Load() != nil {
+		t.Fatal("an idle credential has cache keys, a record of use or a retry gate")
 	}
 	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
 		t.Fatal(err)
 	}
-	if c.keysP.Load() == nil || c.stats.gateP.Load() == nil {
-		t.Fatal("a used credential lacks its cache keys or its retry gate")
+	if c.keysP.Load() == nil || c.stats.useP.Load() == nil || c.stats.gateP.Load() == nil {
+		t.Fatal("a used credential lacks its cache keys, its record of use or its retry gate")
 	}
 	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
 		t.Fatal(err)
