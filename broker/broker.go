@@ -49,7 +49,9 @@ type Fetcher interface {
 type Credential struct {
 	// Name is what callers ask for.
 	Name string
-	// Scopes are the default scopes and the most a caller may ask for.
+	// Scopes are the default scopes and the most a caller may ask for. The
+	// Broker keeps the slice itself when it is sorted and without
+	// duplicates, so it must not change afterwards.
 	Scopes []string
 	// MinTTL is the min_ttl applied when a request sets none, capped to
 	// DefaultMinTTLShare of the lifetime the bank grants.
@@ -162,6 +164,7 @@ type Broker struct {
 	now   func() time.Time
 
 	creds         atomic.Pointer[map[string]*credential]
+	setting       sync.Mutex                    // held by SetCredentials
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
 	resyncing     atomic.Bool                   // dropBuried is running
 	l1            sync.Map                      // cache key → *slot
@@ -170,7 +173,6 @@ type Broker struct {
 	invalidations limiters // InvalidateToken, per caller
 	requests      limiters // the other calls, per caller
 	streams       streamCounts
-	credStats     sync.Map // credential name → *credStats (its counts, retry gate and check state); kept across SetCredentials
 	m             *metrics
 	audit         *audit.Logger
 	tracer        trace.Tracer // nil when tracing is off
@@ -179,17 +181,59 @@ type Broker struct {
 	maxRetryAfter time.Duration // Options.MaxRetryAfter
 }
 
+// credential is a Credential in force, holding what an idle one needs:
+// what serving requests takes beyond that (cache keys, the record of use, the
+// retry gate) is made at the first request. With ten thousand credentials,
+// most of them idle at any time, that is a few hundred bytes each.
 type credential struct {
 	Credential
+	stats     *credStats
+	keysP     atomic.Pointer[credKeys] // made at the first request
+	log       *zap.Logger
+	capLogged atomic.Bool // the default min_ttl cap was logged
+}
+
+// credKeys are a credential's cache keys, made at its first request.
+type credKeys struct {
 	upstreamID string
 	defaultKey string
 	ruleScopes map[int]scopeSet // per restricted policy rule: its default scopes and their key
-	stats      *credStats
 	// hint is the in-process cache slot of defaultKey, found without a map
 	// lookup: with many credentials that lookup is most of a cache hit.
-	hint      atomic.Pointer[slot]
-	log       *zap.Logger
-	capLogged atomic.Bool // the default min_ttl cap was logged
+	hint atomic.Pointer[slot]
+}
+
+// keys returns c's cache keys, making them at the first call.
+func (c *credential) keys() *credKeys {
+	if k := c.keysP.Load(); k != nil {
+		return k
+	}
+	k := &credKeys{upstreamID: upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)}
+	if c.DPoP != nil { // bound tokens never mix with bearer ones of the same registration
+		k.upstreamID += "\x00dpop"
+	}
+	k.defaultKey = cacheKey(c.Name, k.upstreamID, c.Scopes)
+	for i, r := range c.Callers.Rules() {
+		if len(r.Scopes) > 0 {
+			if k.ruleScopes == nil { // most credentials have none: no map
+				k.ruleScopes = map[int]scopeSet{}
+			}
+			s := c.scopesFor(r.Scopes)
+			k.ruleScopes[i] = scopeSet{s, k.keyOf(c, s)}
+		}
+	}
+	if !c.keysP.CompareAndSwap(nil, k) {
+		return c.keysP.Load()
+	}
+	return k
+}
+
+// keyOf is the cache key of c's sorted scope set s.
+func (k *credKeys) keyOf(c *credential, s []string) string {
+	if slices.Equal(s, c.Scopes) {
+		return k.defaultKey
+	}
+	return cacheKey(c.Name, k.upstreamID, s)
 }
 
 // New returns a Broker for opts.
@@ -290,8 +334,15 @@ func (b *Broker) dropBuried() {
 }
 
 // SetCredentials replaces the credentials atomically. Cached tokens stay
-// valid for credentials whose upstream registration and scopes are unchanged.
+// valid for credentials whose upstream registration and scopes are unchanged;
+// a credential's statistics and retry state go on under its name.
 func (b *Broker) SetCredentials(cs []Credential) error {
+	b.setting.Lock()
+	defer b.setting.Unlock()
+	var old map[string]*credential
+	if p := b.creds.Load(); p != nil {
+		old = *p
+	}
 	m := make(map[string]*credential, len(cs))
 	for _, c := range cs {
 		if c.Name == "" || c.Fetcher == nil {
@@ -300,34 +351,26 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		if _, dup := m[c.Name]; dup {
 			return fmt.Errorf("broker: credential %q is defined twice", c.Name)
 		}
-		cr := &credential{Credential: c}
-		cr.Scopes = slices.Clone(c.Scopes)
-		slices.Sort(cr.Scopes)
-		cr.Scopes = slices.Compact(cr.Scopes)
+		cr := &credential{Credential: c, log: b.log}
+		if !sortedSet(c.Scopes) { // one that is a sorted set already is kept as given
+			cr.Scopes = slices.Clone(c.Scopes)
+			slices.Sort(cr.Scopes)
+			cr.Scopes = slices.Compact(cr.Scopes)
+		}
 		if cr.Timeout <= 0 {
 			cr.Timeout = DefaultTimeout
 		}
 		if cr.LockTTL <= 0 {
 			cr.LockTTL = cr.Timeout + LeaseSlack
 		}
-		cr.log = b.log
 		if cr.IdleTimeout <= 0 {
 			cr.IdleTimeout = DefaultIdleTimeout
 		}
-		cr.upstreamID = upstreamID(c.TokenURL, c.ClientID, c.EndpointParams)
-		if c.DPoP != nil { // bound tokens never mix with bearer ones of the same registration
-			cr.upstreamID += "\x00dpop"
+		if prev := old[c.Name]; prev != nil {
+			cr.stats = prev.stats // the same credential, reloaded: its history goes on
+		} else {
+			cr.stats = &credStats{}
 		}
-		cr.defaultKey = cacheKey(c.Name, cr.upstreamID, cr.Scopes)
-		for i, r := range c.Callers.Rules() {
-			if len(r.Scopes) > 0 {
-				if cr.ruleScopes == nil { // most credentials have none: no map
-					cr.ruleScopes = map[int]scopeSet{}
-				}
-				cr.ruleScopes[i] = cr.scopesFor(r.Scopes)
-			}
-		}
-		cr.stats = b.stats(c.Name)
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
@@ -378,7 +421,7 @@ func (b *Broker) GetToken(ctx context.Context, caller policy.Identity, req Reque
 			return Issued{}, err
 		}
 	}
-	p.c.stats.noteIssued(caller, now)
+	p.c.stats.use().noteIssued(caller, now)
 	return is, nil
 }
 
@@ -398,7 +441,7 @@ func (b *Broker) readmit(caller policy.Identity, req Request, p prepared) (prepa
 func (b *Broker) afterBackoff(ctx context.Context, caller policy.Identity, req Request, p prepared, err error) (Issued, error) {
 	var ce *closedError
 	if errors.As(err, &ce) && mayWait(ctx, ce) {
-		g := b.gate(p.c.Name)
+		g := b.gate(p.c)
 		g.waiting.Add(1)
 		werr := g.await(ctx, ce, b.now)
 		g.waiting.Add(-1)
@@ -485,7 +528,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 			}
 			s.touch(now, demand)
 			if left := e.Expiry.Sub(now); left > 0 && left >= minTTL {
-				p.c.stats.sources[fromMemory].Add(1)
+				p.c.stats.use().sources[fromMemory].Add(1)
 				return Issued{Entry: e, Source: SourceMemory}, nil
 			}
 			// The last token shows what the server grants; asking it again for a
@@ -496,7 +539,7 @@ func (b *Broker) get(ctx context.Context, p prepared, now time.Time) (Issued, er
 		}
 	}
 	// This caller waits for a token: the gate keeps its backoff short.
-	g := b.gate(p.c.Name)
+	g := b.gate(p.c)
 	g.waiting.Add(1)
 	defer g.waiting.Add(-1)
 	return b.obtain(ctx, p.c, p.key, p.scopes, w)
@@ -520,6 +563,16 @@ func (b *Broker) authorize(caller policy.Identity, name string) (*credential, po
 	return nil, policy.Grant{}, fmt.Errorf("%w: caller %s may not use credential %q", ErrPermissionDenied, caller, name)
 }
 
+// sortedSet reports whether s is sorted with no duplicates.
+func sortedSet(s []string) bool {
+	for i := 1; i < len(s); i++ {
+		if s[i-1] >= s[i] {
+			return false
+		}
+	}
+	return true
+}
+
 // scopeSet is a sorted scope set and its cache key.
 type scopeSet struct {
 	scopes []string
@@ -527,7 +580,7 @@ type scopeSet struct {
 }
 
 // scopesFor returns the credential's scopes that are also in allowed.
-func (c *credential) scopesFor(allowed []string) scopeSet {
+func (c *credential) scopesFor(allowed []string) []string {
 	var s []string
 	for _, sc := range c.Scopes {
 		if slices.Contains(allowed, sc) {
@@ -535,24 +588,25 @@ func (c *credential) scopesFor(allowed []string) scopeSet {
 		}
 	}
 	if slices.Equal(s, c.Scopes) {
-		return scopeSet{c.Scopes, c.defaultKey}
+		return c.Scopes
 	}
-	return scopeSet{s, cacheKey(c.Name, c.upstreamID, s)}
+	return s
 }
 
 // resolve returns the sorted scope set of a request and its cache key. An
 // empty request means every scope the caller may use.
 func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []string) ([]string, string, error) {
+	k := c.keys()
 	if len(req) == 0 {
 		switch {
 		case g.Scopes == nil:
-			return c.Scopes, c.defaultKey, nil
+			return c.Scopes, k.defaultKey, nil
 		case g.Rule >= 0:
-			rs := c.ruleScopes[g.Rule]
+			rs := k.ruleScopes[g.Rule]
 			return rs.scopes, rs.key, nil
 		default:
-			rs := c.scopesFor(g.Scopes)
-			return rs.scopes, rs.key, nil
+			s := c.scopesFor(g.Scopes)
+			return s, k.keyOf(c, s), nil
 		}
 	}
 	if len(req) > config.MaxScopes {
@@ -572,9 +626,9 @@ func (c *credential) resolve(caller policy.Identity, g policy.Grant, req []strin
 	slices.Sort(scopes)
 	scopes = slices.Compact(scopes)
 	if slices.Equal(scopes, c.Scopes) {
-		return c.Scopes, c.defaultKey, nil
+		return c.Scopes, k.defaultKey, nil
 	}
-	return scopes, cacheKey(c.Name, c.upstreamID, scopes), nil
+	return scopes, cacheKey(c.Name, k.upstreamID, scopes), nil
 }
 
 // usable reports whether e has at least minTTL left. A token is never served
@@ -605,9 +659,9 @@ func (b *Broker) storeFailed(op string, err error) {
 	}
 }
 
-// gate returns the retry gate of credential name, making it at its first use.
-func (b *Broker) gate(name string) *gate {
-	st := b.stats(name)
+// gate returns the retry gate of credential c, making it at its first use.
+func (b *Broker) gate(c *credential) *gate {
+	st := c.stats
 	if g := st.gateP.Load(); g != nil {
 		return g
 	}
@@ -643,7 +697,7 @@ func (b *Broker) ListCredentials(caller policy.Identity) ([]CredentialInfo, erro
 		if g, ok := c.Callers.Grant(caller); ok {
 			scopes := c.Scopes
 			if g.Scopes != nil {
-				scopes = c.scopesFor(g.Scopes).scopes
+				scopes = c.scopesFor(g.Scopes)
 			}
 			out = append(out, CredentialInfo{Name: c.Name, Scopes: slices.Clone(scopes)})
 		}

@@ -1,9 +1,11 @@
 package broker
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -53,15 +55,85 @@ func TestResolveScopes(t *testing.T) {
 	c := (*b.creds.Load())["identity"]
 	for _, req := range [][]string{nil, {"A", "B"}, {"B", "A", "A"}} {
 		scopes, key, err := c.resolve(testCaller, policy.Grant{Rule: -1}, req)
-		if err != nil || key != c.defaultKey || strings.Join(scopes, " ") != "A B" {
+		if err != nil || key != c.keys().defaultKey || strings.Join(scopes, " ") != "A B" {
 			t.Errorf("resolve(%v) = %v, %q, %v; want the default set and key", req, scopes, key, err)
 		}
 	}
 	scopes, key, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"B"})
-	if err != nil || key == c.defaultKey || strings.Join(scopes, " ") != "B" {
+	if err != nil || key == c.keys().defaultKey || strings.Join(scopes, " ") != "B" {
 		t.Errorf("resolve([B]) = %v, %q, %v; want [B] under its own key", scopes, key, err)
 	}
 	if _, _, err := c.resolve(testCaller, policy.Grant{Rule: -1}, []string{"C"}); !errors.Is(err, ErrPermissionDenied) {
 		t.Errorf("resolve([C]) = %v, want ErrPermissionDenied (the same as a scope not granted)", err)
+	}
+}
+
+// TestStatisticsAcrossReloads: a reload that keeps a credential hands on its
+// statistics (counts, retry gate, check state); one that removes it drops
+// them, and a credential of that name added later starts afresh.
+func TestStatisticsAcrossReloads(t *testing.T) {
+	b, _, _ := newTestBroker(t, nil, time.Hour)
+	c := (*b.creds.Load())["identity"]
+	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
+		t.Fatal(err)
+	}
+	kept := (*b.creds.Load())["identity"]
+	if kept == c || kept.stats != c.stats {
+		t.Fatal("a reload that keeps the credential did not hand on its statistics")
+	}
+	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if h := b.Health()["identity"]; h.State != "ok" || h.LastSuccess == nil {
+		t.Errorf("health after the reload = %+v, want ok with the fetch's success", h)
+	}
+	if n := b.Use()["identity"].Issued; n != 2 {
+		t.Errorf("tokens issued after the reload = %d, want 2 (both sides of the reload)", n)
+	}
+
+	other := c.Credential
+	other.Name = "other"
+	if err := b.SetCredentials([]Credential{other}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
+		t.Fatal(err)
+	}
+	if back := (*b.creds.Load())["identity"]; back.stats == c.stats || b.Use()["identity"].Issued != 0 {
+		t.Error("a credential removed and added again kept the statistics of before")
+	}
+}
+
+// TestIdleCredentialHoldsNoRequestState: a credential nobody asked for has
+// no cache keys, no record of use and no retry gate; the first GetToken
+// makes them, and a reload's credential makes the same keys again.
+func TestIdleCredentialHoldsNoRequestState(t *testing.T) {
+	b, _, _ := newTestBroker(t, nil, time.Hour)
+	c := (*b.creds.Load())["identity"]
+	if c.keysP.Load() != nil || c.stats.useP.Load() != nil || c.stats.gateP.Load() != nil {
+		t.Fatal("an idle credential has cache keys, a record of use or a retry gate")
+	}
+	if _, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"}); err != nil {
+		t.Fatal(err)
+	}
+	if c.keysP.Load() == nil || c.stats.useP.Load() == nil || c.stats.gateP.Load() == nil {
+		t.Fatal("a used credential lacks its cache keys, its record of use or its retry gate")
+	}
+	if err := b.SetCredentials([]Credential{c.Credential}); err != nil {
+		t.Fatal(err)
+	}
+	kept := (*b.creds.Load())["identity"]
+	if kept.keysP.Load() != nil {
+		t.Error("the reloaded credential has cache keys before a request")
+	}
+	is, err := b.GetToken(context.Background(), testCaller, Request{Credential: "identity"})
+	if err != nil || is.Source != SourceMemory {
+		t.Errorf("after the reload: %v from %q, want the cached token", err, is.Source)
+	}
+	if got, want := kept.keys().defaultKey, c.keys().defaultKey; got != want {
+		t.Errorf("the reloaded credential's key is %q, want the same as before (%q)", got, want)
 	}
 }

@@ -52,9 +52,10 @@ func (s *slot) isRevoked(fp string) bool {
 // lookup returns the slot for p's key, if there is one. A credential's
 // default scope set (nearly every call) is found through its hint.
 func (b *Broker) lookup(p prepared) *slot {
-	isDefault := p.key == p.c.defaultKey
+	k := p.c.keys()
+	isDefault := p.key == k.defaultKey
 	if isDefault {
-		if s := p.c.hint.Load(); s != nil && !s.gone.Load() {
+		if s := k.hint.Load(); s != nil && !s.gone.Load() {
 			return s
 		}
 	}
@@ -64,7 +65,7 @@ func (b *Broker) lookup(p prepared) *slot {
 	}
 	s := v.(*slot)
 	if isDefault {
-		p.c.hint.Store(s)
+		k.hint.Store(s)
 	}
 	return s
 }

@@ -51,7 +51,7 @@ func (b *Broker) obtain(ctx context.Context, c *credential, key string, scopes [
 		f := r.Val.(flight)
 		minTTL := w.of(c, f.entry.Lifetime())
 		if b.usable(f.entry, minTTL) {
-			c.stats.source(f.source)
+			c.stats.use().source(f.source)
 			return Issued{Entry: f.entry, Source: f.source}, nil
 		}
 		if f.source == SourceUpstream {
@@ -105,7 +105,7 @@ func (b *Broker) refresh(ctx context.Context, c *credential, key string, scopes 
 			// replica's: someone keeps rewriting it. Fetch without it, as
 			// during a Redis outage.
 			if !waitStart.IsZero() && time.Since(waitStart) > 2*c.LockTTL {
-				c.stats.overruns.Add(1)
+				c.stats.use().overruns.Add(1)
 				b.log.Warn("waited longer than the lease bound for another replica's fetch; fetching without the lease",
 					zap.String("credential", c.Name), zap.Duration("lease_bound", c.LockTTL))
 				return b.fetchUnlessAhead(ctx, c, key, scopes, nil, w)
@@ -202,7 +202,7 @@ func (b *Broker) fetchUnlessAhead(ctx context.Context, c *credential, key string
 // fetch gets a new token from the authorization server, if the credential's
 // gate lets it, and stores it.
 func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []string) (flight, error) {
-	g := b.gate(c.Name)
+	g := b.gate(c)
 	if err := g.admit(b.now(), c.LockTTL); err != nil {
 		return flight{}, err
 	}
@@ -211,6 +211,7 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 	ctx, span := b.span(ctx, "tokenbroker.token_endpoint", c)
 	defer span.End()
 	t, err := c.Fetcher.Fetch(ctx, scopes)
+	use := c.stats.use()
 	b.m.upstreamDur.WithLabelValues(endpointOf(c.TokenURL)).Observe(time.Since(began).Seconds())
 	if err != nil {
 		berr := b.upstreamFailed(c, err)
@@ -219,30 +220,30 @@ func (b *Broker) fetch(ctx context.Context, c *credential, key string, scopes []
 		if errors.As(err, &ue) {
 			outcome = string(ue.Reason)
 		}
-		c.stats.failed(outcome)
+		use.failed(outcome)
 		if span.IsRecording() {
 			span.SetAttributes(attribute.String("tokenbroker.outcome", outcome))
 			span.SetStatus(otelcodes.Error, outcome)
 		}
-		c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
+		use.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: outcome})
 		_ = b.Record(audit.Event{Event: audit.UpstreamFetch, Credential: c.Name, Scopes: scopes, Outcome: "error", Reason: outcome})
 		g.failed(b.now(), berr, ue)
 		return flight{}, berr
 	}
-	c.stats.ok.Add(1)
+	use.ok.Add(1)
 	if span.IsRecording() {
 		span.SetAttributes(attribute.String("tokenbroker.outcome", "ok"), attribute.String("tokenbroker.fingerprint", Fingerprint(t.AccessToken)))
 	}
-	c.stats.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
+	use.lastFetch.Store(&FetchRecord{Time: b.now(), Outcome: "ok"})
 	if c.Secrets > 1 {
-		c.stats.secretUsed(t.SecretIndex)
+		use.secretUsed(t.SecretIndex)
 	}
 	if t.SecretIndex > 0 {
 		b.log.Warn("an older client secret worked; the first in client_secret_files was refused (is the rotation done at the bank?)",
 			zap.String("credential", c.Name), zap.Int("secret_index", t.SecretIndex))
 	}
 	g.succeeded()
-	b.noteSuccess(c.Name)
+	b.noteSuccess(c.stats)
 	e := &store.Entry{
 		AccessToken: t.AccessToken,
 		TokenType:   t.TokenType,

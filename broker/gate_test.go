@@ -59,7 +59,7 @@ func TestMayWait(t *testing.T) {
 // TestRecentCallersBounded: the inventory keeps the 100 most recent callers
 // of a credential.
 func TestRecentCallersBounded(t *testing.T) {
-	var s credStats
+	var s credUse
 	base := time.Unix(1_000_000, 0)
 	for i := range 150 {
 		s.noteIssued(policy.Identity(fmt.Sprintf("spiffe://t/c%03d", i)), base.Add(time.Duration(i)*time.Second))
@@ -73,5 +73,28 @@ func TestRecentCallersBounded(t *testing.T) {
 	}
 	if got := s.callers["spiffe://t/c050"]; got != base.Add(50*time.Second).Unix() {
 		t.Errorf("c050 last = %d, want kept with its time", got)
+	}
+}
+
+// TestRecentCallersOne: a credential's one caller is recorded without a
+// map; a second caller makes one, keeping the first.
+func TestRecentCallersOne(t *testing.T) {
+	var s credUse
+	base := time.Unix(1_000_000, 0)
+	s.noteIssued("spiffe://t/a", base)
+	s.noteIssued("spiffe://t/a", base.Add(time.Second))
+	if s.callers != nil {
+		t.Fatal("one caller made a map")
+	}
+	got := map[policy.Identity]int64{}
+	s.recentCallers(func(id policy.Identity, sec int64) { got[id] = sec })
+	if len(got) != 1 || got["spiffe://t/a"] != base.Unix()+1 {
+		t.Fatalf("recent callers = %v, want a at its last second", got)
+	}
+	s.noteIssued("spiffe://t/b", base.Add(2*time.Second))
+	clear(got)
+	s.recentCallers(func(id policy.Identity, sec int64) { got[id] = sec })
+	if len(got) != 2 || got["spiffe://t/a"] != base.Unix()+1 || got["spiffe://t/b"] != base.Unix()+2 {
+		t.Errorf("recent callers = %v, want a and b at their last seconds", got)
 	}
 }

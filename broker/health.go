@@ -43,13 +43,9 @@ type credCheck struct {
 	checked     atomic.Bool            // a check or a fetch has reported
 }
 
-func (b *Broker) check(name string) *credCheck {
-	return &b.stats(name).check
-}
-
-// noteSuccess records that the token endpoint answered for credential name.
-func (b *Broker) noteSuccess(name string) {
-	cc := b.check(name)
+// noteSuccess records that the token endpoint answered for the credential of st.
+func (b *Broker) noteSuccess(st *credStats) {
+	cc := &st.check
 	cc.lastSuccess.Store(b.now().UnixNano())
 	cc.lastContact.Store(time.Now().UnixNano())
 	cc.failing.Store(nil)
@@ -92,41 +88,45 @@ func (b *Broker) checkLoop(ctx context.Context, interval time.Duration) {
 }
 
 // CheckIdle checks the token endpoint of every credential that has not
-// reached it within interval, once per token URL.
+// reached it within interval, once per token URL (one goroutine each, not
+// one per credential: a goroutine's record outlives it).
 func (b *Broker) CheckIdle(ctx context.Context, interval time.Duration) {
-	type result struct {
-		once sync.Once
-		err  error
+	type endpoint struct {
+		check Checker
+		creds []*credential
 	}
-	byURL := map[string]*result{}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
+	var endpoints []*endpoint
+	byURL := map[string]*endpoint{}
 	for _, c := range *b.creds.Load() {
 		ch, ok := c.Fetcher.(Checker)
-		cc := b.check(c.Name)
-		if !ok || time.Since(time.Unix(0, cc.lastContact.Load())) < interval {
+		if !ok || time.Since(time.Unix(0, c.stats.check.lastContact.Load())) < interval {
 			continue
 		}
-		mu.Lock()
-		res := byURL[c.TokenURL]
-		if res == nil || c.TokenURL == "" {
-			res = &result{}
-			byURL[c.TokenURL] = res
+		e := byURL[c.TokenURL]
+		if e == nil || c.TokenURL == "" { // without a token URL, each is checked alone
+			e = &endpoint{check: ch}
+			byURL[c.TokenURL] = e
+			endpoints = append(endpoints, e)
 		}
-		mu.Unlock()
+		e.creds = append(e.creds, c)
+	}
+	var wg sync.WaitGroup
+	for _, e := range endpoints {
 		wg.Go(func() {
-			res.once.Do(func() { res.err = ch.Check(ctx) })
-			b.noteCheck(c.Name, res.err)
+			err := e.check.Check(ctx)
+			for _, c := range e.creds {
+				b.noteCheck(c, err)
+			}
 		})
 	}
 	wg.Wait()
 }
 
-// noteCheck records a check's outcome for credential name.
-func (b *Broker) noteCheck(name string, err error) {
-	cc := b.check(name)
+// noteCheck records a check's outcome for credential c.
+func (b *Broker) noteCheck(c *credential, err error) {
+	cc := &c.stats.check
 	if err == nil {
-		b.noteSuccess(name)
+		b.noteSuccess(c.stats)
 		return
 	}
 	if errors.Is(err, context.Canceled) {
@@ -139,7 +139,7 @@ func (b *Broker) noteCheck(name string, err error) {
 	}
 	if cc.failing.Swap(&reason) == nil {
 		cc.failedAt.Store(b.now().UnixNano())
-		b.log.Warn("token endpoint does not take connections (background check)", zap.String("credential", name), zap.Error(err))
+		b.log.Warn("token endpoint does not take connections (background check)", zap.String("credential", c.Name), zap.Error(err))
 	}
 	cc.checked.Store(true)
 }

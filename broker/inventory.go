@@ -21,16 +21,36 @@ const (
 
 // credStats is what the broker remembers about a credential's use, for the
 // inventory and the per-credential metrics. It outlives reloads that keep
-// the credential, and goes with the credential when a reload removes it.
+// the credential (SetCredentials hands it on), and goes with the credential
+// when a reload removes it.
 type credStats struct {
-	counts
-	gateP     atomic.Pointer[gate] // when the next token request may go out; made at the first fetch
-	check     credCheck            // the background check's state (health.go)
-	lastFetch atomic.Pointer[FetchRecord]
-	mark      atomic.Pointer[callerMark] // the caller noted last, and when
+	check credCheck               // the background check's state (health.go): idle credentials have it too
+	gateP atomic.Pointer[gate]    // when the next token request may go out; made at the first fetch
+	useP  atomic.Pointer[credUse] // made at the first use
+}
 
-	mu      sync.Mutex
-	callers map[policy.Identity]int64 // Unix seconds of each caller's last token
+// credUse is the record of a credential's use: its counts, its last fetch and
+// its recent callers.
+type credUse struct {
+	counts
+	lastFetch atomic.Pointer[FetchRecord]
+	mark      atomic.Pointer[callerMark] // the caller noted last, and when; written under mu
+
+	mu sync.Mutex
+	// callers holds the Unix seconds of each caller's last token, from the
+	// second caller on: while there has been one, the mark says all (most
+	// credentials have one caller, and a map is a few hundred bytes).
+	callers map[policy.Identity]int64
+}
+
+// use returns the record of the credential's use, making it at the first
+// call: a credential nobody asked for has none.
+func (s *credStats) use() *credUse {
+	if u := s.useP.Load(); u != nil {
+		return u
+	}
+	s.useP.CompareAndSwap(nil, &credUse{})
+	return s.useP.Load()
 }
 
 type callerMark struct {
@@ -41,29 +61,47 @@ type callerMark struct {
 // noteIssued records that caller received a token. On the hit path: when the
 // same caller was noted within the same second (the steady state of a busy
 // caller) it costs a pointer load and a string comparison, and takes no lock;
-// otherwise a map update under the credential's lock.
-func (s *credStats) noteIssued(caller policy.Identity, now time.Time) {
+// otherwise an update under the credential's lock.
+func (s *credUse) noteIssued(caller policy.Identity, now time.Time) {
 	sec := now.Unix()
 	if m := s.mark.Load(); m != nil && m.sec == sec && m.caller == caller {
 		return
 	}
 	s.mu.Lock()
-	if s.callers == nil {
-		s.callers = map[policy.Identity]int64{}
+	defer s.mu.Unlock()
+	if m := s.mark.Load(); s.callers == nil && m != nil && m.caller != caller {
+		s.callers = map[policy.Identity]int64{m.caller: m.sec} // a second caller: from now on, a map
 	}
-	if _, known := s.callers[caller]; !known && len(s.callers) >= MaxRecentCallers {
-		var oldestID policy.Identity
-		oldest := int64(1<<63 - 1)
-		for id, t := range s.callers {
-			if t < oldest {
-				oldest, oldestID = t, id
+	if s.callers != nil {
+		if _, known := s.callers[caller]; !known && len(s.callers) >= MaxRecentCallers {
+			var oldestID policy.Identity
+			oldest := int64(1<<63 - 1)
+			for id, t := range s.callers {
+				if t < oldest {
+					oldest, oldestID = t, id
+				}
 			}
+			delete(s.callers, oldestID)
 		}
-		delete(s.callers, oldestID)
+		s.callers[caller] = sec
 	}
-	s.callers[caller] = sec
-	s.mu.Unlock()
 	s.mark.Store(&callerMark{caller: caller, sec: sec})
+}
+
+// recentCallers calls f with each recent caller's identity and the Unix
+// second of its last token.
+func (s *credUse) recentCallers(f func(policy.Identity, int64)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.callers == nil {
+		if m := s.mark.Load(); m != nil {
+			f(m.caller, m.sec)
+		}
+		return
+	}
+	for id, sec := range s.callers {
+		f(id, sec)
+	}
 }
 
 // FetchRecord is the last request to a credential's token endpoint.
@@ -112,17 +150,16 @@ type CredentialUse struct {
 func (b *Broker) Use() map[string]CredentialUse {
 	now := b.now()
 	out := map[string]CredentialUse{}
-	for name := range *b.creds.Load() {
-		st := b.stats(name)
-		u := CredentialUse{Upstream: st.upstreamHealth(), Issued: int64(st.issued()), LastFetch: st.lastFetch.Load(),
-			Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
-		st.mu.Lock()
-		for id, sec := range st.callers {
-			if last := time.Unix(sec, 0); now.Sub(last) <= RecentCallersWindow {
-				u.RecentCallers = append(u.RecentCallers, CallerRecord{Caller: string(id), Last: last})
-			}
+	for name, c := range *b.creds.Load() {
+		u := CredentialUse{Upstream: c.stats.upstreamHealth(), Cached: []TokenSet{}, RecentCallers: []CallerRecord{}}
+		if cu := c.stats.useP.Load(); cu != nil {
+			u.Issued, u.LastFetch = int64(cu.issued()), cu.lastFetch.Load()
+			cu.recentCallers(func(id policy.Identity, sec int64) {
+				if last := time.Unix(sec, 0); now.Sub(last) <= RecentCallersWindow {
+					u.RecentCallers = append(u.RecentCallers, CallerRecord{Caller: string(id), Last: last})
+				}
+			})
 		}
-		st.mu.Unlock()
 		sort.Slice(u.RecentCallers, func(i, j int) bool { return u.RecentCallers[i].Last.After(u.RecentCallers[j].Last) })
 		out[name] = u
 	}
@@ -147,28 +184,13 @@ func (st *credStats) upstreamHealth() CredentialHealth {
 	return CredentialHealth{State: "ok"}
 }
 
-// stats returns the statistics of the credential named name.
-func (b *Broker) stats(name string) *credStats {
-	if v, ok := b.credStats.Load(name); ok {
-		return v.(*credStats)
-	}
-	v, _ := b.credStats.LoadOrStore(name, &credStats{})
-	return v.(*credStats)
-}
-
-// forgetRemoved drops what the broker holds for credentials that are no
-// longer configured: their cached tokens (in this process), their retry
-// state and their statistics.
+// forgetRemoved drops the cached tokens (in this process) of credentials
+// that are no longer configured. (Their retry state and statistics went with
+// the credentials they belong to.)
 func (b *Broker) forgetRemoved(current map[string]*credential) {
 	b.l1.Range(func(k, v any) bool {
 		if s := v.(*slot); current[s.cred] == nil {
 			b.forget(k.(string), s)
-		}
-		return true
-	})
-	b.credStats.Range(func(k, _ any) bool {
-		if current[k.(string)] == nil {
-			b.credStats.Delete(k)
 		}
 		return true
 	})

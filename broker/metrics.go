@@ -107,22 +107,31 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 	fam := familyWriter{w: w}
 
 	fam.start(sourceFamily, "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).", promtext.Counter)
-	for _, n := range names {
-		st := creds[n].stats
-		for i := range st.sources {
-			if v := st.sources[i].Load(); v > 0 {
-				fam.count(v, "credential", n, "source", sources[i])
+	// Only credentials that were used have counts.
+	uses := make([]*credUse, len(names))
+	for i, n := range names {
+		uses[i] = creds[n].stats.useP.Load()
+	}
+	for i, n := range names {
+		if u := uses[i]; u != nil {
+			for j := range u.sources {
+				if v := u.sources[j].Load(); v > 0 {
+					fam.count(v, "credential", n, "source", sources[j])
+				}
 			}
 		}
 	}
 
 	fam.start(upstreamFamily, "Requests to token endpoints, by credential and outcome (ok, or the failure class).", promtext.Counter)
-	for _, n := range names {
-		st := creds[n].stats
-		if v := st.ok.Load(); v > 0 {
+	for i, n := range names {
+		u := uses[i]
+		if u == nil {
+			continue
+		}
+		if v := u.ok.Load(); v > 0 {
 			fam.count(v, "credential", n, "outcome", "ok")
 		}
-		if r := st.rare.Load(); r != nil {
+		if r := u.rare.Load(); r != nil {
 			for _, f := range r.failures {
 				fam.count(f.n, "credential", n, "outcome", f.outcome)
 			}
@@ -130,20 +139,24 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 	}
 
 	fam.start(secretFamily, "Successful token requests by the client secret that worked (index in client_secret_files), for credentials with more than one.", promtext.Counter)
-	for _, n := range names {
-		if r := creds[n].stats.rare.Load(); r != nil {
-			for i, v := range r.secrets {
-				if v > 0 {
-					fam.count(v, "credential", n, "secret", strconv.Itoa(i))
+	for i, n := range names {
+		if u := uses[i]; u != nil {
+			if r := u.rare.Load(); r != nil {
+				for j, v := range r.secrets {
+					if v > 0 {
+						fam.count(v, "credential", n, "secret", strconv.Itoa(j))
+					}
 				}
 			}
 		}
 	}
 
 	fam.start(overrunFamily, "Fetches made without the lease after waiting longer than the lease bound for another replica's.", promtext.Counter)
-	for _, n := range names {
-		if v := creds[n].stats.overruns.Load(); v > 0 {
-			fam.count(v, "credential", n)
+	for i, n := range names {
+		if u := uses[i]; u != nil {
+			if v := u.overruns.Load(); v > 0 {
+				fam.count(v, "credential", n)
+			}
 		}
 	}
 

@@ -51,7 +51,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 	if err := send(is.Entry); err != nil {
 		return err
 	}
-	p.c.stats.noteIssued(caller, b.now())
+	p.c.stats.use().noteIssued(caller, b.now())
 	last := is.Entry
 	if p.defaulted { // from now on, the default as this credential's tokens cap it
 		p.minTTL = p.want().of(p.c, last.Lifetime())
@@ -154,7 +154,7 @@ func (b *Broker) Watch(ctx context.Context, caller policy.Identity, req Request,
 			if err := send(is.Entry); err != nil {
 				return err
 			}
-			p.c.stats.noteIssued(caller, b.now())
+			p.c.stats.use().noteIssued(caller, b.now())
 			last = is.Entry
 		}
 	}

@@ -28,10 +28,10 @@ const (
 	scrapeTarget      = 100 * time.Millisecond
 	reloadGrowthLimit = 1.05 // heap after ten reloads, over the heap before
 	// Issue 27's targets above are reported, met or not; these bounds, half
-	// again over what was measured where a target is missed (1.9 KB idle,
-	// 4.0 MB of /metrics), and the target where it is met (cached), fail the
+	// again over what was measured where a target is missed (4.0 MB of
+	// /metrics), and the target where it is met (idle, cached), fail the
 	// benchmark on a regression.
-	idleBytesBound   = 3100
+	idleBytesBound   = idleBytesTarget
 	cachedBytesBound = cachedBytesTarget
 	metricsSizeBound = 6 << 20
 )
@@ -49,23 +49,32 @@ const (
 // fails above the regression bounds (the constants above) or past the 5%.
 // Run it with -benchtime 1x: an iteration starts two servers.
 //
-// What is met and what is not (issue 27). A cached token costs about 1.3 KB
-// beyond the idle credential (target 2 KB): its in-process slot and entry,
-// the copy in the in-process store (no Redis here), the cache key's map
-// entry, the retry gate made at the first fetch and the inventory's note of
-// its caller; its series are counts in the credential's statistics,
-// written as text at scrape time (broker.WriteCredentialMetrics), so a
-// scrape takes tens of milliseconds, not a second. An idle credential costs
-// about 1.9 KB (target 1 KB): it is held three times over, each a few
-// hundred bytes — as parsed (config.Credential, kept for reloads and the
-// inventory), as the broker's credential (cache keys, defaults) and as its
-// upstream client (with everything a fetch reads) — plus its statistics
-// and compiled caller rules; one representation instead of three
-// is what 1 KB would take. /metrics keeps five series per cached credential
-// (token_source_total, upstream_requests_total, token_expiry_seconds,
-// credential_healthy, credential_last_success_timestamp_seconds), each read
-// by the dashboard, an alert or the contract: about 4 MB as text at 10,000
-// credentials (target 2 MB), a tenth of that as the gzip a scraper asks for.
+// What is met and what is not (issue 27). An idle credential costs about
+// 970 B (target 1 KB). Its configuration is held once, as parsed:
+// config.Credential (360 B; with its name, scope and caller lists about
+// 470 B), which the inventory shows and the upstream fetcher reads. Beside
+// it: the broker's credential (192 B and its map entry: defaults, and
+// headers of the same strings), its statistics (64 B, the check state;
+// handed on across reloads), its compiled caller rules (170 B) and its
+// fetcher (32 B). What only a used credential needs is made at its first
+// request: the
+// upstream client (320 B, made from config.Credential at the first fetch;
+// a background check of an idle one uses a client it lets go), the cache
+// keys, the record of use (counts, last fetch, callers) and the retry gate.
+// So a cached token costs about 1.6 KB beyond the idle credential (target
+// 2 KB): its in-process slot and entry, the copy in the in-process store
+// (no Redis here), the cache key's map entry, those made at first use, and
+// the inventory's note of its caller (no map while there is one). Its
+// series are counts in the record of use, written as text at scrape time
+// (broker.WriteCredentialMetrics), so a scrape takes tens of milliseconds,
+// not a second. Ten reloads leave the heap lower than before them (about
+// 0.87×): a reload makes each credential's fetcher anew, and a cached
+// credential makes its client again at its next fetch. /metrics keeps five
+// series per cached credential (token_source_total, upstream_requests_total,
+// token_expiry_seconds, credential_healthy,
+// credential_last_success_timestamp_seconds), each read by the dashboard, an
+// alert or the contract: about 4 MB as text at 10,000 credentials (target
+// 2 MB), a tenth of that as the gzip a scraper asks for.
 //
 //	go test -run '^$' -bench BenchmarkCredentialMemory -benchtime 1x -v ./broker/server/
 func BenchmarkCredentialMemory(b *testing.B) {

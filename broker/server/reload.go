@@ -23,7 +23,8 @@ import (
 // once: calls already running finish on the old ones, the next call sees the
 // new ones, and open WatchToken streams are authorized again.
 // Keys that only a restart applies (listeners, TLS file paths, store, audit,
-// log, rate limit) are left as they are and named in the log.
+// log, rate limit) are left as they are and named in the log. The Server
+// keeps cfg: it must not change afterwards.
 func (s *Server) Reload(cfg *config.Config) error {
 	creds, err := brokerCredentials(cfg, s.now, s.tp)
 	if err != nil {

@@ -18,7 +18,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"net/url"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -72,7 +71,8 @@ const maxMessageSize = 64 << 10
 
 // Options configures a Server.
 type Options struct {
-	// Config is a validated configuration.
+	// Config is a validated configuration. The Server keeps it (as it keeps
+	// each one given to Reload): it must not change afterwards.
 	Config *config.Config
 	// Logger receives the process log; nil means none.
 	Logger *zap.Logger
@@ -311,48 +311,24 @@ func (s *Server) setAdmins(cfg *config.Config) error {
 	return nil
 }
 
-// brokerCredentials builds the Broker's credentials, with their upstream clients
-// and caller policies, from cfg.
+// brokerCredentials builds the Broker's credentials, with their caller
+// policies and upstream fetchers, from cfg, which the credentials keep: it
+// must not change afterwards. Each credential's upstream configuration is
+// checked here (a client is made of it and let go); its client proper is
+// made at its first fetch (see fetcher).
 func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.TracerProvider) ([]broker.Credential, error) {
 	out := make([]broker.Credential, 0, len(cfg.Credentials))
-	for _, c := range cfg.Credentials {
-		var params url.Values // nil without endpoint_params: a map each adds up over thousands of credentials
-		for k, v := range c.EndpointParams {
-			if params == nil {
-				params = url.Values{}
-			}
-			params.Set(k, v)
-		}
-		ring, err := keyringFor(c)
+	env := &upstreamEnv{now: now, tp: tp}
+	for i := range cfg.Credentials {
+		c := &cfg.Credentials[i]
+		ring, err := keyringFor(*c)
 		if err != nil {
 			return nil, err
 		}
-		up, err := upstream.New(upstream.Config{
-			TokenURL:          c.TokenURL,
-			ClientID:          c.ClientID,
-			ClientSecretFile:  c.ClientSecretFile,
-			ClientSecretFiles: c.ClientSecretFiles,
-			AuthMethod:        upstream.AuthMethod(c.AuthMethod),
-			PrivateKeyFile:    c.PrivateKeyFile,
-			JWTAlg:            c.JWTAlg,
-			KeyID:             c.KeyID,
-			JWTAudience:       c.JWTAudience,
-			TLSClientCertFile: c.TLSClientCertFile,
-			TLSClientKeyFile:  c.TLSClientKeyFile,
-			TLSCAFile:         c.TLSCAFile,
-			EndpointParams:    params,
-			DefaultTTL:        c.DefaultTTL.D(),
-			MaxTTL:            c.MaxTTL.D(),
-			ExpiryMargin:      c.ExpiryMargin.D(),
-			Timeout:           c.Timeout.D(),
-			Now:               now,
-			TracerProvider:    tp,
-			DPoP:              ring,
-		})
-		if err != nil {
+		if _, err := upstream.New(upstreamConfig(c, ring, env)); err != nil {
 			return nil, fmt.Errorf("%s: %w", c.Key(), err)
 		}
-		rules, err := callerRules(c)
+		rules, err := callerRules(*c)
 		if err != nil {
 			return nil, err
 		}
@@ -361,7 +337,8 @@ func brokerCredentials(cfg *config.Config, now func() time.Time, tp trace.Tracer
 			return nil, fmt.Errorf("%s.allowed_callers: %w", c.Key(), err)
 		}
 		out = append(out, broker.Credential{
-			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers, Fetcher: up,
+			Name: c.Name, Scopes: c.Scopes, MinTTL: c.MinTTL.D(), Callers: callers,
+			Fetcher:     &fetcher{cr: c, ring: ring, env: env},
 			Timeout:     c.Timeout.D(), // the lease is one fetch plus broker.LeaseSlack
 			RefreshAt:   c.RefreshAt,
 			IdleTimeout: c.IdleTimeout.D(),

@@ -145,8 +145,9 @@ type Client struct {
 
 // New returns a Client for cfg, filling in defaults.
 func New(cfg Config) (*Client, error) {
-	if cfg.ClientSecretFile != "" {
+	if cfg.ClientSecretFile != "" && len(cfg.ClientSecretFiles) > 0 { // the list, led by the single file
 		cfg.ClientSecretFiles = append([]string{cfg.ClientSecretFile}, cfg.ClientSecretFiles...)
+		cfg.ClientSecretFile = ""
 	}
 	if cfg.TokenURL == "" || cfg.ClientID == "" {
 		return nil, errors.New("upstream: TokenURL and ClientID are required")
@@ -156,7 +157,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.AuthMethod = ClientSecretBasic
 		fallthrough
 	case ClientSecretBasic, ClientSecretPost:
-		if len(cfg.ClientSecretFiles) == 0 {
+		if cfg.ClientSecretFile == "" && len(cfg.ClientSecretFiles) == 0 {
 			return nil, errors.New("upstream: a client secret file is required")
 		}
 	case PrivateKeyJWT:
@@ -190,12 +191,12 @@ func New(cfg Config) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	var rt http.RoundTripper = transportFor(cfg, tc, caSum)
+	hc := httpClientFor(cfg, tc, caSum)
 	if cfg.TracerProvider != nil {
-		rt = otelhttp.NewTransport(rt, otelhttp.WithTracerProvider(cfg.TracerProvider),
+		rt := otelhttp.NewTransport(hc.Transport, otelhttp.WithTracerProvider(cfg.TracerProvider),
 			otelhttp.WithPropagators(propagation.NewCompositeTextMapPropagator())) // nothing injected
+		hc = &http.Client{Transport: rt, CheckRedirect: refuseRedirects}
 	}
-	hc := &http.Client{Transport: rt, CheckRedirect: refuseRedirects}
 	return &Client{cfg: cfg, http: hc}, nil
 }
 
@@ -206,28 +207,31 @@ func refuseRedirects(*http.Request, []*http.Request) error {
 	return http.ErrUseLastResponse
 }
 
-// transports holds the HTTP transports that credentials share: every
+// httpClients holds the HTTP clients that credentials share: every
 // credential whose connections to token endpoints are configured alike (same
-// CA, same timeouts, no client certificate of its own) uses one, so that
-// thousands of credentials at one bank reuse a few connections rather than
-// holding one each.
-var transports sync.Map // transportKey → *http.Transport
+// CA, same timeouts, no client certificate of its own) uses one, and its
+// transport, so that thousands of credentials at one bank reuse a few
+// connections rather than holding one each (and not an http.Client each).
+var httpClients sync.Map // transportKey → *http.Client
 
 type transportKey struct {
 	ca               [sha256.Size]byte // of the CA file's contents; zero: system roots
 	connect, overall time.Duration
 }
 
-func transportFor(cfg Config, tc *tls.Config, caSum [sha256.Size]byte) *http.Transport {
+func httpClientFor(cfg Config, tc *tls.Config, caSum [sha256.Size]byte) *http.Client {
+	newClient := func() *http.Client {
+		return &http.Client{Transport: newTransport(cfg.ConnectTimeout, cfg.Timeout, tc), CheckRedirect: refuseRedirects}
+	}
 	if cfg.AuthMethod == TLSClientAuth { // its own client certificate
-		return newTransport(cfg.ConnectTimeout, cfg.Timeout, tc)
+		return newClient()
 	}
 	k := transportKey{ca: caSum, connect: cfg.ConnectTimeout, overall: cfg.Timeout}
-	if t, ok := transports.Load(k); ok {
-		return t.(*http.Transport)
+	if hc, ok := httpClients.Load(k); ok {
+		return hc.(*http.Client)
 	}
-	t, _ := transports.LoadOrStore(k, newTransport(cfg.ConnectTimeout, cfg.Timeout, tc))
-	return t.(*http.Transport)
+	hc, _ := httpClients.LoadOrStore(k, newClient())
+	return hc.(*http.Client)
 }
 
 // endpointTLS is the TLS configuration for the token endpoint: the
@@ -269,7 +273,7 @@ func newTransport(connect, overall time.Duration, tc *tls.Config) *http.Transpor
 		TLSHandshakeTimeout:   connect,
 		ResponseHeaderTimeout: overall,
 		ForceAttemptHTTP2:     true,
-		MaxIdleConnsPerHost:   16, // shared by credentials: see transports
+		MaxIdleConnsPerHost:   16, // shared by credentials: see httpClients
 		IdleConnTimeout:       90 * time.Second,
 	}
 }
@@ -301,14 +305,18 @@ func (c *Client) Fetch(ctx context.Context, scopes []string) (*Token, error) {
 		}
 		return c.fetchWith(ctx, key, secret.Value{}, scopes, nil)
 	}
-	for i, f := range c.cfg.ClientSecretFiles {
+	files := c.cfg.ClientSecretFiles // during a rotation; else the one file
+	if len(files) == 0 {
+		files = []string{c.cfg.ClientSecretFile}
+	}
+	for i, f := range files {
 		sec, err := secret.ReadFile(f)
 		if err != nil {
 			return nil, &Error{Reason: ReasonNoSecret, err: err}
 		}
 		t, err := c.fetchWith(ctx, key, sec, scopes, nil)
 		var ue *Error
-		if errors.As(err, &ue) && ue.Code == "invalid_client" && i+1 < len(c.cfg.ClientSecretFiles) {
+		if errors.As(err, &ue) && ue.Code == "invalid_client" && i+1 < len(files) {
 			continue
 		}
 		if t != nil {
