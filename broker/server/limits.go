@@ -242,12 +242,12 @@ var errCalm = errors.New("connection over limits.new_streams_per_second or limit
 // bucket runs dry. The connection is then no longer read, and closed.
 //
 // It is also the connection's grpcapi.StreamResetter: a read that hands
-// gRPC the end of a block of headers opening a stream ends there, so that
-// when the tap admits that stream (on the reader goroutine, before the next
-// read) OpenedStream is its id; ResetStream puts an RST_STREAM (CANCEL) for
-// a stream in what gRPC reads, between two of the peer's frames — gRPC
-// then ends the stream as cancelled by the peer — and one in what the peer
-// is sent, between two of gRPC's.
+// gRPC the end of a block of headers (any may open a stream) ends there, so
+// that when the tap admits that stream (on the reader goroutine, before the
+// next read) OpenedStream is its id; ResetStream puts an RST_STREAM
+// (CANCEL) for a stream in what gRPC reads, between two of the peer's
+// frames — gRPC then ends the stream as cancelled by the peer — and one in
+// what the peer is sent, between two of gRPC's.
 type frameGuard struct {
 	net.Conn
 	f       *frontDoor
@@ -258,8 +258,8 @@ type frameGuard struct {
 	// reading side: only the reader goroutine
 	prefaceLeft int
 	in          frameCursor
-	opening     bool   // in a block of headers that opens a stream
-	opened      uint32 // the stream whose opening headers were read last
+	opening     bool   // in a block of headers (each may open a stream)
+	opened      uint32 // the stream whose headers were read last
 	held        []byte // read from the connection; held[heldOff:] not yet handed to gRPC
 	heldOff     int
 	inject      []byte // RST_STREAM frames to hand gRPC before the peer's next frame
@@ -383,9 +383,9 @@ func (c *frameGuard) Read(p []byte) (int, error) {
 const maxHeldKept = 4 << 10
 
 // advance follows b, the peer's next bytes, and returns how many of them
-// gRPC gets now: up to the end of a block of headers that opens a stream
-// (the tap then admits that stream before the next read), or of the current
-// frame when a reset is to go in after it.
+// gRPC gets now: up to the end of a block of headers (the tap then admits
+// its stream before the next read), or of the current frame when a reset is
+// to go in after it.
 func (c *frameGuard) advance(b []byte) int {
 	k := 0
 	if c.prefaceLeft > 0 {
@@ -405,19 +405,23 @@ func isTimeout(err error) bool {
 }
 
 // onFrame counts a frame that opens a stream or cancels one, and says
-// whether it ends a block of headers that opens a stream.
+// whether it ends a block of headers.
 func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 	var over string
 	switch hdr[3] {
 	case frameHeaders:
+		// Every block of headers may open a stream: gRPC takes any HEADERS
+		// it reads as a new stream (a lower id than its highest is a
+		// connection error), and HEADERS its framer refuses (a malformed
+		// field) leave its highest id where it was, so that an id at or
+		// below the highest seen here can still open a stream.
 		id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
-		if id <= c.lastStream.Load() { // trailers, or a stream gRPC will refuse as out of order
-			c.opening = false
-			return false
-		}
-		c.lastStream.Store(id)
 		c.opened, c.opening = id, hdr[4]&flagEndHeaders == 0
 		endsOpening = !c.opening
+		if id <= c.lastStream.Load() {
+			return endsOpening
+		}
+		c.lastStream.Store(id)
 		if !c.streams.Allow() {
 			over = refusedStreamRate
 		}
@@ -443,9 +447,8 @@ func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 	return endsOpening
 }
 
-// OpenedStream implements grpcapi.StreamResetter: the stream whose opening
-// headers the last read ended with. Only the reader goroutine (gRPC's tap)
-// calls it.
+// OpenedStream implements grpcapi.StreamResetter: the stream whose headers
+// the last read ended with. Only the reader goroutine (gRPC's tap) calls it.
 func (c *frameGuard) OpenedStream() uint32 { return c.opened }
 
 // ResetStream implements grpcapi.StreamResetter. The RST_STREAM for gRPC

@@ -508,3 +508,95 @@ func Hold(ctx context.Context, t Target, n int, settle time.Duration) (held []ne
 	wg.Wait()
 	return held, refused, nil
 }
+
+// Session is one HTTP/2 connection that a test drives frame by frame, for
+// the moves the other tools do not make: frames the test builds itself
+// (an http2.Framer writing into a buffer, RequestHeaders, Message), stream
+// ids of its choosing, a frame or a header block split over TLS records, or
+// left unfinished. Like Streams, it records how the server ended each
+// stream. It is closed by Close or at its context's end.
+type Session struct {
+	c    *conn
+	stop func() bool
+}
+
+// Open dials t, sends the client preface and SETTINGS, and reads the
+// server's frames until the session is closed.
+func Open(ctx context.Context, t Target) (*Session, error) {
+	c, err := dial(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{c: c, stop: context.AfterFunc(ctx, func() { _ = c.tc.SetDeadline(time.Now()) })}, nil
+}
+
+// Write sends each of records in a TLS record of its own (a record holds at
+// most 16 KiB), in order: frames, or parts of frames.
+func (s *Session) Write(records ...[]byte) error {
+	return s.c.write(func() error {
+		for _, r := range records {
+			if _, err := s.c.tc.Write(r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Ended waits until every stream of ids has ended, ctx is done or the server
+// closes the connection, and says how each ended: the grpc-status of its
+// trailers ("http CODE" for a non-200 response), "rst CODE" for an
+// RST_STREAM from the server, or "" while it is open.
+func (s *Session) Ended(ctx context.Context, ids ...uint32) []string { return s.c.waitEnded(ctx, ids) }
+
+// GoAway waits for the server's first GOAWAY until ctx is done or the
+// connection closes; it reports whether one came.
+func (s *Session) GoAway(ctx context.Context) (GoAway, bool) {
+	select {
+	case g := <-s.c.goAway:
+		s.c.goAway <- g // for the next caller
+		return g, true
+	case <-s.c.closed:
+		select {
+		case g := <-s.c.goAway:
+			s.c.goAway <- g
+			return g, true
+		default:
+			return GoAway{}, false
+		}
+	case <-ctx.Done():
+		return GoAway{}, false
+	}
+}
+
+// Closed is closed once the connection is: by the server, or by Close.
+func (s *Session) Closed() <-chan struct{} { return s.c.closed }
+
+// Close closes the connection.
+func (s *Session) Close() {
+	s.stop()
+	s.c.close()
+}
+
+// RequestHeaders is the header block (HPACK, no dynamic table) of a gRPC
+// request to method, with extra fields after the usual ones.
+func RequestHeaders(authority, method string, extra ...hpack.HeaderField) []byte {
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.SetMaxDynamicTableSizeLimit(0)
+	for _, f := range append([]hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "https"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: authority},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"}}, extra...) {
+		_ = enc.WriteField(f)
+	}
+	return buf.Bytes()
+}
+
+// Message is req, a serialized protobuf message, framed as a gRPC message
+// (uncompressed, with its length).
+func Message(req []byte) []byte {
+	msg := make([]byte, 5+len(req))
+	binary.BigEndian.PutUint32(msg[1:5], uint32(len(req)))
+	copy(msg[5:], req)
+	return msg
+}

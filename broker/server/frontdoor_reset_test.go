@@ -1,0 +1,170 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tokenbroker/tokenbroker/broker/config"
+	"github.com/tokenbroker/tokenbroker/broker/server/attacktest"
+)
+
+// The hostile review of issue 27: a silent call is ended by an RST_STREAM
+// that frameGuard puts into what gRPC reads. These tests play a peer that
+// tries to have the wrong stream reset, to keep the reset from reaching
+// gRPC, or to get past the guard's counting, frame by frame.
+
+const getToken = "/tokenbroker.v1.TokenBroker/GetToken"
+
+// resetHarness is a broker whose limits.first_message_timeout is 300ms,
+// with limits (and options) that mutate (adjust) change further, and a
+// session on it from a caller with an identity (its streams are admitted).
+func resetHarness(t *testing.T, mutate func(*config.Limits), adjust func(*Options)) (*harness, *attacktest.Session) {
+	t.Helper()
+	h := newHarnessWith(t, func(c *config.Config) {
+		c.Limits = config.Limits{FirstMessageTimeout: config.Duration(300 * time.Millisecond)}
+		if mutate != nil {
+			mutate(&c.Limits)
+		}
+	}, adjust)
+	target := h.attacker(t)
+	pair, err := h.ca.Client(time.Hour, payments)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pair.TLSCertificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.TLS.Certificates = []tls.Certificate{cert}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	s, err := attacktest.Open(ctx, target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return h, s
+}
+
+// frames builds frames with an http2.Framer.
+type frames struct {
+	bytes.Buffer
+	fr *http2.Framer
+}
+
+func newFrames() *frames {
+	f := &frames{}
+	f.fr = http2.NewFramer(&f.Buffer, nil)
+	return f
+}
+
+// headers writes a HEADERS frame on stream id with block, END_HEADERS set.
+func (f *frames) headers(id uint32, block []byte, endStream bool) *frames {
+	_ = f.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true, EndStream: endStream})
+	return f
+}
+
+// data writes a DATA frame on stream id.
+func (f *frames) data(id uint32, endStream bool, b []byte) *frames {
+	_ = f.fr.WriteData(id, endStream, b)
+	return f
+}
+
+// take returns the frames written so far, and empties f.
+func (f *frames) take() []byte {
+	b := bytes.Clone(f.Bytes())
+	f.Reset()
+	return b
+}
+
+// waitingCalls counts the server's calls whose handler goroutine waits in
+// gRPC for a request message: a silent call that is still there.
+func waitingCalls() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "grpc.(*Server).handleStream") && strings.Contains(g, "(*recvBufferReader)") {
+			count++
+		}
+	}
+	return count
+}
+
+// within polls cond until it holds or d has passed; it reports whether it held.
+func within(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return true
+}
+
+// TestResetAfterHeadersTheFramerRefused: a HEADERS frame that gRPC's
+// framer refuses as a stream error (here an upper-case field name; a
+// malformed pseudo-header or an oversized pad length do the same) is
+// answered RST_STREAM PROTOCOL_ERROR and does not move gRPC's highest
+// stream id, so the peer may go on with lower stream ids. Those are new
+// streams to gRPC, and each must still be the stream the guard names to the
+// tap: a silent call among them is reset, and no other stream is — not a
+// live Health/Watch of the same peer opened next.
+func TestResetAfterHeadersTheFramerRefused(t *testing.T) {
+	h, s := resetHarness(t, nil, nil)
+	authority := h.srv.GRPCAddr().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	f := newFrames()
+	bad := attacktest.RequestHeaders(authority, getToken, hpack.HeaderField{Name: "X-Upper", Value: "1"})
+	if err := s.Write(f.headers(101, bad, false).take()); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Ended(ctx, 101); got[0] != "rst PROTOCOL_ERROR" {
+		t.Fatalf("stream 101 with an upper-case field name ended %q, want rst PROTOCOL_ERROR", got[0])
+	}
+	watch, err := proto.Marshal(&healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One write: a silent GetToken on stream 1, a Health/Watch on 103.
+	f.headers(1, attacktest.RequestHeaders(authority, getToken), false)
+	f.headers(103, attacktest.RequestHeaders(authority, "/grpc.health.v1.Health/Watch"), false).data(103, true, attacktest.Message(watch))
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	wait, stop := context.WithTimeout(context.Background(), 3*time.Second)
+	defer stop()
+	if got := s.Ended(wait, 1); got[0] != "rst CANCEL" {
+		t.Errorf("silent stream 1 ended %q, want rst CANCEL", got[0])
+	}
+	short, stop2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer stop2()
+	if got := s.Ended(short, 103); got[0] != "" {
+		t.Errorf("Health/Watch on stream 103 ended %q; it was not silent, want it open", got[0])
+	}
+	if !within(2*time.Second, func() bool { return waitingCalls() == 0 }) {
+		t.Errorf("%d silent calls still wait in gRPC for their request", waitingCalls())
+	}
+	if n := h.metric(t, "tokenbroker_streams_refused_total", "reason=first_message_timeout"); n != 1 {
+		t.Errorf("tokenbroker_streams_refused_total{reason=first_message_timeout} = %v, want 1", n)
+	}
+}
