@@ -168,3 +168,43 @@ func TestResetAfterHeadersTheFramerRefused(t *testing.T) {
 		t.Errorf("tokenbroker_streams_refused_total{reason=first_message_timeout} = %v, want 1", n)
 	}
 }
+
+// TestNewStreamsCountedAfterHeadersTheFramerRefused: HEADERS on the highest
+// stream id, refused by gRPC's framer (an upper-case field name), leaves
+// gRPC ready to open every lower stream; those streams count against
+// limits.new_streams_per_second as any other: a flood of them is sent
+// GOAWAY ENHANCE_YOUR_CALM.
+func TestNewStreamsCountedAfterHeadersTheFramerRefused(t *testing.T) {
+	h, s := resetHarness(t, func(l *config.Limits) { l.NewStreamsPerSecond, l.NewStreamsBurst = 50, 50 }, nil)
+	authority := h.srv.GRPCAddr().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	f := newFrames()
+	bad := attacktest.RequestHeaders(authority, getToken, hpack.HeaderField{Name: "X-Upper", Value: "1"})
+	if err := s.Write(f.headers(1<<31-1, bad, false).take()); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Ended(ctx, 1<<31-1); got[0] != "rst PROTOCOL_ERROR" {
+		t.Fatalf("stream 2^31-1 with an upper-case field name ended %q, want rst PROTOCOL_ERROR", got[0])
+	}
+	check := attacktest.RequestHeaders(authority, "/grpc.health.v1.Health/Check")
+	id := uint32(1)
+	for range 4 { // 400 calls at once: eight times the burst
+		for range 100 {
+			f.headers(id, check, true)
+			id += 2
+		}
+		if err := s.Write(f.take()); err != nil {
+			break // the server closed the connection
+		}
+	}
+	short, stop := context.WithTimeout(ctx, 2*time.Second)
+	defer stop()
+	g, ok := s.GoAway(short)
+	if !ok || g.Code != http2.ErrCodeEnhanceYourCalm {
+		t.Errorf("400 new streams at once after a refused HEADERS on stream 2^31-1: GOAWAY %+v (%v), want ENHANCE_YOUR_CALM", g, ok)
+	}
+	if got := h.metric(t, "tokenbroker_connections_refused_total", "reason=new_streams_per_second"); got != 1 {
+		t.Errorf("tokenbroker_connections_refused_total{reason=new_streams_per_second} = %v, want 1", got)
+	}
+}

@@ -234,8 +234,9 @@ var errCalm = errors.New("connection over limits.new_streams_per_second or limit
 // It follows the frame boundaries both ways (9-byte headers with lengths;
 // nothing is decoded). In what the peer sends, it ends the connection's
 // handshake at the client preface, and counts against two token buckets
-// the HEADERS frames that open a stream (every new stream, including those
-// gRPC refuses before its tap sees them) and the RST_STREAM frames that
+// the HEADERS frames, each of which opens a stream or ends the connection
+// (every new stream, including those gRPC refuses before its tap sees
+// them, whatever its id), and the RST_STREAM frames that
 // cancel one (the HTTP/2 rapid reset attack, CVE-2023-44487, cancels every
 // stream it opens); in what the server sends, it finds a boundary where a
 // GOAWAY (ENHANCE_YOUR_CALM) can go in between gRPC's own frames when a
@@ -410,18 +411,17 @@ func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 	var over string
 	switch hdr[3] {
 	case frameHeaders:
-		// Every block of headers may open a stream: gRPC takes any HEADERS
-		// it reads as a new stream (a lower id than its highest is a
-		// connection error), and HEADERS its framer refuses (a malformed
-		// field) leave its highest id where it was, so that an id at or
-		// below the highest seen here can still open a stream.
+		// Every block of headers may open a stream, and is counted: gRPC
+		// takes any HEADERS it reads as a new stream (a lower id than its
+		// highest is a connection error), and HEADERS its framer refuses (a
+		// malformed field) leave its highest id where it was, so that an id
+		// at or below the highest seen here can still open a stream.
 		id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
 		c.opened, c.opening = id, hdr[4]&flagEndHeaders == 0
 		endsOpening = !c.opening
-		if id <= c.lastStream.Load() {
-			return endsOpening
+		if id > c.lastStream.Load() {
+			c.lastStream.Store(id)
 		}
-		c.lastStream.Store(id)
 		if !c.streams.Allow() {
 			over = refusedStreamRate
 		}
