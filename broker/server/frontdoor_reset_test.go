@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -36,6 +37,13 @@ func resetHarness(t *testing.T, mutate func(*config.Limits), adjust func(*Option
 			mutate(&c.Limits)
 		}
 	}, adjust)
+	return h, h.session(t)
+}
+
+// session opens an attacktest.Session on h's broker as a caller with an
+// identity; the test's end closes it.
+func (h *harness) session(t *testing.T) *attacktest.Session {
+	t.Helper()
 	target := h.attacker(t)
 	pair, err := h.ca.Client(time.Hour, payments)
 	if err != nil {
@@ -53,7 +61,7 @@ func resetHarness(t *testing.T, mutate func(*config.Limits), adjust func(*Option
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	return h, s
+	return s
 }
 
 // frames builds frames with an http2.Framer.
@@ -206,5 +214,54 @@ func TestNewStreamsCountedAfterHeadersTheFramerRefused(t *testing.T) {
 	}
 	if got := h.metric(t, "tokenbroker_connections_refused_total", "reason=new_streams_per_second"); got != 1 {
 		t.Errorf("tokenbroker_connections_refused_total{reason=new_streams_per_second} = %v, want 1", got)
+	}
+}
+
+// TestEverySilentStreamResetToThePeer: on each of 50 connections at once,
+// three times over, silent calls among ordinary ones, so that their
+// first-message deadlines fall due while the resets of others are being
+// written: the peer is sent RST_STREAM CANCEL for each, none left waiting
+// for a write of gRPC's that may never come.
+func TestEverySilentStreamResetToThePeer(t *testing.T) {
+	h, _ := resetHarness(t, nil, nil)
+	authority := h.srv.GRPCAddr().String()
+	silent, check := attacktest.RequestHeaders(authority, getToken), attacktest.RequestHeaders(authority, "/grpc.health.v1.Health/Check")
+	health, err := proto.Marshal(&healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sessions []*attacktest.Session
+	for range 50 {
+		sessions = append(sessions, h.session(t))
+	}
+	var wg sync.WaitGroup
+	for i, s := range sessions {
+		wg.Go(func() {
+			f := newFrames()
+			for round, id := 0, uint32(1); round < 3; round++ {
+				var ids []uint32
+				for range 5 {
+					f.headers(id, silent, false)
+					ids = append(ids, id)
+					f.headers(id+2, check, false).data(id+2, true, attacktest.Message(health))
+					id += 4
+				}
+				if err := s.Write(f.take()); err != nil {
+					t.Error(err)
+					return
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				for j, e := range s.Ended(ctx, ids...) {
+					if e != "rst CANCEL" {
+						t.Errorf("connection %d, silent stream %d: ended %q in 2s, want RST_STREAM CANCEL", i, ids[j], e)
+					}
+				}
+				cancel()
+			}
+		})
+	}
+	wg.Wait()
+	if !within(2*time.Second, func() bool { return waitingCalls() == 0 }) {
+		t.Errorf("%d silent calls still wait in gRPC for their request", waitingCalls())
 	}
 }

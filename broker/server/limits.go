@@ -277,7 +277,7 @@ type frameGuard struct {
 	mu         sync.Mutex // the writing side
 	out        frameCursor
 	goAwayDue  atomic.Bool
-	goAwaySent bool
+	goAwaySent atomic.Bool
 }
 
 // frameCursor follows frame boundaries in a byte stream.
@@ -441,7 +441,7 @@ func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 		// a write in progress sends the GOAWAY when it is done.
 		if c.mu.TryLock() {
 			c.flushControl()
-			c.mu.Unlock()
+			c.unlock()
 		}
 	}
 	return endsOpening
@@ -467,7 +467,7 @@ func (c *frameGuard) ResetStream(id uint32) {
 	_ = c.Conn.SetReadDeadline(time.Now())
 	if c.mu.TryLock() {
 		c.flushControl()
-		c.mu.Unlock()
+		c.unlock()
 	}
 }
 
@@ -516,7 +516,7 @@ func (c *frameGuard) flushControl() {
 			_, _ = c.Conn.Write(frames)
 		}
 	}
-	if !c.goAwayDue.Load() || c.goAwaySent {
+	if !c.goAwayDue.Load() || c.goAwaySent.Load() {
 		return
 	}
 	const debug = "too_many_streams"
@@ -526,14 +526,39 @@ func (c *frameGuard) flushControl() {
 	binary.BigEndian.PutUint32(f[9:13], c.lastStream.Load())
 	binary.BigEndian.PutUint32(f[13:17], errCodeEnhanceYourCalm)
 	copy(f[17:], debug)
-	c.goAwaySent = true
+	c.goAwaySent.Store(true)
 	_, _ = c.Conn.Write(f[:])
+}
+
+// unlock releases c.mu, then sends what the guard came to owe the peer
+// while it was held: a ResetStream or a GOAWAY that found c.mu taken left
+// their frames to its holder, which may have looked before they were due;
+// left there, they would wait for a write of gRPC's that may never come.
+// Every holder of c.mu releases it here.
+func (c *frameGuard) unlock() {
+	for {
+		c.mu.Unlock()
+		if !c.controlDue() || !c.mu.TryLock() {
+			return // nothing owed, or another holder looks again
+		}
+		if !c.out.atBoundary() { // gRPC is mid-frame: its next write sends them
+			c.mu.Unlock()
+			return
+		}
+		c.flushControl()
+	}
+}
+
+// controlDue reports whether the guard owes the peer an RST_STREAM or a
+// GOAWAY.
+func (c *frameGuard) controlDue() bool {
+	return c.resetSent.Load() || c.goAwayDue.Load() && !c.goAwaySent.Load()
 }
 
 // Write implements net.Conn.
 func (c *frameGuard) Write(p []byte) (int, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	n, err := c.Conn.Write(p)
 	c.out.feed(p[:n], nil)
 	if c.resetSent.Load() || c.goAwayDue.Load() {
@@ -551,7 +576,7 @@ func (c *frameGuard) Close() error {
 	}
 	c.mu.Lock()
 	c.flushControl() // if gRPC's last write left the output between frames
-	c.mu.Unlock()
+	c.unlock()
 	go func() {
 		_ = c.Conn.SetReadDeadline(time.Now().Add(time.Second))
 		_, _ = io.Copy(io.Discard, io.LimitReader(c.Conn, 4<<20))
