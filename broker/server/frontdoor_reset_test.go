@@ -265,3 +265,63 @@ func TestEverySilentStreamResetToThePeer(t *testing.T) {
 		t.Errorf("%d silent calls still wait in gRPC for their request", waitingCalls())
 	}
 }
+
+// TestStalledPeerLosesItsSilentCalls: a peer that, once its silent calls
+// are due to be reset, stops in the middle of a frame or of a block of
+// headers keeps the guard from putting the RST_STREAM into what gRPC reads
+// (it goes in between two frames, outside a block). The silent calls must
+// not outlive that: within another limits.first_message_timeout the
+// connection is closed, and no call waits in gRPC for its request.
+func TestStalledPeerLosesItsSilentCalls(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		stall func(authority string) []byte
+	}{
+		{"mid-frame", func(string) []byte {
+			var b bytes.Buffer
+			_ = http2.NewFramer(&b, nil).WritePing(false, [8]byte{1, 2, 3, 4, 5, 6, 7, 8})
+			return b.Bytes()[:9+3] // a PING's header and 3 of its 8 bytes
+		}},
+		{"mid-frame-header", func(string) []byte {
+			var b bytes.Buffer
+			_ = http2.NewFramer(&b, nil).WritePing(false, [8]byte{})
+			return b.Bytes()[:5]
+		}},
+		{"mid-header-block", func(authority string) []byte {
+			var b bytes.Buffer
+			_ = http2.NewFramer(&b, nil).WriteHeaders(http2.HeadersFrameParam{StreamID: 5,
+				BlockFragment: attacktest.RequestHeaders(authority, getToken)[:10], EndHeaders: false})
+			return b.Bytes() // HEADERS without END_HEADERS, and no CONTINUATION
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, s := resetHarness(t, nil, nil)
+			authority := h.srv.GRPCAddr().String()
+			f := newFrames()
+			f.headers(1, attacktest.RequestHeaders(authority, getToken), false)
+			f.headers(3, attacktest.RequestHeaders(authority, getToken), false)
+			if err := s.Write(f.take()); err != nil {
+				t.Fatal(err)
+			}
+			if !within(time.Second, func() bool { return waitingCalls() == 2 }) {
+				t.Fatalf("%d calls wait in gRPC for their request, want the 2 silent ones", waitingCalls())
+			}
+			if err := s.Write(tc.stall(authority)); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			if got := s.Ended(ctx, 1, 3); got[0] != "rst CANCEL" || got[1] != "rst CANCEL" {
+				t.Errorf("silent streams ended %q, want RST_STREAM CANCEL", got)
+			}
+			if !within(2*time.Second, func() bool { return waitingCalls() == 0 }) {
+				t.Errorf("%d silent calls still wait in gRPC for their request 2s after their reset", waitingCalls())
+			}
+			select {
+			case <-s.Closed():
+			case <-time.After(time.Second):
+				t.Errorf("the stalled connection is still open")
+			}
+		})
+	}
+}

@@ -267,12 +267,14 @@ type frameGuard struct {
 	lastStream  atomic.Uint32
 	calm        atomic.Bool // GOAWAY decided: reads end
 
-	resetMu   sync.Mutex // guards the two lists of streams to reset
-	resetIn   []uint32   // for gRPC to read
-	resetOut  []uint32   // for the peer
-	resetDue  atomic.Bool
-	wake      atomic.Bool // a read deadline was set to wake the reader
-	resetSent atomic.Bool // the peer is due an RST_STREAM
+	resetMu    sync.Mutex // guards the two lists of streams to reset, and the watch
+	resetIn    []uint32   // for gRPC to read
+	resetOut   []uint32   // for the peer
+	resetSince time.Time  // when resetIn last became non-empty
+	stallWatch *time.Timer
+	resetDue   atomic.Bool
+	wake       atomic.Bool // a read deadline was set to wake the reader
+	resetSent  atomic.Bool // the peer is due an RST_STREAM
 
 	mu         sync.Mutex // the writing side
 	out        frameCursor
@@ -456,8 +458,21 @@ func (c *frameGuard) OpenedStream() uint32 { return c.opened }
 // frames (a read blocked on the connection is woken by a read deadline in
 // the past); the one for the peer at the next point between two of gRPC's
 // frames, now if gRPC is not writing.
+//
+// A peer that stops in the middle of a frame or of a block of headers (or
+// anything else that keeps gRPC from reading) would keep the reset out, and
+// the call in gRPC until the connection ends; the connection is closed if
+// the reset has not gone in after another limits.first_message_timeout.
 func (c *frameGuard) ResetStream(id uint32) {
 	c.resetMu.Lock()
+	if len(c.resetIn) == 0 {
+		c.resetSince = time.Now()
+		if c.stallWatch == nil {
+			c.stallWatch = time.AfterFunc(c.f.cfg.FirstMessageTimeout.D(), c.closeIfStalled)
+		} else {
+			c.stallWatch.Reset(c.f.cfg.FirstMessageTimeout.D())
+		}
+	}
 	c.resetIn = append(c.resetIn, id)
 	c.resetOut = append(c.resetOut, id)
 	c.resetMu.Unlock()
@@ -468,6 +483,22 @@ func (c *frameGuard) ResetStream(id uint32) {
 	if c.mu.TryLock() {
 		c.flushControl()
 		c.unlock()
+	}
+}
+
+// closeIfStalled closes the connection when resets have waited
+// limits.first_message_timeout to go in to gRPC.
+func (c *frameGuard) closeIfStalled() {
+	grace := c.f.cfg.FirstMessageTimeout.D()
+	c.resetMu.Lock()
+	waited := time.Since(c.resetSince)
+	stalled := len(c.resetIn) > 0 && waited >= grace
+	if len(c.resetIn) > 0 && !stalled {
+		c.stallWatch.Reset(grace - waited)
+	}
+	c.resetMu.Unlock()
+	if stalled {
+		_ = c.Conn.Close()
 	}
 }
 
