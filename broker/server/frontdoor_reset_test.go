@@ -17,6 +17,7 @@ import (
 
 	"github.com/tokenbroker/tokenbroker/broker/config"
 	"github.com/tokenbroker/tokenbroker/broker/server/attacktest"
+	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 )
 
 // The hostile review of issue 27: a silent call is ended by an RST_STREAM
@@ -323,5 +324,125 @@ func TestStalledPeerLosesItsSilentCalls(t *testing.T) {
 				t.Errorf("the stalled connection is still open")
 			}
 		})
+	}
+}
+
+// TestResetAmongOddHeaders: on one connection, silent calls whose headers
+// take the less common shapes — PRIORITY and padding flags, a block in
+// HEADERS and CONTINUATION frames, a frame cut into one-byte TLS records,
+// stream ids that jump, a partial request message — among streams gRPC
+// refuses before its tap (over its cap on concurrent streams, without
+// :authority, over limits.max_header_list_size, :method GET), a call with
+// END_STREAM on its headers and an ordinary call. Each silent call is
+// reset and leaves gRPC; no other stream is reset; the connection, its
+// flow-control window included, serves on.
+func TestResetAmongOddHeaders(t *testing.T) {
+	const concurrent = 4
+	h, s := resetHarness(t, func(l *config.Limits) { l.MaxHeaderListSize = 1024 },
+		func(o *Options) { o.MaxStreamsPerConnection = concurrent })
+	authority := h.srv.GRPCAddr().String()
+	req, err := proto.Marshal(&pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent := attacktest.RequestHeaders(authority, getToken)
+	partial := func(n int) []byte { // the start of a request message of 30,000 bytes
+		return append(attacktest.Message(make([]byte, 30000))[:5], make([]byte, n)...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ends := func(want map[uint32]string) {
+		t.Helper()
+		var ids []uint32
+		for id := range want {
+			ids = append(ids, id)
+		}
+		for i, got := range s.Ended(ctx, ids...) {
+			if got != want[ids[i]] {
+				t.Errorf("stream %d ended %q, want %q", ids[i], got, want[ids[i]])
+			}
+		}
+	}
+	f := newFrames()
+
+	// As many silent calls as gRPC holds at once.
+	_ = f.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: silent, EndHeaders: true, PadLength: 40,
+		Priority: http2.PriorityParam{StreamDep: 0, Weight: 200, Exclusive: true}})
+	_ = f.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: silent[:10]})
+	_ = f.fr.WriteContinuation(3, false, silent[10:20])
+	_ = f.fr.WriteContinuation(3, true, silent[20:])
+	f.headers(1001, silent, false) // a jump
+	f.headers(1003, silent, false).data(1003, false, partial(15000))
+	// Refused before the tap: over gRPC's cap, then before its cap is looked at.
+	f.headers(1005, silent, false)
+	var noAuthority bytes.Buffer
+	enc := hpack.NewEncoder(&noAuthority)
+	for _, hf := range []hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "https"},
+		{Name: ":path", Value: getToken}, {Name: "content-type", Value: "application/grpc"}} {
+		_ = enc.WriteField(hf)
+	}
+	f.headers(1009, noAuthority.Bytes(), false)
+	big := strings.Repeat("x", 500) // three of them: over 1024 bytes (one string over it ends the connection)
+	f.headers(1011, attacktest.RequestHeaders(authority, getToken, hpack.HeaderField{Name: "x-a", Value: big},
+		hpack.HeaderField{Name: "x-b", Value: big}, hpack.HeaderField{Name: "x-c", Value: big}), false)
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	ends(map[uint32]string{1: "rst CANCEL", 3: "rst CANCEL", 1001: "rst CANCEL", 1003: "rst CANCEL",
+		1005: "rst REFUSED_STREAM", 1009: "13", 1011: "rst FRAME_SIZE_ERROR"})
+
+	// gRPC let the reset ones go: refused after its cap, END_STREAM, an
+	// ordinary call, a silent call in one-byte TLS records, more partial
+	// messages than the connection's window took at first.
+	var get bytes.Buffer
+	enc = hpack.NewEncoder(&get)
+	for _, hf := range []hpack.HeaderField{{Name: ":method", Value: "GET"}, {Name: ":scheme", Value: "https"},
+		{Name: ":path", Value: getToken}, {Name: ":authority", Value: authority}, {Name: "content-type", Value: "application/grpc"}} {
+		_ = enc.WriteField(hf)
+	}
+	gone := func() {
+		t.Helper()
+		if !within(2*time.Second, func() bool { return waitingCalls() == 0 }) {
+			t.Fatalf("%d silent calls still wait in gRPC for their request", waitingCalls())
+		}
+	}
+	gone()
+	f.headers(1013, get.Bytes(), false)
+	f.headers(1015, silent, true)
+	f.headers(1017, silent, false).data(1017, true, attacktest.Message(req))
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	ends(map[uint32]string{1013: "13", 1015: "13", 1017: "0"})
+	f.headers(1019, silent, false)
+	var records [][]byte
+	for _, b := range f.take() {
+		records = append(records, []byte{b})
+	}
+	if err := s.Write(records...); err != nil {
+		t.Fatal(err)
+	}
+	f.headers(1021, silent, false).data(1021, false, partial(15000))
+	f.headers(1023, silent, false).data(1023, false, partial(15000))
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	ends(map[uint32]string{1019: "rst CANCEL", 1021: "rst CANCEL", 1023: "rst CANCEL"})
+	gone()
+
+	f.headers(1025, silent, false).data(1025, false, partial(15000))
+	f.headers(1027, silent, false).data(1027, true, attacktest.Message(req))
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	ends(map[uint32]string{1025: "rst CANCEL", 1027: "0"})
+	gone()
+	if got := h.metric(t, "tokenbroker_streams_refused_total", "reason=first_message_timeout"); got != 8 {
+		t.Errorf("tokenbroker_streams_refused_total{reason=first_message_timeout} = %v, want 8", got)
+	}
+	select {
+	case <-s.Closed():
+		t.Errorf("the connection was closed")
+	default:
 	}
 }
