@@ -446,3 +446,55 @@ func TestResetAmongOddHeaders(t *testing.T) {
 	default:
 	}
 }
+
+// TestManyResetsKeepTheConnection: on each of 4 connections at once, three
+// times over, 300 silent calls, reset one after another as fast as the
+// sweep goes, each reset waking gRPC's read of the connection: the
+// connections live on (a read deadline left from one reset must not reach
+// gRPC as a timeout) and serve an ordinary call afterwards.
+func TestManyResetsKeepTheConnection(t *testing.T) {
+	h, _ := resetHarness(t, nil, nil)
+	authority := h.srv.GRPCAddr().String()
+	silent := attacktest.RequestHeaders(authority, getToken)
+	req, err := proto.Marshal(&pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for c := range 4 {
+		s := h.session(t)
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			f := newFrames()
+			id := uint32(1)
+			for round := range 3 {
+				var ids []uint32
+				for range 300 {
+					f.headers(id, silent, false)
+					ids = append(ids, id)
+					id += 2
+				}
+				if err := s.Write(f.take()); err != nil {
+					t.Errorf("connection %d, round %d: %v", c, round, err)
+					return
+				}
+				for i, e := range s.Ended(ctx, ids...) {
+					if e != "rst CANCEL" {
+						t.Errorf("connection %d, round %d: silent stream %d ended %q, want RST_STREAM CANCEL", c, round, ids[i], e)
+						return
+					}
+				}
+			}
+			f.headers(id, silent, false).data(id, true, attacktest.Message(req))
+			if err := s.Write(f.take()); err != nil {
+				t.Errorf("connection %d: %v", c, err)
+				return
+			}
+			if got := s.Ended(ctx, id); got[0] != "0" {
+				t.Errorf("connection %d: an ordinary call after the resets ended %q, want grpc-status 0", c, got[0])
+			}
+		})
+	}
+	wg.Wait()
+}

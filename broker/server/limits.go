@@ -267,13 +267,13 @@ type frameGuard struct {
 	lastStream  atomic.Uint32
 	calm        atomic.Bool // GOAWAY decided: reads end
 
-	resetMu    sync.Mutex // guards the two lists of streams to reset, and the watch
+	resetMu    sync.Mutex // guards the two lists of streams to reset, the watch and woken
 	resetIn    []uint32   // for gRPC to read
 	resetOut   []uint32   // for the peer
 	resetSince time.Time  // when resetIn last became non-empty
 	stallWatch *time.Timer
+	woken      bool // a read deadline in the past was set to wake the reader
 	resetDue   atomic.Bool
-	wake       atomic.Bool // a read deadline was set to wake the reader
 	resetSent  atomic.Bool // the peer is due an RST_STREAM
 
 	mu         sync.Mutex // the writing side
@@ -365,10 +365,7 @@ func (c *frameGuard) Read(p []byte) (int, error) {
 			return n, nil
 		}
 		n, err := c.Conn.Read(p)
-		if err != nil && c.wake.Load() && isTimeout(err) {
-			// ResetStream woke the read: carry on without the deadline.
-			c.wake.Store(false)
-			_ = c.Conn.SetReadDeadline(time.Time{})
+		if err != nil && isTimeout(err) && c.woke() {
 			if err = nil; n == 0 {
 				continue
 			}
@@ -475,15 +472,31 @@ func (c *frameGuard) ResetStream(id uint32) {
 	}
 	c.resetIn = append(c.resetIn, id)
 	c.resetOut = append(c.resetOut, id)
-	c.resetMu.Unlock()
 	c.resetDue.Store(true)
 	c.resetSent.Store(true)
-	c.wake.Store(true)
+	c.woken = true
 	_ = c.Conn.SetReadDeadline(time.Now())
+	c.resetMu.Unlock()
 	if c.mu.TryLock() {
 		c.flushControl()
 		c.unlock()
 	}
+}
+
+// woke reports whether a read's timeout was ResetStream waking the reader,
+// and then clears the deadline. ResetStream sets a deadline and woken
+// together, and woke clears them together (under resetMu): otherwise a
+// deadline set just after the reader cleared the last one would time out
+// its next read as an error, and gRPC would close the connection.
+func (c *frameGuard) woke() bool {
+	c.resetMu.Lock()
+	defer c.resetMu.Unlock()
+	if !c.woken {
+		return false // not the guard's deadline (gRPC's, in the handshake)
+	}
+	c.woken = false
+	_ = c.Conn.SetReadDeadline(time.Time{})
+	return true
 }
 
 // closeIfStalled closes the connection when resets have waited
