@@ -498,3 +498,72 @@ func TestManyResetsKeepTheConnection(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestGuardResetsAreNotThePeers: the RST_STREAM frames the guard puts into
+// what gRPC reads do not count against limits.stream_resets_per_second,
+// which is the peer's: 40 silent calls reset at once on a connection
+// allowed one reset a second keep the connection, which serves on.
+func TestGuardResetsAreNotThePeers(t *testing.T) {
+	h, s := resetHarness(t, func(l *config.Limits) { l.StreamResetsPerSecond = 1 }, nil)
+	authority := h.srv.GRPCAddr().String()
+	req, err := proto.Marshal(&pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newFrames()
+	var ids []uint32
+	for id := uint32(1); id < 80; id += 2 {
+		f.headers(id, attacktest.RequestHeaders(authority, getToken), false)
+		ids = append(ids, id)
+	}
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for i, e := range s.Ended(ctx, ids...) {
+		if e != "rst CANCEL" {
+			t.Errorf("silent stream %d ended %q, want RST_STREAM CANCEL", ids[i], e)
+		}
+	}
+	if err := s.Write(f.headers(81, attacktest.RequestHeaders(authority, getToken), false).data(81, true, attacktest.Message(req)).take()); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Ended(ctx, 81); got[0] != "0" {
+		t.Errorf("an ordinary call after the resets ended %q, want grpc-status 0", got[0])
+	}
+	if got := h.metric(t, "tokenbroker_connections_refused_total", "reason=stream_resets_per_second"); got != 0 {
+		t.Errorf("tokenbroker_connections_refused_total{reason=stream_resets_per_second} = %v, want 0", got)
+	}
+}
+
+// TestGoAwayWithResetsDue: a connection sent GOAWAY ENHANCE_YOUR_CALM (over
+// limits.new_streams_per_second) while its silent calls are due to be
+// reset ends cleanly: the peer gets the GOAWAY, the connection is closed,
+// and no call is left waiting in gRPC.
+func TestGoAwayWithResetsDue(t *testing.T) {
+	h, s := resetHarness(t, func(l *config.Limits) { l.NewStreamsPerSecond, l.NewStreamsBurst = 1, 10 }, nil)
+	authority := h.srv.GRPCAddr().String()
+	f := newFrames()
+	for id := uint32(1); id < 20; id += 2 {
+		f.headers(id, attacktest.RequestHeaders(authority, getToken), false)
+	}
+	if err := s.Write(f.take()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(350 * time.Millisecond) // their deadline passes
+	_ = s.Write(f.headers(21, attacktest.RequestHeaders(authority, getToken), false).take())
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if g, ok := s.GoAway(ctx); !ok || g.Code != http2.ErrCodeEnhanceYourCalm {
+		t.Errorf("GOAWAY %+v (%v), want ENHANCE_YOUR_CALM", g, ok)
+	}
+	select {
+	case <-s.Closed():
+	case <-ctx.Done():
+		t.Errorf("the connection is still open")
+	}
+	if !within(2*time.Second, func() bool { return waitingCalls() == 0 }) {
+		t.Errorf("%d silent calls still wait in gRPC for their request", waitingCalls())
+	}
+}
