@@ -234,20 +234,21 @@ var errCalm = errors.New("connection over limits.new_streams_per_second or limit
 // It follows the frame boundaries both ways (9-byte headers with lengths;
 // nothing is decoded). In what the peer sends, it ends the connection's
 // handshake at the client preface, and counts against two token buckets
-// the HEADERS frames that open a stream (every new stream, including those
-// gRPC refuses before its tap sees them) and the RST_STREAM frames that
+// the HEADERS frames, each of which opens a stream or ends the connection
+// (every new stream, including those gRPC refuses before its tap sees
+// them, whatever its id), and the RST_STREAM frames that
 // cancel one (the HTTP/2 rapid reset attack, CVE-2023-44487, cancels every
 // stream it opens); in what the server sends, it finds a boundary where a
 // GOAWAY (ENHANCE_YOUR_CALM) can go in between gRPC's own frames when a
 // bucket runs dry. The connection is then no longer read, and closed.
 //
 // It is also the connection's grpcapi.StreamResetter: a read that hands
-// gRPC the end of a block of headers opening a stream ends there, so that
-// when the tap admits that stream (on the reader goroutine, before the next
-// read) OpenedStream is its id; ResetStream puts an RST_STREAM (CANCEL) for
-// a stream in what gRPC reads, between two of the peer's frames — gRPC
-// then ends the stream as cancelled by the peer — and one in what the peer
-// is sent, between two of gRPC's.
+// gRPC the end of a block of headers (any may open a stream) ends there, so
+// that when the tap admits that stream (on the reader goroutine, before the
+// next read) OpenedStream is its id; ResetStream puts an RST_STREAM
+// (CANCEL) for a stream in what gRPC reads, between two of the peer's
+// frames — gRPC then ends the stream as cancelled by the peer — and one in
+// what the peer is sent, between two of gRPC's.
 type frameGuard struct {
 	net.Conn
 	f       *frontDoor
@@ -258,25 +259,27 @@ type frameGuard struct {
 	// reading side: only the reader goroutine
 	prefaceLeft int
 	in          frameCursor
-	opening     bool   // in a block of headers that opens a stream
-	opened      uint32 // the stream whose opening headers were read last
+	opening     bool   // in a block of headers (each may open a stream)
+	opened      uint32 // the stream whose headers were read last
 	held        []byte // read from the connection; held[heldOff:] not yet handed to gRPC
 	heldOff     int
 	inject      []byte // RST_STREAM frames to hand gRPC before the peer's next frame
 	lastStream  atomic.Uint32
 	calm        atomic.Bool // GOAWAY decided: reads end
 
-	resetMu   sync.Mutex // guards the two lists of streams to reset
-	resetIn   []uint32   // for gRPC to read
-	resetOut  []uint32   // for the peer
-	resetDue  atomic.Bool
-	wake      atomic.Bool // a read deadline was set to wake the reader
-	resetSent atomic.Bool // the peer is due an RST_STREAM
+	resetMu    sync.Mutex // guards the two lists of streams to reset, the watch and woken
+	resetIn    []uint32   // for gRPC to read
+	resetOut   []uint32   // for the peer
+	resetSince time.Time  // when resetIn last became non-empty
+	stallWatch *time.Timer
+	woken      bool // a read deadline in the past was set to wake the reader
+	resetDue   atomic.Bool
+	resetSent  atomic.Bool // the peer is due an RST_STREAM
 
 	mu         sync.Mutex // the writing side
 	out        frameCursor
 	goAwayDue  atomic.Bool
-	goAwaySent bool
+	goAwaySent atomic.Bool
 }
 
 // frameCursor follows frame boundaries in a byte stream.
@@ -362,10 +365,7 @@ func (c *frameGuard) Read(p []byte) (int, error) {
 			return n, nil
 		}
 		n, err := c.Conn.Read(p)
-		if err != nil && c.wake.Load() && isTimeout(err) {
-			// ResetStream woke the read: carry on without the deadline.
-			c.wake.Store(false)
-			_ = c.Conn.SetReadDeadline(time.Time{})
+		if err != nil && isTimeout(err) && c.woke() {
 			if err = nil; n == 0 {
 				continue
 			}
@@ -383,9 +383,9 @@ func (c *frameGuard) Read(p []byte) (int, error) {
 const maxHeldKept = 4 << 10
 
 // advance follows b, the peer's next bytes, and returns how many of them
-// gRPC gets now: up to the end of a block of headers that opens a stream
-// (the tap then admits that stream before the next read), or of the current
-// frame when a reset is to go in after it.
+// gRPC gets now: up to the end of a block of headers (the tap then admits
+// its stream before the next read), or of the current frame when a reset is
+// to go in after it.
 func (c *frameGuard) advance(b []byte) int {
 	k := 0
 	if c.prefaceLeft > 0 {
@@ -405,19 +405,22 @@ func isTimeout(err error) bool {
 }
 
 // onFrame counts a frame that opens a stream or cancels one, and says
-// whether it ends a block of headers that opens a stream.
+// whether it ends a block of headers.
 func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 	var over string
 	switch hdr[3] {
 	case frameHeaders:
+		// Every block of headers may open a stream, and is counted: gRPC
+		// takes any HEADERS it reads as a new stream (a lower id than its
+		// highest is a connection error), and HEADERS its framer refuses (a
+		// malformed field) leave its highest id where it was, so that an id
+		// at or below the highest seen here can still open a stream.
 		id := binary.BigEndian.Uint32(hdr[5:9]) & 0x7fffffff
-		if id <= c.lastStream.Load() { // trailers, or a stream gRPC will refuse as out of order
-			c.opening = false
-			return false
-		}
-		c.lastStream.Store(id)
 		c.opened, c.opening = id, hdr[4]&flagEndHeaders == 0
 		endsOpening = !c.opening
+		if id > c.lastStream.Load() {
+			c.lastStream.Store(id)
+		}
 		if !c.streams.Allow() {
 			over = refusedStreamRate
 		}
@@ -437,15 +440,14 @@ func (c *frameGuard) onFrame(hdr *[9]byte) (endsOpening bool) {
 		// a write in progress sends the GOAWAY when it is done.
 		if c.mu.TryLock() {
 			c.flushControl()
-			c.mu.Unlock()
+			c.unlock()
 		}
 	}
 	return endsOpening
 }
 
-// OpenedStream implements grpcapi.StreamResetter: the stream whose opening
-// headers the last read ended with. Only the reader goroutine (gRPC's tap)
-// calls it.
+// OpenedStream implements grpcapi.StreamResetter: the stream whose headers
+// the last read ended with. Only the reader goroutine (gRPC's tap) calls it.
 func (c *frameGuard) OpenedStream() uint32 { return c.opened }
 
 // ResetStream implements grpcapi.StreamResetter. The RST_STREAM for gRPC
@@ -453,18 +455,63 @@ func (c *frameGuard) OpenedStream() uint32 { return c.opened }
 // frames (a read blocked on the connection is woken by a read deadline in
 // the past); the one for the peer at the next point between two of gRPC's
 // frames, now if gRPC is not writing.
+//
+// A peer that stops in the middle of a frame or of a block of headers (or
+// anything else that keeps gRPC from reading) would keep the reset out, and
+// the call in gRPC until the connection ends; the connection is closed if
+// the reset has not gone in after another limits.first_message_timeout.
 func (c *frameGuard) ResetStream(id uint32) {
 	c.resetMu.Lock()
+	if len(c.resetIn) == 0 {
+		c.resetSince = time.Now()
+		if c.stallWatch == nil {
+			c.stallWatch = time.AfterFunc(c.f.cfg.FirstMessageTimeout.D(), c.closeIfStalled)
+		} else {
+			c.stallWatch.Reset(c.f.cfg.FirstMessageTimeout.D())
+		}
+	}
 	c.resetIn = append(c.resetIn, id)
 	c.resetOut = append(c.resetOut, id)
-	c.resetMu.Unlock()
 	c.resetDue.Store(true)
 	c.resetSent.Store(true)
-	c.wake.Store(true)
+	c.woken = true
 	_ = c.Conn.SetReadDeadline(time.Now())
+	c.resetMu.Unlock()
 	if c.mu.TryLock() {
 		c.flushControl()
-		c.mu.Unlock()
+		c.unlock()
+	}
+}
+
+// woke reports whether a read's timeout was ResetStream waking the reader,
+// and then clears the deadline. ResetStream sets a deadline and woken
+// together, and woke clears them together (under resetMu): otherwise a
+// deadline set just after the reader cleared the last one would time out
+// its next read as an error, and gRPC would close the connection.
+func (c *frameGuard) woke() bool {
+	c.resetMu.Lock()
+	defer c.resetMu.Unlock()
+	if !c.woken {
+		return false // not the guard's deadline (gRPC's, in the handshake)
+	}
+	c.woken = false
+	_ = c.Conn.SetReadDeadline(time.Time{})
+	return true
+}
+
+// closeIfStalled closes the connection when resets have waited
+// limits.first_message_timeout to go in to gRPC.
+func (c *frameGuard) closeIfStalled() {
+	grace := c.f.cfg.FirstMessageTimeout.D()
+	c.resetMu.Lock()
+	waited := time.Since(c.resetSince)
+	stalled := len(c.resetIn) > 0 && waited >= grace
+	if len(c.resetIn) > 0 && !stalled {
+		c.stallWatch.Reset(grace - waited)
+	}
+	c.resetMu.Unlock()
+	if stalled {
+		_ = c.Conn.Close()
 	}
 }
 
@@ -513,7 +560,7 @@ func (c *frameGuard) flushControl() {
 			_, _ = c.Conn.Write(frames)
 		}
 	}
-	if !c.goAwayDue.Load() || c.goAwaySent {
+	if !c.goAwayDue.Load() || c.goAwaySent.Load() {
 		return
 	}
 	const debug = "too_many_streams"
@@ -523,14 +570,39 @@ func (c *frameGuard) flushControl() {
 	binary.BigEndian.PutUint32(f[9:13], c.lastStream.Load())
 	binary.BigEndian.PutUint32(f[13:17], errCodeEnhanceYourCalm)
 	copy(f[17:], debug)
-	c.goAwaySent = true
+	c.goAwaySent.Store(true)
 	_, _ = c.Conn.Write(f[:])
+}
+
+// unlock releases c.mu, then sends what the guard came to owe the peer
+// while it was held: a ResetStream or a GOAWAY that found c.mu taken left
+// their frames to its holder, which may have looked before they were due;
+// left there, they would wait for a write of gRPC's that may never come.
+// Every holder of c.mu releases it here.
+func (c *frameGuard) unlock() {
+	for {
+		c.mu.Unlock()
+		if !c.controlDue() || !c.mu.TryLock() {
+			return // nothing owed, or another holder looks again
+		}
+		if !c.out.atBoundary() { // gRPC is mid-frame: its next write sends them
+			c.mu.Unlock()
+			return
+		}
+		c.flushControl()
+	}
+}
+
+// controlDue reports whether the guard owes the peer an RST_STREAM or a
+// GOAWAY.
+func (c *frameGuard) controlDue() bool {
+	return c.resetSent.Load() || c.goAwayDue.Load() && !c.goAwaySent.Load()
 }
 
 // Write implements net.Conn.
 func (c *frameGuard) Write(p []byte) (int, error) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	defer c.unlock()
 	n, err := c.Conn.Write(p)
 	c.out.feed(p[:n], nil)
 	if c.resetSent.Load() || c.goAwayDue.Load() {
@@ -548,7 +620,7 @@ func (c *frameGuard) Close() error {
 	}
 	c.mu.Lock()
 	c.flushControl() // if gRPC's last write left the output between frames
-	c.mu.Unlock()
+	c.unlock()
 	go func() {
 		_ = c.Conn.SetReadDeadline(time.Now().Add(time.Second))
 		_, _ = io.Copy(io.Discard, io.LimitReader(c.Conn, 4<<20))

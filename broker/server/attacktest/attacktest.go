@@ -22,6 +22,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -38,12 +39,27 @@ type Target struct {
 	// Source, when set, is the loopback IP address to connect from (Linux
 	// answers on all of 127.0.0.0/8): another source address.
 	Source string
+	// ReceiveBuffer, when set, is the socket receive buffer (SO_RCVBUF) of
+	// the connections, in bytes: a small one makes the server's writes
+	// block sooner on a connection that is not read (Session.Pause).
+	ReceiveBuffer int
 }
 
 func (t Target) dialer() *net.Dialer {
 	d := &net.Dialer{Timeout: 10 * time.Second}
 	if t.Source != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(t.Source)}
+	}
+	if t.ReceiveBuffer > 0 {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, t.ReceiveBuffer)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
 	}
 	return d
 }
@@ -81,8 +97,9 @@ type conn struct {
 	start  time.Time
 	goAway chan GoAway // receives the first GOAWAY
 	closed chan struct{}
-	resets sync.Map // stream ID → http2.ErrCode of a RST_STREAM from the server
-	ends   sync.Map // stream ID → the grpc-status of the server's trailers
+	resets sync.Map   // stream ID → http2.ErrCode of a RST_STREAM from the server
+	ends   sync.Map   // stream ID → the grpc-status of the server's trailers
+	gate   sync.Mutex // held by read around each frame, and by Session.Pause
 }
 
 // dial opens a TLS connection to t, sends the client preface and SETTINGS,
@@ -118,7 +135,9 @@ func dial(ctx context.Context, t Target) (*conn, error) {
 func (c *conn) read() {
 	defer close(c.closed)
 	for {
+		c.gate.Lock()
 		f, err := c.fr.ReadFrame()
+		c.gate.Unlock()
 		if err != nil {
 			return
 		}
@@ -507,4 +526,117 @@ func Hold(ctx context.Context, t Target, n int, settle time.Duration) (held []ne
 	}
 	wg.Wait()
 	return held, refused, nil
+}
+
+// Session is one HTTP/2 connection that a test drives frame by frame, for
+// the moves the other tools do not make: frames the test builds itself
+// (an http2.Framer writing into a buffer, RequestHeaders, Message), stream
+// ids of its choosing, a frame or a header block split over TLS records, or
+// left unfinished. Like Streams, it records how the server ended each
+// stream. It is closed by Close or at its context's end.
+type Session struct {
+	c      *conn
+	stop   func() bool
+	paused bool
+}
+
+// Open dials t, sends the client preface and SETTINGS, and reads the
+// server's frames until the session is closed.
+func Open(ctx context.Context, t Target) (*Session, error) {
+	c, err := dial(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{c: c, stop: context.AfterFunc(ctx, func() { _ = c.tc.SetDeadline(time.Now()) })}, nil
+}
+
+// Write sends each of records in a TLS record of its own (a record holds at
+// most 16 KiB), in order: frames, or parts of frames.
+func (s *Session) Write(records ...[]byte) error {
+	return s.c.write(func() error {
+		for _, r := range records {
+			if _, err := s.c.tc.Write(r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Ended waits until every stream of ids has ended, ctx is done or the server
+// closes the connection, and says how each ended: the grpc-status of its
+// trailers ("http CODE" for a non-200 response), "rst CODE" for an
+// RST_STREAM from the server, or "" while it is open.
+func (s *Session) Ended(ctx context.Context, ids ...uint32) []string { return s.c.waitEnded(ctx, ids) }
+
+// GoAway waits for the server's first GOAWAY until ctx is done or the
+// connection closes; it reports whether one came.
+func (s *Session) GoAway(ctx context.Context) (GoAway, bool) {
+	select {
+	case g := <-s.c.goAway:
+		s.c.goAway <- g // for the next caller
+		return g, true
+	case <-s.c.closed:
+		select {
+		case g := <-s.c.goAway:
+			s.c.goAway <- g
+			return g, true
+		default:
+			return GoAway{}, false
+		}
+	case <-ctx.Done():
+		return GoAway{}, false
+	}
+}
+
+// Pause stops reading the server's frames (after the one being read),
+// until Resume: the server's writes then fill the socket buffers and block.
+// Pause and Resume are for the test's goroutine only.
+func (s *Session) Pause() {
+	if !s.paused {
+		s.c.gate.Lock()
+		s.paused = true
+	}
+}
+
+// Resume reads the server's frames again after Pause.
+func (s *Session) Resume() {
+	if s.paused {
+		s.paused = false
+		s.c.gate.Unlock()
+	}
+}
+
+// Closed is closed once the connection is: by the server, or by Close.
+func (s *Session) Closed() <-chan struct{} { return s.c.closed }
+
+// Close closes the connection.
+func (s *Session) Close() {
+	s.stop()
+	_ = s.c.tc.Close()
+	s.Resume()
+	<-s.c.closed
+}
+
+// RequestHeaders is the header block (HPACK, no dynamic table) of a gRPC
+// request to method, with extra fields after the usual ones.
+func RequestHeaders(authority, method string, extra ...hpack.HeaderField) []byte {
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.SetMaxDynamicTableSizeLimit(0)
+	for _, f := range append([]hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "https"},
+		{Name: ":path", Value: method}, {Name: ":authority", Value: authority},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"}}, extra...) {
+		_ = enc.WriteField(f)
+	}
+	return buf.Bytes()
+}
+
+// Message is req, a serialized protobuf message, framed as a gRPC message
+// (uncompressed, with its length).
+func Message(req []byte) []byte {
+	msg := make([]byte, 5+len(req))
+	binary.BigEndian.PutUint32(msg[1:5], uint32(len(req)))
+	copy(msg[5:], req)
+	return msg
 }
