@@ -579,7 +579,9 @@ func TestGoAwayWithResetsDue(t *testing.T) {
 // too, all before the calls' first-message deadline: their reset cannot go
 // into what gRPC reads. Within another limits.first_message_timeout (and a
 // margin) no call waits in gRPC for its request: the connection is closed
-// if gRPC still does not read.
+// if gRPC still does not read. (Whether gRPC stops reading before the
+// deadline depends on the kernel's buffers; when it does not, the resets go
+// in as usual and the test shows only that the calls leave.)
 func TestUnreadingPeerLosesItsSilentCalls(t *testing.T) {
 	const timeout = 4 * time.Second
 	h := newHarness(t, func(c *config.Config) {
@@ -620,8 +622,9 @@ func TestUnreadingPeerLosesItsSilentCalls(t *testing.T) {
 	time.Sleep(timeout)
 	if n := waitingCalls(); n != 2 {
 		// How soon the server's writes block depends on the kernel's
-		// buffers and the machine's speed: nothing to judge this time.
-		t.Skipf("%d silent calls wait in gRPC at their deadline, not 2: gRPC did not stop reading in time", n)
+		// buffers and the machine's speed: when gRPC still reads, the
+		// resets go in as usual, and the calls must leave all the same.
+		t.Logf("%d silent calls wait in gRPC at their deadline, not 2: gRPC did not stop reading in time; the stall watch is not what ends them this run", n)
 	}
 	if !within(timeout+2*time.Second, func() bool { return waitingCalls() == 0 }) {
 		t.Errorf("%d silent calls still wait in gRPC for their request, %v after their deadline", waitingCalls(), time.Since(start)-timeout)
