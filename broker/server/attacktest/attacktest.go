@@ -22,7 +22,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -39,27 +38,12 @@ type Target struct {
 	// Source, when set, is the loopback IP address to connect from (Linux
 	// answers on all of 127.0.0.0/8): another source address.
 	Source string
-	// ReceiveBuffer, when set, is the socket receive buffer (SO_RCVBUF) of
-	// the connections, in bytes: a small one makes the server's writes
-	// block sooner on a connection that is not read (Session.Pause).
-	ReceiveBuffer int
 }
 
 func (t Target) dialer() *net.Dialer {
 	d := &net.Dialer{Timeout: 10 * time.Second}
 	if t.Source != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(t.Source)}
-	}
-	if t.ReceiveBuffer > 0 {
-		d.Control = func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, t.ReceiveBuffer)
-			}); err != nil {
-				return err
-			}
-			return serr
-		}
 	}
 	return d
 }
@@ -97,9 +81,8 @@ type conn struct {
 	start  time.Time
 	goAway chan GoAway // receives the first GOAWAY
 	closed chan struct{}
-	resets sync.Map   // stream ID → http2.ErrCode of a RST_STREAM from the server
-	ends   sync.Map   // stream ID → the grpc-status of the server's trailers
-	gate   sync.Mutex // held by read around each frame, and by Session.Pause
+	resets sync.Map // stream ID → http2.ErrCode of a RST_STREAM from the server
+	ends   sync.Map // stream ID → the grpc-status of the server's trailers
 }
 
 // dial opens a TLS connection to t, sends the client preface and SETTINGS,
@@ -135,9 +118,7 @@ func dial(ctx context.Context, t Target) (*conn, error) {
 func (c *conn) read() {
 	defer close(c.closed)
 	for {
-		c.gate.Lock()
 		f, err := c.fr.ReadFrame()
-		c.gate.Unlock()
 		if err != nil {
 			return
 		}
@@ -535,9 +516,8 @@ func Hold(ctx context.Context, t Target, n int, settle time.Duration) (held []ne
 // left unfinished. Like Streams, it records how the server ended each
 // stream. It is closed by Close or at its context's end.
 type Session struct {
-	c      *conn
-	stop   func() bool
-	paused bool
+	c    *conn
+	stop func() bool
 }
 
 // Open dials t, sends the client preface and SETTINGS, and reads the
@@ -589,33 +569,13 @@ func (s *Session) GoAway(ctx context.Context) (GoAway, bool) {
 	}
 }
 
-// Pause stops reading the server's frames (after the one being read),
-// until Resume: the server's writes then fill the socket buffers and block.
-// Pause and Resume are for the test's goroutine only.
-func (s *Session) Pause() {
-	if !s.paused {
-		s.c.gate.Lock()
-		s.paused = true
-	}
-}
-
-// Resume reads the server's frames again after Pause.
-func (s *Session) Resume() {
-	if s.paused {
-		s.paused = false
-		s.c.gate.Unlock()
-	}
-}
-
 // Closed is closed once the connection is: by the server, or by Close.
 func (s *Session) Closed() <-chan struct{} { return s.c.closed }
 
 // Close closes the connection.
 func (s *Session) Close() {
 	s.stop()
-	_ = s.c.tc.Close()
-	s.Resume()
-	<-s.c.closed
+	s.c.close()
 }
 
 // RequestHeaders is the header block (HPACK, no dynamic table) of a gRPC
