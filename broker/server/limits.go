@@ -478,8 +478,13 @@ func (c *frameGuard) ResetStream(id uint32) {
 	_ = c.Conn.SetReadDeadline(time.Now())
 	c.resetMu.Unlock()
 	if c.mu.TryLock() {
-		c.flushControl()
-		c.unlock()
+		// The write goes on a goroutine of its own: a peer that does not
+		// read could hold it, and the caller (a connection's sweep) has
+		// other calls to end.
+		go func() {
+			c.flushControl()
+			c.unlock()
+		}()
 	}
 }
 
