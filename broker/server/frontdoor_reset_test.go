@@ -3,7 +3,6 @@ package server
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"runtime"
 	"strings"
 	"sync"
@@ -45,16 +44,7 @@ func resetHarness(t *testing.T, mutate func(*config.Limits), adjust func(*Option
 // identity; the test's end closes it.
 func (h *harness) session(t *testing.T) *attacktest.Session {
 	t.Helper()
-	target := h.attacker(t)
-	pair, err := h.ca.Client(time.Hour, payments)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := pair.TLSCertificate()
-	if err != nil {
-		t.Fatal(err)
-	}
-	target.TLS.Certificates = []tls.Certificate{cert}
+	target := h.attacker(t, payments)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	t.Cleanup(cancel)
 	s, err := attacktest.Open(ctx, target)

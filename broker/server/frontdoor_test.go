@@ -21,10 +21,11 @@ import (
 )
 
 // attacker is a target for attacktest on h's broker, with a certificate
-// from the trusted CA that carries no usable identity (no SAN at all).
-func (h *harness) attacker(t *testing.T) attacktest.Target {
+// from the trusted CA for ids: without any, one that carries no usable
+// identity (no SAN at all).
+func (h *harness) attacker(t *testing.T, ids ...string) attacktest.Target {
 	t.Helper()
-	pair, err := h.ca.Client(time.Hour)
+	pair, err := h.ca.Client(time.Hour, ids...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,10 +138,7 @@ func TestSilentStreamsAreCut(t *testing.T) {
 	h := newHarness(t, func(c *config.Config) {
 		c.Limits = config.Limits{FirstMessageTimeout: config.Duration(300 * time.Millisecond)}
 	})
-	target := h.attacker(t)
-	pair, _ := h.ca.Client(time.Hour, payments) // an identity: the streams are admitted
-	cert, _ := pair.TLSCertificate()
-	target.TLS.Certificates = []tls.Certificate{cert}
+	target := h.attacker(t, payments) // an identity: the streams are admitted
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -174,10 +172,7 @@ func TestSilentStreamsAmongOrdinaryCalls(t *testing.T) {
 	h := newHarnessWith(t, func(c *config.Config) {
 		c.Limits = config.Limits{FirstMessageTimeout: config.Duration(300 * time.Millisecond)}
 	}, func(o *Options) { o.MaxStreamsPerConnection = concurrent })
-	target := h.attacker(t)
-	pair, _ := h.ca.Client(time.Hour, payments)
-	cert, _ := pair.TLSCertificate()
-	target.TLS.Certificates = []tls.Certificate{cert}
+	target := h.attacker(t, payments)
 	req, err := proto.Marshal(&pb.GetTokenRequest{Credential: "identity"})
 	if err != nil {
 		t.Fatal(err)

@@ -290,20 +290,10 @@ type frameCursor struct {
 	cutAfter bool // stop once the current frame is complete (next)
 }
 
-// feed advances over p, calling onHeader for each complete frame header.
-func (fc *frameCursor) feed(p []byte, onHeader func(hdr *[9]byte)) {
-	fc.next(p, func(hdr *[9]byte) bool {
-		if onHeader != nil {
-			onHeader(hdr)
-		}
-		return false
-	}, false)
-}
-
-// next advances over p, calling onHeader for each complete frame header,
-// and returns how many bytes it went over: all of p, or up to the end of
-// the first frame for which onHeader returned true or, with atFrameEnd,
-// the first frame end.
+// next advances over p, calling onHeader (when not nil) for each complete
+// frame header, and returns how many bytes it went over: all of p, or up to
+// the end of the first frame for which onHeader returned true or, with
+// atFrameEnd, the first frame end.
 func (fc *frameCursor) next(p []byte, onHeader func(hdr *[9]byte) (cut bool), atFrameEnd bool) int {
 	k := 0
 	for k < len(p) {
@@ -325,7 +315,7 @@ func (fc *frameCursor) next(p []byte, onHeader func(hdr *[9]byte) (cut bool), at
 		}
 		fc.hdrN = 0
 		fc.payload = int(fc.hdr[0])<<16 | int(fc.hdr[1])<<8 | int(fc.hdr[2])
-		cut := onHeader(&fc.hdr)
+		cut := onHeader != nil && onHeader(&fc.hdr)
 		if fc.payload == 0 {
 			if cut || atFrameEnd {
 				return k
@@ -609,8 +599,8 @@ func (c *frameGuard) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.unlock()
 	n, err := c.Conn.Write(p)
-	c.out.feed(p[:n], nil)
-	if c.resetSent.Load() || c.goAwayDue.Load() {
+	c.out.next(p[:n], nil, false)
+	if c.controlDue() {
 		c.flushControl()
 	}
 	return n, err
