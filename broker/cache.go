@@ -43,6 +43,19 @@ func (s *slot) touch(now time.Time, minTTL time.Duration) {
 	}
 }
 
+// idle reports whether the refresher leaves s alone at now: no open
+// WatchToken stream and no caller asked for it within its credential c's
+// idle timeout (or c is gone).
+func (s *slot) idle(c *credential, now time.Time) bool {
+	return c == nil || s.watchers.Load() == 0 && now.Sub(time.Unix(s.lastUsed.Load(), 0)) > c.IdleTimeout
+}
+
+// refreshPoint is when the refresher replaces e, the token of s of
+// credential c: for the demand recorded on s and the jitter drawn for e.
+func (s *slot) refreshPoint(c *credential, e *store.Entry) time.Time {
+	return c.refreshPoint(e, s.demand(), float64(s.jitter.Load())/(1<<32))
+}
+
 // isRevoked reports whether fp is the token last invalidated on s.
 func (s *slot) isRevoked(fp string) bool {
 	r := s.revoked.Load()
@@ -143,12 +156,12 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		key, s := k.(string), v.(*slot)
 		c := creds[s.cred]
 		e := s.entry.Load()
-		idle := c == nil || s.watchers.Load() == 0 && now.Sub(time.Unix(s.lastUsed.Load(), 0)) > c.IdleTimeout
+		idle := s.idle(c, now)
 		switch {
 		case idle && (e == nil || !now.Before(e.Expiry)):
 			b.forget(key, s)
 			return true
-		case idle, e == nil, now.Before(c.refreshPoint(e, s.demand(), float64(s.jitter.Load())/(1<<32))):
+		case idle, e == nil, now.Before(s.refreshPoint(c, e)):
 			return true
 		case !s.refreshing.CompareAndSwap(false, true):
 			return true // the previous refresh of this key is still running

@@ -7,7 +7,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
@@ -142,19 +141,4 @@ func (b *Broker) noteCheck(c *credential, err error) {
 		b.log.Warn("token endpoint does not take connections (background check)", zap.String("credential", c.Name), zap.Error(err))
 	}
 	cc.checked.Store(true)
-}
-
-var lastSuccessDesc = prometheus.NewDesc("tokenbroker_credential_last_success_timestamp_seconds",
-	"When the credential's token endpoint last answered (a token fetched, or a background connection check passed), Unix time.",
-	[]string{"credential"}, nil)
-
-// collectLastSuccess sends tokenbroker_credential_last_success_timestamp_seconds
-// for every credential that has succeeded once.
-func (b *Broker) collectLastSuccess(ch chan<- prometheus.Metric, health map[string]CredentialHealth) {
-	for name, h := range health {
-		if h.LastSuccess != nil {
-			ch <- prometheus.MustNewConstMetric(lastSuccessDesc, prometheus.GaugeValue,
-				float64(h.LastSuccess.UnixNano())/1e9, name)
-		}
-	}
 }

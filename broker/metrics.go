@@ -83,12 +83,13 @@ const (
 	expiryFamily      = "tokenbroker_token_expiry_seconds"
 	healthyFamily     = "tokenbroker_credential_healthy"
 	lastSuccessFamily = "tokenbroker_credential_last_success_timestamp_seconds"
+	credentialsFamily = "tokenbroker_credentials"
 )
 
 // CredentialFamilies are the names of the families WriteCredentialMetrics
 // writes; no collector registered beside it may have them.
 var CredentialFamilies = []string{sourceFamily, upstreamFamily, secretFamily, overrunFamily,
-	expiryFamily, healthyFamily, lastSuccessFamily}
+	expiryFamily, credentialsFamily, healthyFamily, lastSuccessFamily}
 
 // WriteCredentialMetrics appends the per-credential families to w, read
 // from the credentials' counters and state now, credentials in name order.
@@ -161,44 +162,63 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 	}
 
 	now := b.now()
-	// The freshest token, not the oldest: an idle scope set's token may run
-	// down harmlessly, but when even the freshest is close to expiry, callers are.
-	freshest := make(map[string]time.Time, len(names))
+	// A token overdue for refresh: one that callers here still ask for (so
+	// the refresher keeps it young) and that the refresher should have
+	// replaced by now — past its refresh point by more than one request to
+	// the token endpoint may take. Tokens nobody asks for run down
+	// harmlessly and are left out, as is every token refreshed in time.
+	overdue := map[string]time.Time{}
 	b.l1.Range(func(_, v any) bool {
 		s := v.(*slot)
-		if e := s.entry.Load(); e != nil {
-			if t, ok := freshest[s.cred]; !ok || e.Expiry.After(t) {
-				freshest[s.cred] = e.Expiry
-			}
+		c := creds[s.cred]
+		e := s.entry.Load()
+		if e == nil || s.idle(c, now) || now.Before(s.refreshPoint(c, e).Add(c.Timeout)) {
+			return true
+		}
+		if t, ok := overdue[s.cred]; !ok || e.Expiry.Before(t) {
+			overdue[s.cred] = e.Expiry
 		}
 		return true
 	})
-	fam.start(expiryFamily, "Seconds until the freshest cached token of each credential expires (the one the refresher keeps young).", promtext.Gauge)
+	fam.start(expiryFamily, "Seconds left on the credential's token closest to expiry among those overdue for refresh: asked for by callers here, and past its refresh point by more than the credential's timeout. No series while every token in use is refreshed in time.", promtext.Gauge)
 	for _, n := range names {
-		if t, ok := freshest[n]; ok {
+		if t, ok := overdue[n]; ok {
 			fam.sample(t.Sub(now).Seconds(), "credential", n)
 		}
 	}
 
+	// Health: a count of credentials by state, and per credential only those
+	// not ok — with ten thousand credentials, ten thousand series saying 1
+	// carry nothing an alert or the dashboard reads (issue 27).
 	health := make([]CredentialHealth, len(names))
+	var byState [len(healthStates)]int
 	for i, n := range names {
 		health[i] = b.health(creds[n])
-	}
-	fam.start(healthyFamily, "1 while the credential's token endpoint answers, 0 while it fails or refuses the broker.", promtext.Gauge)
-	for i, n := range names {
-		v := 0.0
-		if health[i].State == "ok" {
-			v = 1
+		if k := slices.Index(healthStates[:], health[i].State); k >= 0 {
+			byState[k]++
 		}
-		fam.sample(v, "credential", n)
 	}
-	fam.start(lastSuccessFamily, "When the credential's token endpoint last answered (a token fetched, or a background connection check passed), Unix time.", promtext.Gauge)
+	fam.start(credentialsFamily, "Credentials by the state of their token endpoint: ok, failing, refused, unknown (not checked yet).", promtext.Gauge)
+	for i, st := range healthStates {
+		fam.sample(float64(byState[i]), "state", st)
+	}
+	fam.start(healthyFamily, "0 for each credential whose token endpoint fails, refuses the broker or has not been checked yet; a credential that is ok has no series (tokenbroker_credentials counts them).", promtext.Gauge)
 	for i, n := range names {
-		if t := health[i].LastSuccess; t != nil {
+		if health[i].State != "ok" {
+			fam.sample(0, "credential", n)
+		}
+	}
+	fam.start(lastSuccessFamily, "When the token endpoint of a credential that is not ok last answered (a token fetched, or a background connection check passed), Unix time.", promtext.Gauge)
+	for i, n := range names {
+		if t := health[i].LastSuccess; t != nil && health[i].State != "ok" {
 			fam.sample(float64(t.UnixNano())/1e9, "credential", n)
 		}
 	}
 }
+
+// healthStates are the states of CredentialHealth, as tokenbroker_credentials
+// counts them.
+var healthStates = [...]string{"ok", "failing", "refused", "unknown"}
 
 // familyWriter writes a family's HELP and TYPE lines before its first
 // sample, so that a family without samples is left out.

@@ -65,12 +65,18 @@ func TestAlertRules(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The metrics one served call makes the server export, with a
-	// tls_client_auth credential configured (its certificate's expiry).
+	// The metrics the server exports after a served call, with a
+	// tls_client_auth credential configured (its certificate's expiry; its
+	// closed token URL makes it unhealthy), and the served token then
+	// overdue for refresh (series an alert reads only while there is trouble).
 	h := newHarnessWithMTLS(t)
-	if _, err := h.get(h.client(payments), &pb.GetTokenRequest{Credential: "identity"}); err != nil {
+	c := h.client(payments)
+	tok, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"})
+	if err != nil {
 		t.Fatal(err)
 	}
+	h.overdueToken(t, c, "identity", tok)
+	waitFor(t, "the mtls credential unhealthy", func() bool { return h.metric(t, "tokenbroker_credential_healthy", "credential=mtls") == 0 })
 	resp, err := http.Get("http://" + h.srv.AdminAddr().String() + "/metrics")
 	if err != nil {
 		t.Fatal(err)

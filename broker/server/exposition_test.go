@@ -6,9 +6,13 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/tokenbroker/tokenbroker/broker"
 	"github.com/tokenbroker/tokenbroker/broker/config"
@@ -21,7 +25,8 @@ import (
 // or gzip-compressed as the scraper asks. A credential with one client
 // secret has no tokenbroker_client_secret_used_total series (it would
 // repeat upstream_requests_total{outcome="ok"}); a reload keeps the counts
-// of a credential it keeps and drops the series of one it removes.
+// of a credential it keeps and drops the series of one it removes. Health
+// and expiry have series only for the credential with something to show.
 func TestMetricsExposition(t *testing.T) {
 	h := newHarness(t, func(c *config.Config) {
 		second := c.Credentials[0]
@@ -29,10 +34,18 @@ func TestMetricsExposition(t *testing.T) {
 		c.Credentials = append(c.Credentials, second)
 	})
 	c := h.client(payments)
+	var tok *pb.Token
 	for _, name := range []string{"identity", "identity", "second"} {
-		if _, err := h.get(c, &pb.GetTokenRequest{Credential: name}); err != nil {
+		var err error
+		if tok, err = h.get(c, &pb.GetTokenRequest{Credential: name}); err != nil {
 			t.Fatal(err)
 		}
+	}
+	// Every per-credential family has a series: second's token is overdue
+	// for refresh, and second is failing (the bank answers 503).
+	h.overdueToken(t, c, "second", tok)
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "second", MinTtl: durationpb.New(time.Minute)}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("second with the bank down: %v, want UNAVAILABLE", err)
 	}
 
 	read := func(gz bool) map[string]float64 {
@@ -96,16 +109,26 @@ func TestMetricsExposition(t *testing.T) {
 			"tokenbroker_token_source_total,credential=identity,source=memory":              1,
 			"tokenbroker_token_source_total,credential=second,source=upstream":              1,
 			"tokenbroker_upstream_requests_total,credential=second,outcome=ok":              1,
-			"tokenbroker_credential_healthy,credential=second":                              1,
-			"tokenbroker_requests_total,code=OK,method=tokenbroker.v1.TokenBroker/GetToken": 3,
+			"tokenbroker_credential_healthy,credential=second":                              0,
+			"tokenbroker_credentials,state=ok":                                              1,
+			"tokenbroker_credentials,state=failing":                                         1,
+			"tokenbroker_requests_total,code=OK,method=tokenbroker.v1.TokenBroker/GetToken": 4, // and one UNAVAILABLE
 		} {
 			if got[key] != want {
 				t.Errorf("gzip %v: %s = %v, want %v", gz, key, got[key], want)
 			}
 		}
-		for _, key := range []string{"tokenbroker_credential_last_success_timestamp_seconds,credential=identity", "tokenbroker_token_expiry_seconds,credential=second"} {
+		for _, key := range []string{"tokenbroker_credential_last_success_timestamp_seconds,credential=second", "tokenbroker_token_expiry_seconds,credential=second"} {
 			if got[key] <= 0 {
 				t.Errorf("gzip %v: %s missing", gz, key)
+			}
+		}
+		if _, ok := got["tokenbroker_credential_healthy,credential=second"]; !ok {
+			t.Errorf("gzip %v: no tokenbroker_credential_healthy series for the failing credential", gz)
+		}
+		for _, key := range []string{"tokenbroker_credential_healthy,credential=identity", "tokenbroker_credential_last_success_timestamp_seconds,credential=identity"} {
+			if _, ok := got[key]; ok {
+				t.Errorf("gzip %v: %s, for a credential that is ok", gz, key)
 			}
 		}
 		for key := range got {

@@ -167,13 +167,16 @@ func TestCredentialsDirThroughTheServer(t *testing.T) {
 	if _, ok := inv["kyc-api"]; ok {
 		t.Error("the removed credential is still in the inventory")
 	}
-	// tokenbroker_token_expiry_seconds has a series for every credential with
-	// a token in this process's cache.
-	if v := h.metric(t, "tokenbroker_token_expiry_seconds", "credential=kyc-api"); v != -1 {
-		t.Errorf("the removed credential's token is still cached (expiry metric %v)", v)
+	// The removed credential's series go with it; the kept one keeps its
+	// cached token and its counts.
+	if v := h.metric(t, "tokenbroker_token_source_total", "credential=kyc-api"); v != -1 {
+		t.Errorf("the removed credential still has series (token_source_total %v)", v)
 	}
-	if v := h.metric(t, "tokenbroker_token_expiry_seconds", "credential=payments-api"); v <= 0 {
-		t.Errorf("expiry metric of a kept credential = %v, want its cached token's", v)
+	if v := h.metric(t, "tokenbroker_token_source_total", "credential=payments-api"); v <= 0 {
+		t.Errorf("token_source_total of a kept credential = %v, want its count", v)
+	}
+	if len(inv["payments-api"].Cached) == 0 {
+		t.Errorf("the kept credential's cached token is gone from the inventory: %+v", inv["payments-api"])
 	}
 
 	// ConfigMap-style: files are links into ..data, which is swapped atomically.

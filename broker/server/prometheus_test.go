@@ -120,9 +120,14 @@ func TestDashboardAndAlertsAgainstPrometheus(t *testing.T) {
 	if !limited {
 		t.Fatal("no InvalidateToken call was rate limited")
 	}
-	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"}); err != nil { // a token cached again
+	again, err := h.get(c, &pb.GetTokenRequest{Credential: "identity"}) // a token cached again
+	if err != nil {
 		t.Fatal(err)
 	}
+	// Series that only trouble makes: a token overdue for refresh, and the
+	// mtls credential (its token URL closed) unhealthy.
+	h.overdueToken(t, c, "identity", again)
+	waitFor(t, "the mtls credential unhealthy", func() bool { return h.metric(t, "tokenbroker_credential_healthy", "credential=mtls") == 0 })
 
 	port := redistest.FreePort(t)
 	promCfg := filepath.Join(dir, "prometheus.yml")

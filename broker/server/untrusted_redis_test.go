@@ -442,22 +442,30 @@ func TestIdleCredentialHealth(t *testing.T) {
 		t.Fatal(err)
 	}
 	fetched := float64(h.clock.Now().UnixNano()) / 1e9
-	if got := metricAt(t, h.srv, "tokenbroker_credential_last_success_timestamp_seconds", "credential=identity"); got < fetched-1 || got > fetched+1 {
-		t.Errorf("last success = %v, want the fetch's time %v", got, fetched)
+	// While it is ok, the credential has no per-credential health series
+	// (issue 27): it is counted among the ok.
+	if v := metricAt(t, h.srv, "tokenbroker_credential_healthy", "credential=identity"); v != -1 {
+		t.Fatalf("tokenbroker_credential_healthy = %v while ok, want no series", v)
 	}
-	if v := metricAt(t, h.srv, "tokenbroker_credential_healthy", "credential=identity"); v != 1 {
-		t.Fatalf("tokenbroker_credential_healthy = %v, want 1", v)
+	if v := metricAt(t, h.srv, "tokenbroker_credentials", "state=ok"); v != 1 {
+		t.Fatalf("tokenbroker_credentials{state=ok} = %v, want 1", v)
 	}
 	requests := h.as.TokenRequests()
 	_ = h.as.Close()
 	start := time.Now()
 	for metricAt(t, h.srv, "tokenbroker_credential_healthy", "credential=identity") != 0 {
 		if time.Since(start) > 5*time.Second {
-			t.Fatal("tokenbroker_credential_healthy still 1 5s after the bank went away")
+			t.Fatal("tokenbroker_credential_healthy not 0 5s after the bank went away")
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Logf("bank gone while idle: credential_healthy 0 after %.1fs", time.Since(start).Seconds())
+	if got := metricAt(t, h.srv, "tokenbroker_credential_last_success_timestamp_seconds", "credential=identity"); got < fetched-1 || got > fetched+1 {
+		t.Errorf("last success = %v, want the fetch's time %v", got, fetched)
+	}
+	if v := metricAt(t, h.srv, "tokenbroker_credentials", "state=failing"); v != 1 {
+		t.Errorf("tokenbroker_credentials{state=failing} = %v, want 1", v)
+	}
 	_, body := readyzAt(t, h.srv)
 	cred, _ := body["credentials"].(map[string]any)["identity"].(map[string]any)
 	if cred["state"] != "failing" || cred["last_success"] == nil || body["state"] != "degraded" {
