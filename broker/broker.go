@@ -165,6 +165,7 @@ type Broker struct {
 
 	creds         atomic.Pointer[map[string]*credential]
 	setting       sync.Mutex                    // held by SetCredentials
+	retired       [numSources]uint64            // under setting: tokens handed out for removed credentials, by source (token_source_total never goes down)
 	changes       atomic.Pointer[chan struct{}] // closed and replaced by each SetCredentials
 	resyncing     atomic.Bool                   // dropBuried is running
 	l1            sync.Map                      // cache key → *slot
@@ -374,6 +375,17 @@ func (b *Broker) SetCredentials(cs []Credential) error {
 		m[c.Name] = cr
 	}
 	b.creds.Store(&m)
+	// A removed credential's counts move to retired: a token still being
+	// handed out for it is not counted (its counts are read no more).
+	for name, c := range old {
+		if _, kept := m[name]; !kept {
+			if u := c.stats.useP.Load(); u != nil {
+				for j := range u.sources {
+					b.retired[j] += u.sources[j].Swap(0)
+				}
+			}
+		}
+	}
 	// Open streams re-authorize against what was just stored.
 	next := make(chan struct{})
 	if old := b.changes.Swap(&next); old != nil {

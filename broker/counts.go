@@ -13,13 +13,15 @@ const (
 	numSources
 )
 
-// counts are a credential's counters: the per-credential series of
-// tokenbroker_token_source_total, tokenbroker_upstream_requests_total,
+// counts are a credential's counters: its series of
+// tokenbroker_tokens_issued_total, tokenbroker_upstream_requests_total,
 // tokenbroker_client_secret_used_total and tokenbroker_lease_wait_exceeded_total.
 // They are plain integers in the credential's statistics, written out as
 // text at scrape time (metrics.go), so that a credential's series cost a few
 // words of heap each instead of a client_golang metric each. A series
 // appears once its count is above zero, as the client_golang ones did.
+// tokenbroker_token_source_total is their sum over credentials, and over
+// those removed (Broker.retired).
 type counts struct {
 	sources  [numSources]atomic.Uint64
 	ok       atomic.Uint64 // token requests that succeeded

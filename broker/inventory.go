@@ -138,8 +138,8 @@ type CredentialUse struct {
 	Cached []TokenSet `json:"cached_tokens"`
 	// LastFetch is the last request to the token endpoint, if any.
 	LastFetch *FetchRecord `json:"last_fetch,omitempty"`
-	// Issued counts tokens handed out since the process started (the sum of
-	// tokenbroker_token_source_total over sources).
+	// Issued counts tokens handed out since the process started
+	// (tokenbroker_tokens_issued_total).
 	Issued int64 `json:"tokens_issued"`
 	// RecentCallers received a token within RecentCallersWindow, the most
 	// recent first, at most MaxRecentCallers.

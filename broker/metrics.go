@@ -77,6 +77,7 @@ func (b *Broker) Collect(ch chan<- prometheus.Metric) {
 // The per-credential families, written by WriteCredentialMetrics.
 const (
 	sourceFamily      = "tokenbroker_token_source_total"
+	issuedFamily      = "tokenbroker_tokens_issued_total"
 	upstreamFamily    = "tokenbroker_upstream_requests_total"
 	secretFamily      = "tokenbroker_client_secret_used_total"
 	overrunFamily     = "tokenbroker_lease_wait_exceeded_total"
@@ -88,7 +89,7 @@ const (
 
 // CredentialFamilies are the names of the families WriteCredentialMetrics
 // writes; no collector registered beside it may have them.
-var CredentialFamilies = []string{sourceFamily, upstreamFamily, secretFamily, overrunFamily,
+var CredentialFamilies = []string{sourceFamily, issuedFamily, upstreamFamily, secretFamily, overrunFamily,
 	expiryFamily, credentialsFamily, healthyFamily, lastSuccessFamily}
 
 // WriteCredentialMetrics appends the per-credential families to w, read
@@ -96,29 +97,49 @@ var CredentialFamilies = []string{sourceFamily, upstreamFamily, secretFamily, ov
 // A family without series is left out, as client_golang leaves out a vector
 // without series.
 func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
+	// The credentials and the counts of those removed are read under the
+	// lock SetCredentials holds, with the counts by source summed over them:
+	// so a reload never makes tokenbroker_token_source_total go down.
+	var bySource [numSources]uint64
+	b.setting.Lock()
 	creds := *b.creds.Load()
+	bySource = b.retired
+	for _, c := range creds {
+		if u := c.stats.useP.Load(); u != nil {
+			for j := range u.sources {
+				bySource[j] += u.sources[j].Load()
+			}
+		}
+	}
+	b.setting.Unlock()
 	names := make([]string, 0, len(creds))
 	for name := range creds {
 		names = append(names, name)
 	}
 	slices.Sort(names)
 	// An in-process store is named "memory" too; counts.source counts its
-	// tokens as the cache's, so the two never make one series twice.
+	// tokens as the cache's, and its series is not written twice.
 	sources := [numSources]string{SourceMemory, b.store.Name(), SourceUpstream}
 	fam := familyWriter{w: w}
 
-	fam.start(sourceFamily, "Tokens handed to callers, by credential and where they came from (memory, redis, upstream).", promtext.Counter)
-	// Only credentials that were used have counts.
 	uses := make([]*credUse, len(names))
 	for i, n := range names {
 		uses[i] = creds[n].stats.useP.Load()
 	}
+	// Where tokens came from, over all credentials (by credential and
+	// source it was a series per credential and source: issue 27).
+	fam.start(sourceFamily, "Tokens handed to callers, by where they came from (memory, the store, upstream).", promtext.Counter)
+	for j, src := range sources {
+		if j != fromStore || src != SourceMemory {
+			fam.count(bySource[j], "source", src)
+		}
+	}
+
+	fam.start(issuedFamily, "Tokens handed to callers, by credential (only credentials that were used have a series).", promtext.Counter)
 	for i, n := range names {
 		if u := uses[i]; u != nil {
-			for j := range u.sources {
-				if v := u.sources[j].Load(); v > 0 {
-					fam.count(v, "credential", n, "source", sources[j])
-				}
+			if v := u.issued(); v > 0 {
+				fam.count(v, "credential", n)
 			}
 		}
 	}

@@ -105,9 +105,10 @@ func TestMetricsExposition(t *testing.T) {
 	for _, gz := range []bool{false, true} {
 		got := read(gz)
 		for key, want := range map[string]float64{
-			"tokenbroker_token_source_total,credential=identity,source=upstream":            1,
-			"tokenbroker_token_source_total,credential=identity,source=memory":              1,
-			"tokenbroker_token_source_total,credential=second,source=upstream":              1,
+			"tokenbroker_token_source_total,source=upstream":                                2,
+			"tokenbroker_token_source_total,source=memory":                                  2,
+			"tokenbroker_tokens_issued_total,credential=identity":                           2,
+			"tokenbroker_tokens_issued_total,credential=second":                             2,
 			"tokenbroker_upstream_requests_total,credential=second,outcome=ok":              1,
 			"tokenbroker_credential_healthy,credential=second":                              0,
 			"tokenbroker_credentials,state=ok":                                              1,
@@ -144,8 +145,14 @@ func TestMetricsExposition(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := read(false)
-	if got["tokenbroker_token_source_total,credential=identity,source=memory"] != 1 {
-		t.Errorf("the kept credential's counts after a reload: %v", got["tokenbroker_token_source_total,credential=identity,source=memory"])
+	if got["tokenbroker_tokens_issued_total,credential=identity"] != 2 {
+		t.Errorf("the kept credential's counts after a reload: %v", got["tokenbroker_tokens_issued_total,credential=identity"])
+	}
+	// The counts by source keep the removed credential's: a counter that
+	// went down would read as a reset.
+	if got["tokenbroker_token_source_total,source=upstream"] != 2 || got["tokenbroker_token_source_total,source=memory"] != 2 {
+		t.Errorf("tokens by source after a credential was removed: upstream %v, memory %v; want 2 and 2",
+			got["tokenbroker_token_source_total,source=upstream"], got["tokenbroker_token_source_total,source=memory"])
 	}
 	for key := range got {
 		if strings.Contains(key, "credential=second") {

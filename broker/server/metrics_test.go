@@ -37,8 +37,9 @@ func TestMetricsMatchTheCalls(t *testing.T) {
 		labels []string
 		want   float64
 	}{
-		{"tokenbroker_token_source_total", []string{"credential=identity", "source=upstream"}, 1},
-		{"tokenbroker_token_source_total", []string{"credential=identity", "source=memory"}, 2},
+		{"tokenbroker_token_source_total", []string{"source=upstream"}, 1},
+		{"tokenbroker_token_source_total", []string{"source=memory"}, 2},
+		{"tokenbroker_tokens_issued_total", []string{"credential=identity"}, 3},
 		{"tokenbroker_upstream_requests_total", []string{"credential=identity", "outcome=ok"}, 1},
 		{"tokenbroker_requests_total", []string{"method=tokenbroker.v1.TokenBroker/GetToken", "code=OK"}, 3},
 		{"tokenbroker_requests_total", []string{"method=tokenbroker.v1.TokenBroker/GetToken", "code=PermissionDenied"}, 1},

@@ -169,11 +169,11 @@ func TestCredentialsDirThroughTheServer(t *testing.T) {
 	}
 	// The removed credential's series go with it; the kept one keeps its
 	// cached token and its counts.
-	if v := h.metric(t, "tokenbroker_token_source_total", "credential=kyc-api"); v != -1 {
-		t.Errorf("the removed credential still has series (token_source_total %v)", v)
+	if v := h.metric(t, "tokenbroker_tokens_issued_total", "credential=kyc-api"); v != -1 {
+		t.Errorf("the removed credential still has series (tokens_issued_total %v)", v)
 	}
-	if v := h.metric(t, "tokenbroker_token_source_total", "credential=payments-api"); v <= 0 {
-		t.Errorf("token_source_total of a kept credential = %v, want its count", v)
+	if v := h.metric(t, "tokenbroker_tokens_issued_total", "credential=payments-api"); v <= 0 {
+		t.Errorf("tokens_issued_total of a kept credential = %v, want its count", v)
 	}
 	if len(inv["payments-api"].Cached) == 0 {
 		t.Errorf("the kept credential's cached token is gone from the inventory: %+v", inv["payments-api"])

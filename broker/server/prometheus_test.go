@@ -16,6 +16,7 @@ import (
 	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/tokenbroker/tokenbroker/proto/tokenbroker/v1"
 	"github.com/tokenbroker/tokenbroker/store/redistest"
@@ -124,9 +125,13 @@ func TestDashboardAndAlertsAgainstPrometheus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Series that only trouble makes: a token overdue for refresh, and the
-	// mtls credential (its token URL closed) unhealthy.
+	// Series that only trouble makes: a token overdue for refresh, the
+	// mtls credential (its token URL closed) unhealthy,
 	h.overdueToken(t, c, "identity", again)
+	// and a token request that fails (the bank answers 503 now).
+	if _, err := h.get(c, &pb.GetTokenRequest{Credential: "identity", MinTtl: durationpb.New(time.Minute)}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("identity with the bank down: %v, want UNAVAILABLE", err)
+	}
 	waitFor(t, "the mtls credential unhealthy", func() bool { return h.metric(t, "tokenbroker_credential_healthy", "credential=mtls") == 0 })
 
 	port := redistest.FreePort(t)
