@@ -149,6 +149,12 @@ func (b *Broker) drop(key, fp string) bool {
 // are forgotten. With a shared store only one replica fetches: the others
 // find the newer token there.
 func (b *Broker) RefreshDue(ctx context.Context) {
+	b.refreshDue(ctx).Wait()
+}
+
+// refreshDue starts the refreshes RefreshDue makes and returns what to wait
+// on for them. A key whose refresh still runs is left to it.
+func (b *Broker) refreshDue(ctx context.Context) *sync.WaitGroup {
 	now := b.now()
 	creds := *b.creds.Load()
 	var wg sync.WaitGroup
@@ -176,10 +182,12 @@ func (b *Broker) RefreshDue(ctx context.Context) {
 		})
 		return true
 	})
-	wg.Wait()
+	return &wg
 }
 
-// refreshLoop runs RefreshDue every interval until ctx ends.
+// refreshLoop starts the due refreshes every interval until ctx ends,
+// without waiting for them: a refresh that hangs on its token endpoint (up
+// to its timeout, or on another replica's lease) holds back no other key's.
 func (b *Broker) refreshLoop(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -188,7 +196,7 @@ func (b *Broker) refreshLoop(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			b.RefreshDue(ctx)
+			b.refreshDue(ctx)
 		}
 	}
 }
