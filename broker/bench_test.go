@@ -3,8 +3,6 @@ package broker
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"runtime"
 	"sync/atomic"
 	"testing"
@@ -142,14 +140,7 @@ func BenchmarkScaleCore(b *testing.B) {
 func newScaleBroker(b *testing.B, addr string, creds int) (*Broker, []string) {
 	b.Helper()
 	as := startOAuth(b, time.Hour, nil)
-	secretFile := filepath.Join(b.TempDir(), "secret")
-	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
-	if err != nil {
-		b.Fatal(err)
-	}
+	secretFile, callers := testClientParts(b)
 	rst := newRedisStore(b, addr, fmt.Sprintf("scale%d:", creds), nil, nil)
 	var cs []Credential
 	var names []string

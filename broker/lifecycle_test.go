@@ -79,19 +79,28 @@ func newRedisStore(t testing.TB, addr, prefix string, key []byte, now func() tim
 	return rst
 }
 
+// testClientParts writes oauthtest's client secret ("test-secret") to a
+// file and compiles the callers the test credentials allow (testCaller's
+// namespace).
+func testClientParts(tb testing.TB) (secretFile string, callers *policy.Matcher) {
+	tb.Helper()
+	secretFile = filepath.Join(tb.TempDir(), "secret")
+	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return secretFile, callers
+}
+
 // newReplica returns a Broker on st (nil: a memory store) in front of as, on
 // clock, with no background refresher: one replica of a deployment.
 func newReplica(t testing.TB, st store.Store, as *oauthtest.Server, clock *fakeClock) *Broker {
 	t.Helper()
-	secretFile := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	secretFile, callers := testClientParts(t)
 	up, err := upstream.New(upstream.Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile, Now: clock.Now})
-	if err != nil {
-		t.Fatal(err)
-	}
-	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,13 +2,10 @@ package broker
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/tokenbroker/tokenbroker/broker/oauthtest"
-	"github.com/tokenbroker/tokenbroker/broker/policy"
 	"github.com/tokenbroker/tokenbroker/broker/upstream"
 	"github.com/tokenbroker/tokenbroker/store"
 )
@@ -22,14 +19,7 @@ func TestSlowRefreshHoldsBackNoOther(t *testing.T) {
 	ctx := context.Background()
 	clock := &fakeClock{t: time.Now()}
 	slow, fast := startOAuth(t, time.Hour, clock.Now), startOAuth(t, time.Hour, clock.Now)
-	secretFile := filepath.Join(t.TempDir(), "secret")
-	if err := os.WriteFile(secretFile, []byte("test-secret"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	callers, err := policy.Compile([]string{"spiffe://bank.internal/ns/kyc/*"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	secretFile, callers := testClientParts(t)
 	var creds []Credential
 	for name, as := range map[string]*oauthtest.Server{"slow": slow, "fast": fast} {
 		up, err := upstream.New(upstream.Config{TokenURL: as.TokenURL(), ClientID: "app", ClientSecretFile: secretFile, Now: clock.Now})
