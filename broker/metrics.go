@@ -100,10 +100,9 @@ func (b *Broker) WriteCredentialMetrics(w *promtext.Writer) {
 	// The credentials and the counts of those removed are read under the
 	// lock SetCredentials holds, with the counts by source summed over them:
 	// so a reload never makes tokenbroker_token_source_total go down.
-	var bySource [numSources]uint64
 	b.setting.Lock()
 	creds := *b.creds.Load()
-	bySource = b.retired
+	bySource := b.retired
 	for _, c := range creds {
 		if u := c.stats.useP.Load(); u != nil {
 			for j := range u.sources {
